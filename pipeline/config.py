@@ -1,0 +1,271 @@
+"""Pipeline configuration: safe YAML loading, typed validation, ``--set`` overrides, hashing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+from pipeline.fileio import canonical_json, sha256_bytes, write_text_atomic
+from pipeline.registry import SEGMENTATION_NETWORKS, did_you_mean
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the scans are. Relative paths are taken from the current working directory."""
+
+    root: Path | None = None
+    split_file: Path | None = None
+
+
+class IngestConfig(_Section):
+    workers: int = Field(1, ge=1)
+    pseudonym_key: str = "medpipe"
+    id_from: Literal["name", "hash"] = "name"
+
+
+class AugmentationConfig(_Section):
+    enabled: bool = True
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    rotate_deg: float = Field(15.0, ge=0, le=180)
+    rotate_prob: float = Field(0.2, ge=0, le=1)
+    scale_range: float = Field(0.1, ge=0, lt=1)
+    scale_prob: float = Field(0.2, ge=0, le=1)
+    intensity_shift: float = Field(0.1, ge=0)
+    intensity_scale: float = Field(0.1, ge=0)
+    intensity_prob: float = Field(0.3, ge=0, le=1)
+    noise_std: float = Field(0.05, ge=0)
+    noise_prob: float = Field(0.15, ge=0, le=1)
+
+
+class PreprocessConfig(_Section):
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] | None = None
+    normalization: Literal["zscore", "ct", "none"] = "zscore"
+    crop_foreground: bool = True
+    patch_size: tuple[int, int, int] = (32, 48, 32)
+    augmentation: AugmentationConfig = AugmentationConfig()
+
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, value: str) -> str:
+        value = value.upper()
+        pairs = [set("LR"), set("AP"), set("IS")]
+        if len(value) != 3 or sorted(next(i for i, p in enumerate(pairs) if c in p) for c in value if any(c in p for p in pairs)) != [0, 1, 2]:
+            raise ValueError(f"'{value}' is not an orientation code; use three letters like RAS or LPS")
+        return value
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None and any(v <= 0 for v in value):
+            raise ValueError("spacing values must be positive (mm)")
+        return value
+
+
+class NetworkConfig(_Section):
+    name: str = "unet"
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = Field(2, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    norm: Literal["instance", "batch"] = "instance"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in SEGMENTATION_NETWORKS.names():
+            raise ValueError(
+                f"unknown network '{value}'.{did_you_mean(value, SEGMENTATION_NETWORKS.names())} "
+                f"Choose one of: {', '.join(SEGMENTATION_NETWORKS.names())}"
+            )
+        return value
+
+
+class TrainConfig(_Section):
+    network: NetworkConfig = NetworkConfig()
+    epochs: int = Field(100, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    batch_size: int = Field(4, ge=1)
+    samples_per_volume: int = Field(2, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    val_every: int = Field(1, ge=1)
+    num_workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    threads: int | None = Field(None, ge=1)
+
+
+class InferConfig(_Section):
+    overlap: float = Field(0.5, ge=0, lt=1)
+    sw_batch_size: int = Field(4, ge=1)
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    tta: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluateConfig(_Section):
+    hd_percentile: float = Field(95.0, gt=0, le=100)
+
+
+class ReportConfig(_Section):
+    title: str | None = None
+
+
+class PipelineConfig(_Section):
+    """The whole run. Every section has defaults, so ``{}`` is a valid config."""
+
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    ingest: IngestConfig = IngestConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    train: TrainConfig = TrainConfig()
+    infer: InferConfig = InferConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+
+
+# ---- YAML ------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"duplicate key '{key}' at line {key_node.start_mark.line + 1} "
+                f"(first given at line {seen[key] + 1}); keep one of them"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, *, source: str = "<config>") -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader derives from SafeLoader
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
+    """Apply one ``section.key=value`` override (value parsed as YAML) to a nested dict."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set '{override}': expected section.key=value, e.g. --set train.epochs=5")
+    parts = key.strip().split(".")
+    value = parse_yaml(f"v: {raw}" if raw.strip() else "v: null", source=f"--set {key}")["v"]
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set '{override}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+    return data
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        info = model.model_fields.get(str(part))
+        annotation = getattr(info, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "<top>"
+        if err["type"] == "extra_forbidden":
+            fields = _fields_at(loc[:-1])
+            hint = did_you_mean(str(loc[-1]), fields)
+            lines.append(f"  {path}: unknown key.{hint} Allowed here: {', '.join(fields)}")
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"  {path}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate(data: dict[str, Any], *, source: str = "<config>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, *, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load ``path`` (or the defaults when None), apply ``--set`` overrides, validate."""
+    if path is None:
+        data: dict[str, Any] = {}
+        source = "<defaults>"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        data = parse_yaml(path.read_text(encoding="utf-8"), source=str(path))
+        source = str(path)
+    for override in overrides:
+        data = apply_override(data, override)
+    return validate(data, source=source)
+
+
+def config_dict(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def config_hash(config: BaseModel | dict[str, Any]) -> str:
+    data = config if isinstance(config, dict) else config_dict(config)
+    return sha256_bytes(canonical_json(data).encode())[:16]
+
+
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "ingest": ("data", "ingest"),
+    "preprocess": ("preprocess",),
+    "train": ("seed", "train", "preprocess"),
+    "infer": ("infer",),
+    "evaluate": ("evaluate",),
+    "report": ("name", "report"),
+}
+
+
+def stage_config(config: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The parts of the config that a stage's outputs depend on (its hash decides reruns)."""
+    full = config_dict(config)
+    return {key: full[key] for key in STAGE_SECTIONS[stage]}
+
+
+def save_resolved(config: PipelineConfig, folder: str | Path) -> str:
+    """Write ``config.yaml`` (resolved, all defaults filled) and return the config hash."""
+    digest = config_hash(config)
+    text = f"# resolved medpipe config, hash {digest}\n" + yaml.safe_dump(config_dict(config), sort_keys=True)
+    write_text_atomic(Path(folder) / "config.yaml", text)
+    return digest

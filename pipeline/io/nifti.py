@@ -1,0 +1,114 @@
+"""NIfTI reading with validation and deterministic, atomic NIfTI writing."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.errors import GeometryError, IngestError
+from pipeline.fileio import atomic_path
+from pipeline.io.volume import Volume, shear_magnitude
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_MAX_SHEAR = 1e-4
+_QFORM_SFORM_TOL_MM = 1e-3
+
+
+def is_nifti(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in NIFTI_SUFFIXES) and not name.startswith(".")
+
+
+def nifti_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _choose_affine(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """The affine that NIfTI readers agree on, refusing files whose geometry is a guess."""
+    header = img.header
+    sform, scode = header.get_sform(coded=True)
+    qform, qcode = header.get_qform(coded=True)
+    if not scode and not qcode:
+        raise GeometryError(
+            f"{path.name}: both qform_code and sform_code are 0, so the image has no world "
+            "coordinates; re-export it from the source with its orientation",
+            code="nifti_no_orientation",
+        )
+    if scode and qcode and not np.allclose(sform, qform, atol=_QFORM_SFORM_TOL_MM):
+        raise GeometryError(
+            f"{path.name}: qform and sform disagree (max difference "
+            f"{np.abs(sform - qform).max():.4g} mm); fix the header so both describe one grid",
+            code="nifti_qform_sform_mismatch",
+        )
+    affine = sform if scode else qform
+    if not np.all(np.isfinite(affine)):
+        raise GeometryError(f"{path.name}: affine holds NaN or infinite values", code="nifti_bad_affine")
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(zooms <= 0) or not np.all(np.isfinite(zooms)):
+        raise GeometryError(f"{path.name}: zero or invalid voxel size {zooms.tolist()}", code="nifti_bad_spacing")
+    if shear_magnitude(affine) > _MAX_SHEAR:
+        raise GeometryError(
+            f"{path.name}: sheared affine (axes not orthogonal); resample it onto an orthogonal grid first",
+            code="nifti_shear",
+        )
+    return np.asarray(affine, dtype=np.float64)
+
+
+def load_nifti(path: str | Path, *, allow_4d: bool = False, check_finite: bool = True) -> Volume:
+    """Load and validate a NIfTI file; errors name the file and the problem.
+
+    Trailing singleton dimensions are squeezed (a 3D image stored as X*Y*Z*1); a real
+    4D image is refused unless ``allow_4d``.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise IngestError(f"{path.name}: not a NIfTI-1/2 image", code="nifti_unreadable")
+        affine = _choose_affine(img, path)
+        data = np.asanyarray(img.dataobj)
+    except (EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
+        raise IngestError(f"{path.name}: truncated or corrupt NIfTI file ({type(exc).__name__}: {exc})",
+                          code="nifti_corrupt") from exc
+    except (ValueError, OSError) as exc:
+        raise IngestError(f"{path.name}: cannot read NIfTI data ({exc}); the file is probably truncated",
+                          code="nifti_corrupt") from exc
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[..., np.newaxis]
+    if data.ndim == 4 and not allow_4d:
+        raise IngestError(f"{path.name}: 4D image with {data.shape[3]} volumes where a 3D image is expected",
+                          code="nifti_4d")
+    if data.ndim > 4:
+        raise IngestError(f"{path.name}: {data.ndim}D image is not supported", code="nifti_ndim")
+    if check_finite and np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise IngestError(f"{path.name}: {bad} NaN or infinite voxels", code="nifti_nonfinite")
+    return Volume(array=np.ascontiguousarray(data), affine=affine, meta={"source_dtype": str(img.get_data_dtype())})
+
+
+def save_nifti(volume: Volume, path: str | Path, *, dtype: np.dtype | type | None = None) -> Path:
+    """Write ``volume`` atomically with qform = sform = its affine (code 1, scanner) in mm.
+
+    nibabel's gzip writer stores no timestamp, so equal volumes give byte-identical files.
+    """
+    path = Path(path)
+    array = volume.array if dtype is None else volume.array.astype(dtype, copy=False)
+    img = nib.Nifti1Image(array, volume.affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(volume.affine, code=1)
+    img.set_sform(volume.affine, code=1)
+    if dtype is not None:
+        img.set_data_dtype(dtype)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path

@@ -1,0 +1,85 @@
+"""The ingest manifest: one entry per study found, with geometry, checksums and problems."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import ManifestError
+from pipeline.fileio import read_json, write_json_atomic
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class Problem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str
+    message: str
+
+
+class Study(BaseModel):
+    """One study (a NIfTI image, or one DICOM series) and what ingest made of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    source: str
+    format: Literal["nifti", "dicom"]
+    status: Literal["ok", "failed", "skipped"]
+    image: str | None = None
+    label: str | None = None
+    label_source: str | None = None
+    modality: str | None = None
+    shape: list[int] | None = None
+    spacing: list[float] | None = None
+    orientation: str | None = None
+    affine: list[list[float]] | None = None
+    sha256: dict[str, str] = {}
+    problems: list[Problem] = []
+    error: Problem | None = None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    dataset: str | None = None
+    labels: dict[str, str] | None = None
+    studies: list[Study] = []
+
+    def ok_studies(self) -> list[Study]:
+        return [s for s in self.studies if s.status == "ok"]
+
+    def by_id(self) -> dict[str, Study]:
+        return {s.id: s for s in self.studies}
+
+
+def pseudonym(source: str, *, key: str, prefix: str = "case") -> str:
+    """Stable pseudonymous id: a keyed hash (HMAC-SHA256) of the study's relative source path."""
+    digest = hmac.new(key.encode(), source.encode(), hashlib.sha256).hexdigest()
+    return f"{prefix}_{digest[:12]}"
+
+
+def save_manifest(manifest: Manifest, folder: str | Path) -> Path:
+    path = Path(folder) / MANIFEST_NAME
+    write_json_atomic(path, manifest.model_dump(mode="json"))
+    return path
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Load ``path`` (a manifest file or a folder holding ``manifest.json``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no manifest at {path}; run 'medpipe ingest SCAN_DIR --out DIR' first")
+    try:
+        return Manifest.model_validate(read_json(path))
+    except (ValueError, ValidationError) as exc:
+        raise ManifestError(f"{path}: not a valid medpipe manifest ({exc})") from None

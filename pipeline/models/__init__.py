@@ -1,0 +1,1 @@
+"""Network factories: segmenters (and, later, classifiers) built by name from typed settings."""

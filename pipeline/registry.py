@@ -1,0 +1,51 @@
+"""Name -> factory registries (networks, losses) that answer a typo with "did you mean"."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """A ' Did you mean ...?' hint for ``name`` among ``choices`` ('' when nothing is close)."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+class Registry:
+    """Maps names to lazily imported factories (``"module:function"``) so config checks stay cheap."""
+
+    def __init__(self, kind: str, entries: dict[str, str]) -> None:
+        self.kind = kind
+        self._entries = dict(entries)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def check(self, name: str, *, where: str) -> str:
+        if name not in self._entries:
+            raise ConfigError(
+                f"{where}: unknown {self.kind} '{name}'.{did_you_mean(name, self._entries)} "
+                f"Choose one of: {', '.join(self.names())}"
+            )
+        return name
+
+    def get(self, name: str, *, where: str = "config") -> Callable[..., Any]:
+        target = self._entries[self.check(name, where=where)]
+        module_name, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+SEGMENTATION_NETWORKS = Registry(
+    "segmentation network",
+    {
+        "unet": "pipeline.models.segmenters:build_unet",
+        "basic_unet": "pipeline.models.segmenters:build_basic_unet",
+    },
+)
+
+NORMALIZATIONS = ("zscore", "ct", "none")

@@ -1,0 +1,1 @@
+"""MONAI Compose pipelines built from plans and typed settings."""

@@ -1,0 +1,53 @@
+"""Deterministic preprocessing (load, channel first, orientation, spacing, normalisation, crop) from plans."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from monai import transforms as mt
+
+
+def normalization_transform(plans: dict[str, Any], *, key: str = "image") -> list[mt.MapTransform]:
+    """Intensity normalisation by plans: ``zscore`` per image, ``ct`` clip + dataset z-score, or none."""
+    method = plans.get("normalization", "zscore")
+    if method == "zscore":
+        return [mt.NormalizeIntensityd(keys=key, nonzero=False, channel_wise=True)]
+    if method == "ct":
+        stats = plans["intensity"]
+        lo, hi = float(stats["p005"]), float(stats["p995"])
+        mean, std = float(stats["mean"]), max(float(stats["std"]), 1e-6)
+        return [
+            mt.ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
+            mt.NormalizeIntensityd(keys=key, subtrahend=mean, divisor=std),
+        ]
+    return []
+
+
+def preprocessing_transforms(
+    plans: dict[str, Any],
+    *,
+    keys: Sequence[str] = ("image", "label"),
+    crop_foreground: bool | None = None,
+) -> mt.Compose:
+    """Load NIfTI files named in a dict and bring them to the plans' orientation, spacing and intensities.
+
+    ``keys`` lists the image first; a ``label`` key is resampled with nearest neighbour.
+    ``crop_foreground`` overrides the plans (inference keeps the whole field of view).
+    """
+    keys = list(keys)
+    modes = ["nearest" if k == "label" else "bilinear" for k in keys]
+    steps: list[mt.MapTransform] = [
+        mt.LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+        mt.EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
+        mt.EnsureTyped(keys=keys, dtype=np.float32),
+        mt.Orientationd(keys=keys, axcodes=plans.get("orientation", "RAS"), labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
+    if plans.get("target_spacing"):
+        steps.append(mt.Spacingd(keys=keys, pixdim=tuple(plans["target_spacing"]), mode=modes))
+    crop = plans.get("crop_foreground", False) if crop_foreground is None else crop_foreground
+    if crop:
+        steps.append(mt.CropForegroundd(keys=keys, source_key=keys[0], allow_smaller=True))
+    steps.extend(normalization_transform(plans, key=keys[0]))
+    return mt.Compose(steps)
