@@ -27,7 +27,6 @@ class DataConfig(_Section):
 class IngestConfig(_Section):
     workers: int = Field(1, ge=1)
     pseudonym_key: str = "medpipe"
-    id_from: Literal["name", "hash"] = "name"
 
 
 class AugmentationConfig(_Section):
@@ -56,8 +55,8 @@ class PreprocessConfig(_Section):
     @classmethod
     def _axcodes(cls, value: str) -> str:
         value = value.upper()
-        pairs = [set("LR"), set("AP"), set("IS")]
-        if len(value) != 3 or sorted(next(i for i, p in enumerate(pairs) if c in p) for c in value if any(c in p for p in pairs)) != [0, 1, 2]:
+        axes = sorted("LR AP IS".split().index(p) for c in value for p in ("LR", "AP", "IS") if c in p)
+        if len(value) != 3 or axes != [0, 1, 2]:
             raise ValueError(f"'{value}' is not an orientation code; use three letters like RAS or LPS")
         return value
 
@@ -261,6 +260,13 @@ def stage_config(config: PipelineConfig, stage: str) -> dict[str, Any]:
     """The parts of the config that a stage's outputs depend on (its hash decides reruns)."""
     full = config_dict(config)
     return {key: full[key] for key in STAGE_SECTIONS[stage]}
+
+
+def defaults_yaml() -> str:
+    """The configuration reference (configs/defaults.yaml): every key with its default."""
+    header = ("# medpipe configuration reference: every key with its default value.\n"
+              "# A config file sets only what differs from these; unknown keys are rejected.\n")
+    return header + yaml.safe_dump(config_dict(PipelineConfig()), sort_keys=False)
 
 
 def save_resolved(config: PipelineConfig, folder: str | Path) -> str:

@@ -1,0 +1,260 @@
+"""The ``medpipe`` command line: thin subcommands over the stage API functions; the only place that prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import PipelineConfig, load_config
+from pipeline.errors import PipelineError
+from pipeline.layout import STAGES
+from pipeline.logs import configure_logging
+
+log = logging.getLogger("medpipe")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+_DESCRIPTION = """\
+medpipe: scans in, trained models, predictions and reproducible reports out.
+
+Stages (each usable alone, talking only through files on disk):
+  ingest      DICOM series / NIfTI / MSD folders -> NIfTI + manifest.json
+  preprocess  fingerprint, plans (spacing, normalisation, patch size), preprocessed volumes
+  train       3D U-Net (MONAI), CUDA + AMP when present, CPU otherwise; resumable
+  infer       sliding-window prediction on each image's own grid
+  evaluate    Dice and HD95 per study and class
+  report      per-study JSON + HTML pages with pictures, one cohort page
+  run         all of the above from one config; up-to-date stages are skipped
+  demo        the whole chain on generated phantoms (a few minutes on a laptop CPU)
+
+Exit status: 0 all studies done, 3 partially done (some studies failed; see the
+stage's record.json), 1 failed, 2 bad command line or config.
+"""
+
+_EPILOG = """\
+examples:
+  medpipe demo --out runs/demo
+  medpipe run configs/hippocampus.yaml --out runs/hippo --set data.root=../shared/data/Task04_Hippocampus
+  medpipe ingest ../shared/data/hippocampus_dicom --out out/ingest
+  medpipe infer --model runs/hippo/03_train/model new_scans/ --out out/pred
+  medpipe evaluate --pred out/pred --ref labels/ --out out/eval
+"""
+
+
+def _common(parser: argparse.ArgumentParser, *, config_optional: bool = True) -> None:
+    if config_optional:
+        parser.add_argument("--config", "-c", type=Path, help="YAML config (see configs/); defaults apply without one")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set train.epochs=5")
+    parser.add_argument("--force", action="store_true", help="redo the work even if the outputs are up to date")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medpipe", description=_DESCRIPTION, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"medpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="convert a scan folder to NIfTI plus manifest.json",
+                       description="Find NIfTI files, an MSD dataset (dataset.json, imagesTr, labelsTr) or DICOM "
+                       "series under SCAN_DIR; write OUT/images, OUT/labels and OUT/manifest.json. A study that "
+                       "fails is recorded with its reason and the others go on.")
+    p.add_argument("scan_dir", type=Path, metavar="SCAN_DIR")
+    p.add_argument("--out", "-o", type=Path, required=True, help="output folder")
+    p.add_argument("--workers", type=int, help="parallel worker processes (default: config ingest.workers)")
+    _common(p)
+
+    p = sub.add_parser("preprocess", help="fingerprint, plans and preprocessed volumes from an ingest folder",
+                       description="Read INGEST_DIR/manifest.json; write plans.json, dataset.json and data/.")
+    p.add_argument("ingest_dir", type=Path, metavar="INGEST_DIR")
+    p.add_argument("--out", "-o", type=Path, required=True)
+    _common(p)
+
+    p = sub.add_parser("train", help="train a 3D U-Net on a preprocess folder (resumes if stopped)",
+                       description="Train on PREPROCESS_DIR; write split.json, checkpoints/, history.csv and "
+                       "model/ (what 'medpipe infer --model' takes). Rerunning a stopped run resumes it.")
+    p.add_argument("preprocess_dir", type=Path, metavar="PREPROCESS_DIR")
+    p.add_argument("--out", "-o", type=Path, required=True)
+    _common(p)
+
+    p = sub.add_parser("infer", help="predict label maps on the images' own grids",
+                       description="INPUT is a folder of NIfTI images (outputs named after them) or an ingest "
+                       "folder (outputs named by study id). The model is loaded once for the batch.")
+    p.add_argument("input", type=Path, metavar="INPUT")
+    p.add_argument("--model", "-m", type=Path, required=True, help="model folder (RUN/03_train/model)")
+    p.add_argument("--out", "-o", type=Path, required=True)
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against reference labels",
+                       description="Pair PRED and REF by study id or file name; write per_study.csv and "
+                       "summary.json. Each may be a plain folder of label NIfTI files or a stage folder.")
+    p.add_argument("--pred", type=Path, required=True, help="infer output or folder of label NIfTI files")
+    p.add_argument("--ref", type=Path, required=True, help="ingest output or folder of label NIfTI files")
+    p.add_argument("--out", "-o", type=Path, required=True)
+    _common(p)
+
+    p = sub.add_parser("report", help="per-study and cohort HTML/JSON reports from an evaluate folder")
+    p.add_argument("evaluation", type=Path, metavar="EVAL_DIR")
+    p.add_argument("--predictions", type=Path, help="infer output folder (for the pictures)")
+    p.add_argument("--ingest", type=Path, help="ingest output folder (images and reference labels)")
+    p.add_argument("--out", "-o", type=Path, required=True)
+    _common(p)
+
+    p = sub.add_parser("run", help="run every stage from one config into one run folder",
+                       description="Run ingest -> preprocess -> train -> infer -> evaluate -> report into OUT "
+                       "(one numbered folder per stage). A stage whose outputs are complete and up to date "
+                       "is skipped, so rerunning after an interruption resumes.")
+    p.add_argument("config", type=Path, metavar="CONFIG")
+    p.add_argument("--out", "-o", type=Path, required=True, help="run folder")
+    p.add_argument("--data", type=Path, help="scan folder (overrides data.root)")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of stages to run, in order")
+    _common(p, config_optional=False)
+
+    p = sub.add_parser("demo", help="generate phantoms and run the whole chain on them",
+                       description="Write a small synthetic dataset under OUT/data and run every stage on it "
+                       "into OUT/run (a few minutes on 2 CPU cores); prints where the report is.")
+    p.add_argument("--out", "-o", type=Path, required=True)
+    p.add_argument("--cases", type=int, default=None, help="number of phantom cases (default 16)")
+    _common(p, config_optional=False)
+    return parser
+
+
+def _config(args: argparse.Namespace, path: Path | None = None, extra: Sequence[str] = ()) -> PipelineConfig:
+    return load_config(path if path is not None else getattr(args, "config", None),
+                       overrides=[*extra, *args.overrides])
+
+
+def _exit_code(record: dict[str, Any]) -> int:
+    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL}.get(str(record.get("status")), EXIT_FAILED)
+
+
+def _summarise(stage: str, record: dict[str, Any], out: Path) -> None:
+    counts = record.get("counts", {})
+    state = "up to date, skipped" if record.get("skipped") else record.get("status")
+    print(f"{stage}: {state} ({counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, "
+          f"{counts.get('skipped', 0)} skipped) -> {out}")
+    for study in record.get("studies", []):
+        if study.get("status") == "failed":
+            print(f"  failed {study['id']}: [{study.get('code')}] {study.get('message')}")
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from pipeline.stages.ingest import ingest
+
+    extra = [f"ingest.workers={args.workers}"] if args.workers else []
+    record = ingest(args.scan_dir, args.out, config=_config(args, extra=extra), force=args.force)
+    _summarise("ingest", record, args.out / "manifest.json")
+    return _exit_code(record)
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from pipeline.stages.preprocess import preprocess
+
+    record = preprocess(args.ingest_dir, args.out, config=_config(args), force=args.force)
+    _summarise("preprocess", record, args.out)
+    return _exit_code(record)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.stages.train import train
+
+    record = train(args.preprocess_dir, args.out, config=_config(args), force=args.force)
+    _summarise("train", record, args.out / "model")
+    return _exit_code(record)
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from pipeline.stages.infer import infer
+
+    record = infer(args.model, args.input, args.out, config=_config(args), force=args.force)
+    _summarise("infer", record, args.out / "predictions")
+    return _exit_code(record)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.stages.evaluate import evaluate
+
+    record = evaluate(args.pred, args.ref, args.out, config=_config(args), force=args.force)
+    _summarise("evaluate", record, args.out / "summary.json")
+    return _exit_code(record)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.stages.report import report
+
+    record = report(args.evaluation, args.out, predictions=args.predictions, ingest=args.ingest,
+                    config=_config(args), force=args.force)
+    _summarise("report", record, args.out / "index.html")
+    return _exit_code(record)
+
+
+def _run_and_summarise(config: PipelineConfig, out: Path, *, force: bool, stages: tuple[str, ...]) -> int:
+    from pipeline.layout import RunLayout
+    from pipeline.runner import run_pipeline
+
+    layout = RunLayout(out)
+    records = run_pipeline(config, out, force=force, stages=stages)
+    for stage, record in records.items():
+        _summarise(stage, record, layout.stage_dir(stage))
+    codes = [_exit_code(r) for r in records.values()]
+    if "report" in records:
+        print(f"\nReport: {(layout.report / 'index.html').resolve()}")
+    return max(codes) if EXIT_FAILED not in codes else EXIT_FAILED
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    extra = [f"data.root={args.data}"] if args.data else []
+    config = _config(args, path=args.config, extra=extra)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        print(f"medpipe: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
+        return EXIT_USAGE
+    return _run_and_summarise(config, args.out, force=args.force, stages=stages)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import demo_config, prepare_demo
+
+    data_dir = prepare_demo(args.out, cases=args.cases)
+    config = demo_config(data_dir, overrides=args.overrides)
+    return _run_and_summarise(config, args.out / "run", force=args.force, stages=STAGES)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "ingest": _cmd_ingest, "preprocess": _cmd_preprocess, "train": _cmd_train, "infer": _cmd_infer,
+    "evaluate": _cmd_evaluate, "report": _cmd_report, "run": _cmd_run, "demo": _cmd_demo,
+}
+
+
+def _log_file(args: argparse.Namespace) -> Path | None:
+    out = getattr(args, "out", None)
+    if out is None:
+        return None
+    return Path(out) / ("medpipe.log" if args.command not in ("demo",) else "run/medpipe.log")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(verbosity=-1 if args.quiet else args.verbose, log_file=_log_file(args))
+    command_line = "medpipe " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        return _COMMANDS[args.command](args)
+    except PipelineError as exc:
+        print(f"medpipe {args.command}: error [{exc.code}]: {exc}", file=sys.stderr)
+        if exc.code == "config_error":
+            return EXIT_USAGE
+        print(f"Finished outputs are kept. To resume after fixing this, run: {command_line}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Finished outputs are kept; to resume, run: {command_line}", file=sys.stderr)
+        return 130

@@ -1,0 +1,64 @@
+"""The command line: help texts, config errors, exit codes, python -m."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import EXIT_USAGE, build_parser, main
+
+SUBCOMMANDS = ("ingest", "preprocess", "train", "infer", "evaluate", "report", "run", "demo")
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert f"  {name}" in text
+    assert "Exit status" in text
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    assert "--out" in capsys.readouterr().out
+
+
+def test_config_error_exits_2_with_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("trian:\n  epochs: 1\n")
+    code = main(["run", str(cfg), "--out", str(tmp_path / "run")])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "trian" in err and "Did you mean 'train'" in err
+
+
+def test_run_without_data_root_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run")]) == EXIT_USAGE
+    assert "data.root is not set" in capsys.readouterr().err
+
+
+def test_unknown_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "r"), "--stages", "ingest,trian"]) == EXIT_USAGE
+    assert "trian" in capsys.readouterr().err
+
+
+def test_python_dash_m_works() -> None:
+    result = subprocess.run([sys.executable, "-m", "pipeline", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("medpipe ")
+
+
+def test_parser_requires_out() -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["ingest", "somewhere"])
+    assert info.value.code == 2

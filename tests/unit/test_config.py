@@ -1,0 +1,116 @@
+"""Config loading: safe YAML, unknown/duplicate keys, did-you-mean, overrides, hashing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import (
+    PipelineConfig,
+    apply_override,
+    config_dict,
+    config_hash,
+    defaults_yaml,
+    load_config,
+    save_resolved,
+    stage_config,
+)
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_file_matches_the_models() -> None:
+    """configs/defaults.yaml is the config reference; it must equal the models' defaults."""
+    text = (REPO / "configs" / "defaults.yaml").read_text()
+    assert text == defaults_yaml(), "regenerate it: python -c 'from pipeline.config import defaults_yaml as d; print(d(), end=\"\")' > configs/defaults.yaml"
+    assert yaml.safe_load(text) == config_dict(PipelineConfig())
+
+
+def test_every_shipped_config_validates() -> None:
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_unknown_key_names_path_and_suggests(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "train.epoch" in message
+    assert "Did you mean 'epochs'" in message
+    assert str(path) in message
+
+
+def test_unknown_section_suggests() -> None:
+    with pytest.raises(ConfigError, match=r"preproces: unknown key\. Did you mean 'preprocess'"):
+        load_config(None, overrides=["preproces.spacing=[1,1,1]"])
+
+
+def test_duplicate_key_rejected_with_lines(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\ntrain:\n  epochs: 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'epochs' at line 4 \(first given at line 3\)"):
+        load_config(path)
+
+
+def test_unsafe_yaml_tags_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_bad_value_reports_path() -> None:
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_config(None, overrides=["train.batch_size=0"])
+    with pytest.raises(ConfigError, match="Did you mean 'unet'"):
+        load_config(None, overrides=["train.network.name=unte"])
+
+
+def test_overrides_parse_yaml_values() -> None:
+    config = load_config(None, overrides=["train.epochs=7", "preprocess.spacing=[1, 2, 3]", "train.amp=false"])
+    assert config.train.epochs == 7
+    assert config.preprocess.spacing == (1.0, 2.0, 3.0)
+    assert config.train.amp is False
+
+
+def test_override_syntax_errors() -> None:
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        apply_override({}, "train.epochs")
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_override({"seed": 1}, "seed.x=2")
+
+
+def test_config_is_frozen() -> None:
+    config = PipelineConfig()
+    with pytest.raises(ValueError):
+        config.seed = 3  # type: ignore[misc]
+
+
+def test_hash_changes_with_content_only() -> None:
+    a = load_config(None, overrides=["train.epochs=3"])
+    b = load_config(None, overrides=["train.epochs=3"])
+    c = load_config(None, overrides=["train.epochs=4"])
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+    assert stage_config(a, "ingest") == stage_config(c, "ingest")
+    assert stage_config(a, "train") != stage_config(c, "train")
+
+
+def test_save_resolved_round_trips(tmp_path: Path) -> None:
+    config = load_config(None, overrides=["name=x", "preprocess.patch_size=[16,16,16]"])
+    digest = save_resolved(config, tmp_path)
+    text = (tmp_path / "config.yaml").read_text()
+    assert digest in text.splitlines()[0]
+    reloaded = load_config(tmp_path / "config.yaml")
+    assert reloaded == config
+    assert config_hash(reloaded) == digest
+
+
+def test_orientation_validated() -> None:
+    assert load_config(None, overrides=["preprocess.orientation=lps"]).preprocess.orientation == "LPS"
+    with pytest.raises(ConfigError, match="orientation"):
+        load_config(None, overrides=["preprocess.orientation=RRS"])
