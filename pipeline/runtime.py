@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import random
 import subprocess
@@ -32,11 +33,12 @@ def package_versions() -> dict[str, str]:
 def code_version() -> str:
     """``<version>+g<commit>[.dirty]`` when running from a git checkout, else the package version."""
     root = Path(pipeline.__file__).resolve().parent.parent
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # never take the index lock of the user's repo
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
+                                text=True, timeout=10, check=True, env=env).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "pipeline"],
-                               cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+                               cwd=root, capture_output=True, text=True, timeout=10, check=True, env=env).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return pipeline.__version__
     return f"{pipeline.__version__}+g{commit}{'.dirty' if dirty else ''}"
