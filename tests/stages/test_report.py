@@ -1,0 +1,168 @@
+"""The report stage: files, parseable escaped HTML with metrics and embedded pictures, no leaks, provenance."""
+
+from __future__ import annotations
+
+import base64
+import io
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.demo_data import phantom
+from pipeline.fileio import read_json, write_json_atomic
+from pipeline.io.nifti import save_nifti
+from pipeline.manifest import Manifest, Problem, Study, save_manifest
+from pipeline.provenance import StageRecord
+from pipeline.stages.evaluate import evaluate
+from pipeline.stages.report import report, safe_name
+
+SECRET = "Doe^Jane"
+
+
+class Collector(HTMLParser):
+    """Collects tags, links, images and text; counts unbalanced structural tags."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.links: list[str] = []
+        self.images: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "a":
+            self.links.append(a.get("href") or "")
+        if tag == "img":
+            self.images.append(a.get("src") or "")
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}>")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(path: Path) -> Collector:
+    parser = Collector()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    assert parser.errors == [] and parser.stack == []
+    return parser
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """ingest (images, labels, problems), infer-style predictions, evaluate, and stage records."""
+    rng = np.random.default_rng(11)
+    root = tmp_path / "run"
+    ingest, infer_dir = root / "01_ingest", root / "04_infer"
+    studies, entries = [], []
+    for i, shift in enumerate([0, 3]):
+        image, label = phantom(rng, shape=(24, 28, 20), spacing=(0.9, 1.0, 1.4), flip_x=(i == 1))
+        sid = f"case_{i:04d}abcd"
+        save_nifti(image, ingest / "images" / f"{sid}.nii.gz", dtype=np.float32)
+        save_nifti(label, ingest / "labels" / f"{sid}.nii.gz", dtype=np.uint8)
+        pred = np.roll(label.array, shift, axis=1)
+        save_nifti(label.with_array(pred), infer_dir / "predictions" / f"{sid}.nii.gz", dtype=np.uint8)
+        source = f"{SECRET}_{i}/scan_{SECRET}.nii.gz"
+        studies.append(Study(id=sid, source=source, format="nifti", status="ok", image=f"images/{sid}.nii.gz",
+                             label=f"labels/{sid}.nii.gz",
+                             problems=[Problem(code="rounded_affine", message=f"scan_{SECRET}.nii.gz: affine rounded")]))
+        entries.append({"id": sid, "image": f"images/{sid}.nii.gz", "prediction": f"predictions/{sid}.nii.gz"})
+    save_manifest(Manifest(dataset="demo", labels={"0": "background", "1": "core<script>", "2": "shell"},
+                           studies=studies), ingest)
+    write_json_atomic(infer_dir / "predictions.json", {"schema_version": 1, "model": {"labels": None},
+                                                       "predictions": entries, "failed": []})
+    ingest_record = StageRecord(stage="ingest", stage_dir=ingest, config={"data": {"root": str(tmp_path / SECRET)}},
+                                config_hash="feedc0de", seed=7, device={"type": "cpu", "cpu": "x86_64"})
+    ingest_record.finish(outputs=[])
+    evaluate(infer_dir, ingest, root / "05_evaluate")
+    return root
+
+
+def test_report_files_html_metrics_and_pictures(run: Path) -> None:
+    out = run / "06_report"
+    result = report(run / "05_evaluate", out, predictions=run / "04_infer", ingest=run / "01_ingest",
+                    config=load_config(None, overrides=["report.title=Phantom report"]),
+                    provenance=[run / "01_ingest", run / "05_evaluate" / "record.json"])
+    assert result["status"] == "complete"
+    ids = ["case_0000abcd", "case_0001abcd"]
+    for sid in ids:
+        for ext in ("json", "html", "png"):
+            assert (out / "studies" / f"{sid}.{ext}").is_file()
+    index = parse(out / "index.html")
+    index_text = " ".join(index.text)
+    assert "Phantom report" in index_text
+    # worst first: case_0001 has its prediction shifted by 3 voxels, case_0000 is perfect
+    assert index.links == ["studies/case_0001abcd.html", "studies/case_0000abcd.html"]
+    summary = read_json(run / "05_evaluate" / "summary.json")
+    core = summary["classes"]["1"]["dice"]
+    assert f"{core['mean']:.3f} \u00b1 {core['std']:.3f}" in index_text
+    assert "feedc0de" in index_text and "x86_64" in index_text  # provenance block
+
+    per_study = read_json(out / "studies" / "case_0001abcd.json")
+    assert per_study["id"] == "case_0001abcd" and per_study["problems"][0]["code"] == "rounded_affine"
+    assert per_study["paths"]["prediction"] == "predictions/case_0001abcd.nii.gz"
+    page = parse(out / "studies" / "case_0001abcd.html")
+    dice_core = next(m["dice"] for m in per_study["metrics"] if m["class"] == 1)
+    assert 0 < dice_core < 1 and f"{dice_core:.4f}" in " ".join(page.text)
+    assert len(page.images) == 1 and page.images[0].startswith("data:image/png;base64,")
+    png = base64.b64decode(page.images[0].split(",", 1)[1])
+    assert png == (out / "studies" / "case_0001abcd.png").read_bytes()
+    rgb = mpimg.imread(io.BytesIO(png), format="png")[..., :3]
+    assert rgb.std() > 0.05
+    assert np.all(np.abs(rgb - [0, 1, 0]) < 0.15, axis=-1).sum() > 20  # reference contour
+    assert np.all(np.abs(rgb - [1, 0, 1]) < 0.15, axis=-1).sum() > 20  # prediction contour
+
+
+def test_no_source_names_or_absolute_paths_and_text_is_escaped(run: Path, tmp_path: Path) -> None:
+    out = run / "06_report"
+    report(run / "05_evaluate", out, predictions=run / "04_infer", ingest=run / "01_ingest",
+           provenance=[run / "01_ingest"])
+    for path in sorted(out.rglob("*")):
+        if path.suffix in (".html", ".json"):
+            content = path.read_text(encoding="utf-8")
+            assert "Doe" not in content and "Jane" not in content, path.name
+            assert str(tmp_path) not in content, path.name
+            if path.suffix == ".html":
+                assert "<script>" not in content and "core&lt;script&gt;" in content
+
+
+def test_report_is_deterministic_and_skips_when_up_to_date(run: Path) -> None:
+    out = run / "06_report"
+    args = {"predictions": run / "04_infer", "ingest": run / "01_ingest", "provenance": [run / "01_ingest"]}
+    report(run / "05_evaluate", out, **args)
+    first = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
+             if p.is_file() and p.name not in ("record.json",)}
+    assert report(run / "05_evaluate", out, **args).get("skipped") is True
+    report(run / "05_evaluate", out, force=True, **args)
+    second = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
+              if p.is_file() and p.name not in ("record.json",)}
+    assert second == first
+
+
+def test_report_without_ingest_still_draws_predictions(run: Path) -> None:
+    out = run / "report_min"
+    report(run / "05_evaluate", out, predictions=run / "04_infer")
+    assert (out / "studies" / "case_0000abcd.png").is_file()
+    parse(out / "index.html")
+
+
+def test_unsafe_ids_become_hashed_file_names() -> None:
+    assert safe_name("case_abc.1") == "case_abc.1"
+    for bad in ("../etc/passwd", "a/b", "x;rm -rf", "$(id)", ".hidden"):
+        name = safe_name(bad)
+        assert name.startswith("study_") and "/" not in name and len(name) == 18
