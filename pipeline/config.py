@@ -25,8 +25,15 @@ class DataConfig(_Section):
 
 
 class IngestConfig(_Section):
+    """DICOM geometry policies: ``resample`` onto an orthogonal, regular grid (recorded as a problem)
+    or ``refuse`` (the study fails with a code). ``split_4d`` writes each volume of a 4D series
+    (fMRI, dynamics, repeats) as its own study instead of one 4D image with time last."""
+
     workers: int = Field(1, ge=1)
     pseudonym_key: str = "medpipe"
+    gantry_tilt: Literal["resample", "refuse"] = "resample"
+    irregular_slices: Literal["resample", "refuse"] = "refuse"
+    split_4d: bool = False
 
 
 class AugmentationConfig(_Section):

@@ -1,67 +1,70 @@
-"""DICOM series reading: header discovery, grouping by series, checks, pixel decoding to a Volume."""
+"""DICOM series reading: discovery, splitting into stacks, checks, and decoding a stack to a Volume."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
-import re
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pipeline.errors import GeometryError, IngestError
-from pipeline.io.dicom_geometry import SliceGeometry, series_affine
+from pipeline.io.dicom_geometry import analyse_stack, group_volumes, spacing_error, tilt_error
+from pipeline.io.dicom_header import DicomHeader, FrameInfo, header_from_bytes, read_header
+from pipeline.io.dicom_mosaic import untile
+from pipeline.io.dicom_pixels import decode_stored, decoder_for, decoder_note
+from pipeline.io.dicom_resample import resample_stack
+from pipeline.io.dicom_split import split_series
 from pipeline.io.volume import Volume
+
+__all__ = ["DicomHeader", "DicomOptions", "DicomScan", "DicomSeries", "check_supported", "decode_series",
+           "discover_series", "read_header", "read_series_bytes", "skip_reason", "storage_dtype"]
 
 log = logging.getLogger(__name__)
 
-_DEFER_BYTES = 1024  # discovery never loads values larger than this (pixel data, big blobs)
-_SEGMENTATION_SOPS = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # SEG, label map SEG
-_MODALITY_RE = re.compile(r"^[A-Z]{1,16}$")
+# SOP classes that are never ingested as images, by UID prefix (the longest match wins)
+_NON_IMAGE = {
+    "1.2.840.10008.5.1.4.1.1.66.4": ("dicom_segmentation", "a DICOM SEG object, not an image series"),
+    "1.2.840.10008.5.1.4.1.1.66.7": ("dicom_segmentation", "a DICOM label map SEG object, not an image series"),
+    "1.2.840.10008.5.1.4.1.1.66": ("dicom_non_image", "a raw data / registration / fiducials object"),
+    "1.2.840.10008.5.1.4.1.1.88": ("dicom_non_image", "a structured report (SR) or key object selection"),
+    "1.2.840.10008.5.1.4.1.1.481.2": ("dicom_non_image", "an RT dose grid, not a scan"),
+    "1.2.840.10008.5.1.4.1.1.481": ("dicom_non_image", "an RT object (structure set, plan, ...)"),
+    "1.2.840.10008.5.1.4.1.1.11": ("dicom_non_image", "a presentation state"),
+    "1.2.840.10008.5.1.4.1.1.104": ("dicom_non_image", "an encapsulated document (PDF, CDA, STL)"),
+    "1.2.840.10008.5.1.4.1.1.9": ("dicom_non_image", "a waveform"),
+    "1.2.840.10008.5.1.4.1.1.91": ("dicom_non_image", "a microscopy annotation object"),
+    "1.2.840.10008.5.1.4.1.1.77.1.6": ("dicom_non_volume", "a whole-slide microscopy image (slide coordinates)"),
+    "1.2.840.10008.5.1.4.1.1.1": ("dicom_non_volume", "a projection radiograph (CR/DX/mammography), not a volume"),
+}
 
 
 @dataclass(frozen=True)
-class DicomHeader:
-    """What discovery keeps of one image file: identity, coding, geometry. Never names or dates."""
+class DicomOptions:
+    """What decoding does with irregular geometry (mirrors the ingest config)."""
 
-    path: str
-    rel: str
-    series_uid: str
-    sop_uid: str
-    sop_class: str
-    modality: str | None
-    transfer_syntax: str | None
-    frames: int
-    samples: int
-    photometric: str | None
-    image_type: tuple[str, ...]
-    multiframe_groups: bool
-    geometry: SliceGeometry
-    geometry_error: str | None = None
+    gantry_tilt: Literal["resample", "refuse"] = "resample"
+    irregular_slices: Literal["resample", "refuse"] = "refuse"
 
 
 @dataclass(frozen=True)
 class DicomSeries:
-    """All files of one SeriesInstanceUID, sorted by relative path; ``folder`` is their common folder."""
+    """One stack of a SeriesInstanceUID (the whole series unless split), headers sorted by path."""
 
     uid: str
     folder: str
     headers: tuple[DicomHeader, ...]
+    part: str = ""  # "" when the series was not split
 
     @property
     def key(self) -> str:
-        """The private key a pseudonym is made from (folder plus UID); never written out as is."""
-        return f"{self.folder}/{self.uid}"
+        """The private key a pseudonym is made from (folder, UID, part); never written out as is."""
+        return f"{self.folder}/{self.uid}" + (f"/{self.part}" if self.part else "")
 
     @property
     def modality(self) -> str | None:
@@ -74,84 +77,12 @@ class DicomScan:
     ignored: int = 0
 
 
-# ---- header parsing ------------------------------------------------------------------------
+def discover_series(files: Iterable[Path], *, root: Path, split_4d: bool = False) -> DicomScan:
+    """Read headers of ``files``, group them by SeriesInstanceUID and split each into stacks.
 
-
-def _floats(ds: Dataset, tag: str, count: int, rel: str) -> tuple[tuple[float, ...] | None, str | None]:
-    if tag not in ds:
-        return None, None
-    raw = ds[tag].value
-    values = list(raw) if isinstance(raw, Sequence) and not isinstance(raw, str | bytes) else [raw]
-    try:
-        numbers = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        return None, f"{rel}: {tag} {str(raw)[:64]!r} is not {count} numbers"
-    if len(numbers) != count or not all(np.isfinite(numbers)):
-        return None, f"{rel}: {tag} must hold {count} finite numbers, got {list(numbers)[:8]}"
-    return numbers, None
-
-
-def slice_geometry(ds: Dataset, rel: str) -> tuple[SliceGeometry, str | None]:
-    """Parse the geometry tags; the second value explains the first unparseable one."""
-    errors: list[str] = []
-    parsed: dict[str, Any] = {}
-    for tag, count in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2),
-                       ("SliceThickness", 1), ("SpacingBetweenSlices", 1)):
-        values, err = _floats(ds, tag, count, rel)
-        if err and tag in ("SliceThickness", "SpacingBetweenSlices"):
-            values, err = None, None  # optional tags: a bad value only loses the fallback
-        parsed[tag] = values
-        if err:
-            errors.append(err)
-    geometry = SliceGeometry(
-        name=rel, rows=int(ds.Rows), columns=int(ds.Columns),
-        position=parsed["ImagePositionPatient"], orientation=parsed["ImageOrientationPatient"],
-        pixel_spacing=parsed["PixelSpacing"],
-        slice_thickness=parsed["SliceThickness"][0] if parsed["SliceThickness"] else None,
-        spacing_between_slices=parsed["SpacingBetweenSlices"][0] if parsed["SpacingBetweenSlices"] else None,
-    )
-    return geometry, (errors[0] if errors else None)
-
-
-def _header_from_dataset(ds: Dataset, path: str, rel: str) -> DicomHeader | None:
-    for tag in ("SOPClassUID", "Rows", "Columns", "PixelData", "SeriesInstanceUID"):
-        if tag not in ds:
-            log.debug("%s: not an image file (no %s); ignored", rel, tag)
-            return None
-    if not isinstance(ds.Rows, int) or not isinstance(ds.Columns, int) or ds.Rows < 1 or ds.Columns < 1:
-        log.debug("%s: Rows/Columns are not positive integers; ignored", rel)
-        return None
-    geometry, geometry_error = slice_geometry(ds, rel)
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    meta = getattr(ds, "file_meta", None)
-    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    return DicomHeader(
-        path=path, rel=rel, series_uid=str(ds.SeriesInstanceUID), sop_uid=str(ds.get("SOPInstanceUID", "")),
-        sop_class=str(ds.SOPClassUID), modality=modality if _MODALITY_RE.match(modality) else None,
-        transfer_syntax=str(syntax) if syntax else None, frames=int(ds.get("NumberOfFrames", 1) or 1),
-        samples=int(ds.get("SamplesPerPixel", 1) or 1),
-        photometric=str(ds.get("PhotometricInterpretation", "") or "").strip() or None,
-        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
-        multiframe_groups="PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds,
-        geometry=geometry, geometry_error=geometry_error,
-    )
-
-
-def read_header(path: Path, *, root: Path) -> DicomHeader | None:
-    """The header of an image file, or None for anything else (junk, non-image DICOM objects)."""
-    rel = path.relative_to(root).as_posix()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(str(path), defer_size=_DEFER_BYTES, force=True)
-            return _header_from_dataset(ds, str(path), rel)
-    except Exception as exc:  # noqa: BLE001 - any parse failure of an arbitrary file means "not DICOM"
-        log.debug("%s: not readable as DICOM (%s); ignored", rel, type(exc).__name__)
-        return None
-
-
-def discover_series(files: Iterable[Path], *, root: Path) -> DicomScan:
-    """Read headers of ``files`` and group image files by SeriesInstanceUID (sorted, deterministic)."""
+    Headers are read in this process: worker processes were measured slower (pickling the
+    headers back costs more than the reading), even for thousands of files.
+    """
     scan = DicomScan()
     groups: dict[str, list[DicomHeader]] = defaultdict(list)
     for path in files:
@@ -162,41 +93,53 @@ def discover_series(files: Iterable[Path], *, root: Path) -> DicomScan:
         groups[header.series_uid].append(header)
     for uid, headers in groups.items():
         headers.sort(key=lambda h: h.rel)
-        parents = [str(PurePosixPath(h.rel).parent) for h in headers]
-        folder = os.path.commonpath(parents) if all(p != "." for p in parents) else "."
-        scan.series.append(DicomSeries(uid=uid, folder=folder or ".", headers=tuple(headers)))
-    scan.series.sort(key=lambda s: (s.folder, s.headers[0].rel))
+        for part, members in split_series(headers, split_4d=split_4d):
+            parents = [str(PurePosixPath(h.rel).parent) for h in members]
+            folder = os.path.commonpath(parents) if all(p != "." for p in parents) else "."
+            scan.series.append(DicomSeries(uid=uid, folder=folder or ".", headers=tuple(members), part=part))
+    scan.series.sort(key=lambda s: (s.folder, s.headers[0].rel, s.part))
     return scan
 
 
 # ---- series checks -------------------------------------------------------------------------
 
 
+def _non_image(sop_class: str) -> tuple[str, str] | None:
+    matches = [uid for uid in _NON_IMAGE if sop_class == uid or sop_class.startswith(uid + ".")]
+    return _NON_IMAGE[max(matches, key=len)] if matches else None
+
+
 def skip_reason(series: DicomSeries) -> tuple[str, str] | None:
-    """(code, message) when a series is deliberately not ingested (localizers, segmentations)."""
+    """(code, message) when a series is deliberately not ingested, else None."""
     first = series.headers[0]
-    if first.sop_class in _SEGMENTATION_SOPS:
-        return "dicom_segmentation", f"{series.folder}: a DICOM SEG object, not an image series; not ingested"
+    known = _non_image(first.sop_class)
+    if known is not None:
+        return known[0], f"{series.folder}: {known[1]}; not ingested"
+    if not first.pixels:
+        return "dicom_no_pixel_data", (f"{series.folder}: {len(series.headers)} DICOM object(s) without pixel data "
+                                       f"(SOP class {first.sop_class}); not an image, not ingested")
+    if any(h.samples != 1 or (h.photometric or "MONOCHROME2") not in ("MONOCHROME1", "MONOCHROME2")
+           for h in series.headers):
+        return "dicom_colour", (f"{series.folder}: a colour image ({first.photometric}, {first.samples} samples "
+                                "per pixel, e.g. a secondary capture); only greyscale series are ingested")
+    if any(h.burned_in for h in series.headers):
+        return "dicom_burned_in_annotation", (f"{series.folder}: BurnedInAnnotation is YES (text, possibly "
+                                              "patient data, drawn into the pixels); not ingested")
     if any("LOCALIZER" in h.image_type for h in series.headers):
         return "dicom_localizer", f"{series.folder}: a localizer (scout) series; not ingested as a volume"
     return None
 
 
 def check_supported(series: DicomSeries) -> None:
-    """Refuse what this reader cannot decode exactly: multi-frame, mosaic, compressed, colour."""
+    """Refuse what cannot be decoded exactly (legacy multi-frame, modality LUTs, unknown compression)."""
     for h in series.headers:
-        if h.frames > 1 or h.multiframe_groups:
-            raise IngestError(f"{h.rel}: enhanced/multi-frame DICOM ({h.frames} frames) is not supported yet; "
-                              "convert it with dcm2niix first", code="unsupported_dicom")
-        if "MOSAIC" in h.image_type:
-            raise IngestError(f"{h.rel}: Siemens mosaic images are not supported yet; convert with dcm2niix first",
-                              code="unsupported_dicom")
-        if h.transfer_syntax and UID(h.transfer_syntax).is_compressed:
-            raise IngestError(f"{h.rel}: compressed transfer syntax '{UID(h.transfer_syntax).name}' is not "
-                              "supported yet; decompress it first (e.g. gdcmconv --raw)", code="unsupported_dicom")
-        if h.samples != 1 or (h.photometric or "MONOCHROME2") not in ("MONOCHROME1", "MONOCHROME2"):
-            raise IngestError(f"{h.rel}: colour image ({h.photometric}, {h.samples} samples per pixel); only "
-                              "greyscale series are ingested", code="unsupported_dicom")
+        if h.layout == "legacy_multiframe":
+            raise IngestError(f"{h.rel}: {h.n_frames} frames without per-frame functional groups, so the frames "
+                              "have no positions; not supported", code="unsupported_dicom")
+        if h.modality_lut:
+            raise IngestError(f"{h.rel}: a Modality LUT Sequence instead of rescale slope/intercept is not "
+                              "supported", code="unsupported_dicom")
+        decoder_for(h.transfer_syntax, h.rel)
 
 
 # ---- decoding ------------------------------------------------------------------------------
@@ -216,87 +159,51 @@ def read_series_bytes(series: DicomSeries) -> tuple[str, list[bytes]]:
     return digest.hexdigest(), blobs
 
 
-def _ensure_transfer_syntax(ds: Dataset, rel: str, problems: list[tuple[str, str]]) -> None:
-    meta = ds.file_meta
-    if meta.get("TransferSyntaxUID"):
-        return
-    implicit, little = ds.original_encoding
-    if little is False and implicit:
-        raise IngestError(f"{rel}: implicit VR big endian is not a DICOM encoding", code="dicom_unreadable")
-    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    problems.append(("dicom_no_file_meta", f"{rel}: no file meta; encoding taken from the data set"))
+@dataclass
+class _File:
+    header: DicomHeader  # valid for the bytes now being decoded
+    frames: list[FrameInfo]  # the frames of this stack
+    dataset: Any
+    blob: bytes
 
 
-def _stored_values(ds: Dataset, rel: str) -> np.ndarray:
-    bits_alloc, bits_stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
-    if bits_alloc not in (8, 16, 32) or not 1 <= bits_stored <= bits_alloc:
-        raise IngestError(f"{rel}: BitsAllocated {bits_alloc} / BitsStored {bits_stored} not supported",
-                          code="unsupported_dicom")
-    expected = int(ds.Rows) * int(ds.Columns) * bits_alloc // 8
-    actual = len(ds.PixelData)
-    if actual < expected or actual > expected + 1:
-        raise IngestError(f"{rel}: pixel data holds {actual} bytes where {ds.Rows}x{ds.Columns}x{bits_alloc} bits "
-                          f"need {expected}; the file is truncated or its size tags are wrong",
-                          code="dicom_pixel_length")
+def _unchanged(h: DicomHeader, blob: bytes) -> bool:
+    """True when every byte before the pixel data is what discovery read (no second parse needed)."""
+    offset = h.pixel_offset
+    return bool(h.header_sha256 and offset is not None and len(blob) >= offset
+                and hashlib.sha256(blob[:offset]).hexdigest() == h.header_sha256)
+
+
+def _check_frames(frames: Sequence[FrameInfo]) -> None:
+    for frame in frames:
+        if frame.geometry_error:
+            raise GeometryError(frame.geometry_error, code=frame.error_code)
+        if frame.rescale_error:
+            raise IngestError(frame.rescale_error, code="dicom_bad_rescale")
+
+
+def _reparse(h: DicomHeader, blob: bytes, series: DicomSeries) -> _File:
+    if _unchanged(h, blob):
+        _check_frames(h.frames)
+        return _File(header=h, frames=list(h.frames), dataset=None, blob=blob)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pixels = np.asarray(ds.pixel_array)
-    except (ValueError, TypeError, AttributeError, NotImplementedError, RuntimeError, KeyError) as exc:
-        raise IngestError(f"{rel}: cannot decode pixel data ({type(exc).__name__}: {exc})",
-                          code="dicom_pixel_error") from exc
-    if pixels.shape != (int(ds.Rows), int(ds.Columns)):
-        raise IngestError(f"{rel}: decoded pixels have shape {pixels.shape}, expected ({ds.Rows}, {ds.Columns})",
-                          code="dicom_pixel_error")
-    values = pixels.astype(np.int64)
-    if bits_stored < bits_alloc:  # bits above BitsStored carry no value (overlays, garbage)
-        values &= (1 << bits_stored) - 1
-        if int(ds.get("PixelRepresentation", 0) or 0) == 1:
-            sign = 1 << (bits_stored - 1)
-            values = (values ^ sign) - sign
-    return values
+        fresh, _, ds = header_from_bytes(blob, path=h.path, rel=h.rel)
+    except Exception as exc:  # a corrupt file fails its series, with the reason
+        raise IngestError(f"{h.rel}: cannot parse the file ({type(exc).__name__})", code="dicom_unreadable") from exc
+    wanted = {f.index for f in h.frames}
+    frames = [f for f in fresh.frames if f.index in wanted] if fresh is not None else []
+    if fresh is None or fresh.series_uid != series.uid or not fresh.pixels or tuple(frames) != h.frames:
+        raise IngestError(f"{h.rel}: the file changed after discovery; rerun ingest", code="dicom_changed")
+    _check_frames(frames)
+    return _File(header=fresh, frames=frames, dataset=ds, blob=blob)
 
 
-def _rescale(ds: Dataset, rel: str) -> tuple[float, float]:
-    if "ModalityLUTSequence" in ds and "RescaleSlope" not in ds:
-        raise IngestError(f"{rel}: a Modality LUT Sequence instead of rescale slope/intercept is not supported",
-                          code="unsupported_dicom")
-    try:
-        slope = float(ds.get("RescaleSlope", 1.0) if ds.get("RescaleSlope") is not None else 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) if ds.get("RescaleIntercept") is not None else 0.0)
-    except (TypeError, ValueError) as exc:
-        raise IngestError(f"{rel}: RescaleSlope/RescaleIntercept are not numbers", code="dicom_bad_rescale") from exc
-    if not np.isfinite(slope) or slope == 0 or not np.isfinite(intercept):
-        raise IngestError(f"{rel}: RescaleSlope {slope} / RescaleIntercept {intercept} would destroy the values",
-                          code="dicom_bad_rescale")
-    return slope, intercept
-
-
-def decode_series(series: DicomSeries, blobs: Sequence[bytes]) -> Volume:
-    """Decode a checked single-frame series into a float32 RAS Volume (voxel order: column, row, slice).
-
-    ``volume.meta`` holds ``modality`` and ``problems`` (a list of (code, message) oddities accepted).
-    """
-    check_supported(series)
-    problems: list[tuple[str, str]] = []
+def _files(series: DicomSeries, blobs: Sequence[bytes], problems: list[tuple[str, str]]) -> list[_File]:
     seen: dict[str, tuple[str, bytes]] = {}
-    datasets: list[tuple[Dataset, SliceGeometry]] = []
+    files = []
     for h, blob in zip(series.headers, blobs, strict=True):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(io.BytesIO(blob), force=True)
-                geometry, geometry_error = slice_geometry(ds, h.rel)
-                uid = str(ds.get("SeriesInstanceUID", ""))
-        except Exception as exc:  # noqa: BLE001 - a corrupt file fails its series, with the reason
-            raise IngestError(f"{h.rel}: cannot parse the file ({type(exc).__name__})",
-                              code="dicom_unreadable") from exc
-        if uid != series.uid or "PixelData" not in ds:
-            raise IngestError(f"{h.rel}: the file changed after discovery; rerun ingest", code="dicom_changed")
-        if geometry_error:
-            raise GeometryError(geometry_error, code="dicom_bad_geometry_value")
-        sop = str(ds.get("SOPInstanceUID", ""))
+        item = _reparse(h, blob, series)
+        sop = item.header.sop_uid
         if sop and sop in seen:
             other, other_blob = seen[sop]
             if blob == other_blob:
@@ -304,19 +211,83 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes]) -> Volume:
                 continue
             raise IngestError(f"{h.rel} and {other} share a SOPInstanceUID but differ", code="dicom_duplicate_uid")
         seen[sop] = (h.rel, blob)
-        datasets.append((ds, geometry))
-    order, affine = series_affine([g for _, g in datasets])
-    slices = []
-    for index in order:
-        ds, geometry = datasets[index]
-        _ensure_transfer_syntax(ds, geometry.name, problems)
-        slope, intercept = _rescale(ds, geometry.name)
-        stored = _stored_values(ds, geometry.name)
-        slices.append((stored.astype(np.float64) * slope + intercept).T)  # (rows, cols) -> (i=col, j=row)
-        if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-            problems.append(("dicom_monochrome1", f"{series.folder}: MONOCHROME1 (inverted display); values kept"))
-    array = np.stack(slices, axis=-1).astype(np.float32)
+        if not item.header.has_meta:
+            problems.append(("dicom_no_file_meta", f"{h.rel}: no file meta; encoding taken from the data set"))
+        if item.header.series_uid_missing:
+            problems.append(("dicom_no_series_uid", (f"{series.folder}: SeriesInstanceUID is empty; files grouped "
+                                                     "by folder, frame of reference, series number and modality")))
+        files.append(item)
+    return files
+
+
+def _frames_of(item: _File) -> np.ndarray:
+    stored = decode_stored(item.blob, item.header, item.dataset)
+    if item.header.layout == "mosaic":
+        g = item.frames[0].geometry
+        tiles = (item.header.rows // g.rows) * (item.header.columns // g.columns)
+        stored = untile(stored[0], count=tiles, tile_rows=g.rows, tile_cols=g.columns)
+    return stored
+
+
+def decode_series(series: DicomSeries, blobs: Sequence[bytes], *, options: DicomOptions | None = None) -> Volume:
+    """Decode one stack into a float32 RAS Volume (voxel order: column, row, slice[, volume]).
+
+    Volumes of a 4D stack are in acquisition order (time last). ``volume.meta`` holds
+    ``modality``, ``problems`` (a list of (code, message) oddities accepted) and ``volumes``.
+    """
+    options = options or DicomOptions()
+    check_supported(series)
+    problems: list[tuple[str, str]] = []
+    files = _files(series, blobs, problems)
+    refs = [(f_index, frame) for f_index, item in enumerate(files) for frame in item.frames]
+    slices = [frame.geometry for _, frame in refs]
+    volumes = group_volumes(slices, [frame.order for _, frame in refs])
+    stack = analyse_stack([slices[i] for i in volumes[0]])
+    if stack.tilted and options.gantry_tilt == "refuse":
+        raise tilt_error(stack, [slices[i] for i in volumes[0]])
+    if stack.irregular and options.irregular_slices == "refuse":
+        raise spacing_error(stack, [slices[i] for i in volumes[0]])
+    slot = {position: z for z, position in enumerate(stack.order)}  # index in volume -> sorted slice
+    place = {ref: (slot[pos], t) for t, volume in enumerate(volumes) for pos, ref in enumerate(volume)}
+    first = slices[0]
+    data = np.empty((first.columns, first.rows, len(stack.order), len(volumes)), dtype=np.float32)
+    by_file: dict[int, list[int]] = defaultdict(list)
+    for ref_index, (f_index, _) in enumerate(refs):
+        by_file[f_index].append(ref_index)
+    decoders = set()
+    for f_index, ref_indices in by_file.items():
+        item = files[f_index]
+        stored = _frames_of(item)
+        for ref_index in ref_indices:
+            frame = refs[ref_index][1]
+            z, t = place[ref_index]
+            data[:, :, z, t] = (stored[frame.index].astype(np.float64) * frame.slope + frame.intercept).T
+        decoder = decoder_for(item.header.transfer_syntax, item.header.rel)
+        if decoder is not None:
+            decoders.add(decoder_note(decoder))
+        if item.header.photometric == "MONOCHROME1":
+            problems.append(("dicom_monochrome1", (f"{series.folder}: MONOCHROME1 (inverted grey scale); stored "
+                                                   "values inverted so that higher values are brighter")))
+    problems += [("dicom_decoder", f"{series.folder}: {note}") for note in sorted(decoders)]
+    if stack.tilted or stack.irregular:
+        data, affine, notes = resample_stack(data, stack, regularise=options.irregular_slices == "resample",
+                                             name=series.folder)
+        problems += notes
+    else:
+        affine = stack.affine()
+    if len(volumes) > 1:
+        problems.append(("dicom_4d", (f"{series.folder}: {len(volumes)} volumes of {len(stack.order)} slices, "
+                                      "stored as 4D (time last) in acquisition order")))
+    array = data[..., 0] if len(volumes) == 1 else data
     if not np.all(np.isfinite(array)):
         raise IngestError(f"{series.folder}: rescaled values overflow float32", code="dicom_bad_rescale")
     unique = list(dict.fromkeys(problems))
-    return Volume(array=array, affine=affine, meta={"modality": series.modality, "problems": unique})
+    return Volume(array=array, affine=affine, meta={"modality": series.modality, "problems": unique,
+                                                     "volumes": len(volumes)})
+
+
+def storage_dtype(array: np.ndarray) -> type:
+    """int16 when every value is a whole number in its range (lossless, half the bytes), else float32."""
+    if array.size and array.min() >= -32768 and array.max() <= 32767 and np.array_equal(np.trunc(array), array):
+        return np.int16
+    return np.float32

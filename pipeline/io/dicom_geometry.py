@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,6 +15,7 @@ _ORTHO_TOL = 1e-4  # |row . col| accepted (matches the NIfTI shear limit downstr
 _SAME_TOL = 1e-4  # orientation / pixel spacing equality across slices
 _POS_ABS_TOL_MM = 1e-2  # slice position residual accepted, plus a fraction of the step
 _POS_REL_TOL = 1e-2
+_SAME_POSITION_MM = 1e-2  # frames closer than this along the normal share a position (4D)
 
 
 @dataclass(frozen=True)
@@ -66,19 +67,22 @@ def _check_consistent(slices: Sequence[SliceGeometry]) -> None:
             raise GeometryError(f"{s.name}: {s.rows}x{s.columns} pixels where {first.name} has "
                                 f"{first.rows}x{first.columns}; a series must have one slice size",
                                 code="dicom_inconsistent_shape")
-        if not np.allclose(s.orientation, first.orientation, atol=_SAME_TOL):  # type: ignore[arg-type]
-            raise GeometryError(f"{s.name}: ImageOrientationPatient differs from {first.name}; slices of one "
-                                "volume must share one orientation (a localizer or a tilted stack?)",
-                                code="dicom_inconsistent_orientation")
-        if not np.allclose(s.pixel_spacing, first.pixel_spacing, atol=_SAME_TOL):  # type: ignore[arg-type]
-            raise GeometryError(f"{s.name}: PixelSpacing {list(s.pixel_spacing or ())} differs from "
-                                f"{first.name} ({list(first.pixel_spacing or ())})",
-                                code="dicom_inconsistent_spacing")
-    spacing = np.asarray(first.pixel_spacing, dtype=np.float64)
-    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise GeometryError(f"{first.name}: PixelSpacing must be positive, got {spacing.tolist()}",
+    orientations = np.asarray([s.orientation for s in slices], dtype=np.float64)
+    bad = np.flatnonzero(np.abs(orientations - orientations[0]).max(axis=1) > _SAME_TOL)
+    if bad.size:
+        raise GeometryError(f"{slices[bad[0]].name}: ImageOrientationPatient differs from {first.name}; slices of "
+                            "one volume must share one orientation (a localizer or a tilted stack?)",
+                            code="dicom_inconsistent_orientation")
+    spacings = np.asarray([s.pixel_spacing for s in slices], dtype=np.float64)
+    bad = np.flatnonzero(np.abs(spacings - spacings[0]).max(axis=1) > _SAME_TOL)
+    if bad.size:
+        other = slices[bad[0]]
+        raise GeometryError(f"{other.name}: PixelSpacing {list(other.pixel_spacing or ())} differs from "
+                            f"{first.name} ({list(first.pixel_spacing or ())})", code="dicom_inconsistent_spacing")
+    if not np.all(np.isfinite(spacings[0])) or np.any(spacings[0] <= 0):
+        raise GeometryError(f"{first.name}: PixelSpacing must be positive, got {spacings[0].tolist()}",
                             code="dicom_bad_spacing")
-    if not all(np.all(np.isfinite(s.position)) for s in slices):  # type: ignore[arg-type]
+    if not np.all(np.isfinite(np.asarray([s.position for s in slices], dtype=np.float64))):
         raise GeometryError(f"{first.name}: ImagePositionPatient holds non-finite values",
                             code="dicom_missing_geometry")
 
@@ -91,12 +95,44 @@ def _single_slice_step(s: SliceGeometry) -> float:
     return float(step)
 
 
-def series_affine(slices: Sequence[SliceGeometry]) -> tuple[list[int], np.ndarray]:
-    """Order slices along the slice normal and return (order, RAS affine).
+@dataclass(frozen=True)
+class StackGeometry:
+    """One volume's slices sorted along the slice normal, with what makes the stack irregular."""
 
-    Voxel (i, j, k) is column i, row j of the k-th slice in that order (k increases along
-    row x column). Refuses duplicate positions, non-uniform spacing and gantry tilt, so the
-    affine is always orthogonal and exact.
+    order: list[int]  # input slice indices, sorted along row x column
+    along: np.ndarray  # sorted positions along the normal, relative to the first slice (mm)
+    offsets: np.ndarray  # (n, 3) in-plane offsets of each sorted slice's origin from the first (LPS mm)
+    row: np.ndarray
+    col: np.ndarray
+    normal: np.ndarray
+    row_spacing: float  # PixelSpacing[0]: distance between rows
+    col_spacing: float  # PixelSpacing[1]: distance between columns
+    origin: np.ndarray  # LPS position of the first sorted slice
+    step: float  # mean distance between slices (or the single-slice thickness)
+    tilted: bool = False  # origins drift within the image plane (gantry tilt, sheared stack)
+    irregular: bool = False  # gaps differ (missing slice, variable spacing)
+    gaps: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def affine(self, step: float | None = None, origin: np.ndarray | None = None) -> np.ndarray:
+        """RAS affine of an orthogonal grid on these axes (voxel i: column, j: row, k: along the normal)."""
+        lps = np.eye(4)
+        lps[:3, 0] = self.row * self.col_spacing  # i runs along a row: next column, PixelSpacing[1] apart
+        lps[:3, 1] = self.col * self.row_spacing  # j runs down a column: next row, PixelSpacing[0] apart
+        lps[:3, 2] = self.normal * (self.step if step is None else step)
+        lps[:3, 3] = self.origin if origin is None else origin
+        return LPS_TO_RAS @ lps
+
+    def tilt_degrees(self) -> float:
+        if len(self.order) < 2 or self.along[-1] <= 0:
+            return 0.0
+        return float(np.degrees(np.arctan2(np.linalg.norm(self.offsets[-1]), self.along[-1])))
+
+
+def analyse_stack(slices: Sequence[SliceGeometry]) -> StackGeometry:
+    """Sort one volume's slices along the normal and measure tilt and spacing irregularity.
+
+    Refuses inconsistent slices and two slices at one position; tilt and irregular gaps are
+    reported in the result for the caller's policy (refuse or resample).
     """
     if not slices:
         raise GeometryError("empty series", code="dicom_missing_geometry")
@@ -108,37 +144,93 @@ def series_affine(slices: Sequence[SliceGeometry]) -> tuple[list[int], np.ndarra
     along = positions @ normal
     order = [int(i) for i in np.argsort(along, kind="stable")]
     positions, along = positions[order], along[order]
-    n = len(slices)
-    if n == 1:
-        step = _single_slice_step(first)
-    else:
-        gaps = np.diff(along)
-        tol = _POS_ABS_TOL_MM + _POS_REL_TOL * float(np.abs(gaps).max())
-        dup = np.flatnonzero(gaps <= _POS_ABS_TOL_MM)
-        if dup.size:
-            a, b = slices[order[dup[0]]].name, slices[order[dup[0] + 1]].name
-            raise GeometryError(f"{a} and {b} lie at the same position ({along[dup[0]]:.3f} mm along the normal); "
-                                "the series holds several volumes (echoes, phases or repeats) or duplicates",
-                                code="dicom_duplicate_position")
-        step = float((along[-1] - along[0]) / (n - 1))
-        expected = positions[0] + np.outer(np.arange(n) * step, normal)
-        residual = np.linalg.norm(positions - expected, axis=1)
-        worst = int(np.argmax(residual))
-        if residual[worst] > tol:
-            in_plane = positions[worst] - positions[0] - ((positions[worst] - positions[0]) @ normal) * normal
-            if np.linalg.norm(in_plane) > tol:
-                raise GeometryError(f"{slices[order[worst]].name}: slice positions drift within the image plane "
-                                    f"({np.linalg.norm(in_plane):.3f} mm): gantry tilt or a sheared stack, "
-                                    "which needs resampling; refusing to write a sheared affine",
-                                    code="dicom_gantry_tilt")
-            raise GeometryError(f"{slices[order[worst]].name}: non-uniform slice spacing (gaps from "
-                                f"{gaps.min():.3f} to {gaps.max():.3f} mm, mean {step:.3f} mm): a missing slice or "
-                                "a variable-spacing series; refusing to save it with one spacing",
-                                code="dicom_nonuniform_spacing")
     row_spacing, col_spacing = (float(v) for v in first.pixel_spacing)  # type: ignore[union-attr]
-    lps = np.eye(4)
-    lps[:3, 0] = row * col_spacing  # i runs along a row: next column, PixelSpacing[1] apart
-    lps[:3, 1] = col * row_spacing  # j runs down a column: next row, PixelSpacing[0] apart
-    lps[:3, 2] = normal * step
-    lps[:3, 3] = positions[0]
-    return order, LPS_TO_RAS @ lps
+    rel = positions - positions[0]
+    along_rel = along - along[0]
+    offsets = rel - np.outer(along_rel, normal)
+    common = {"order": order, "along": along_rel, "offsets": offsets, "row": row, "col": col, "normal": normal,
+              "row_spacing": row_spacing, "col_spacing": col_spacing, "origin": positions[0]}
+    if len(slices) == 1:
+        return StackGeometry(**common, step=_single_slice_step(first))
+    gaps = np.diff(along)
+    dup = np.flatnonzero(gaps <= _POS_ABS_TOL_MM)
+    if dup.size:
+        a, b = slices[order[dup[0]]].name, slices[order[dup[0] + 1]].name
+        raise GeometryError(f"{a} and {b} lie at the same position ({along[dup[0]]:.3f} mm along the normal); "
+                            "the series holds several volumes (echoes, phases or repeats) or duplicates",
+                            code="dicom_duplicate_position")
+    step = float(along_rel[-1] / (len(slices) - 1))
+    tol = _POS_ABS_TOL_MM + _POS_REL_TOL * float(gaps.max())
+    tilted = bool(np.linalg.norm(offsets, axis=1).max() > tol)
+    irregular = bool(np.abs(along_rel - step * np.arange(len(slices))).max() > tol)
+    return StackGeometry(**common, step=step, tilted=tilted, irregular=irregular, gaps=gaps)
+
+
+def tilt_error(stack: StackGeometry, slices: Sequence[SliceGeometry]) -> GeometryError:
+    worst = int(np.argmax(np.linalg.norm(stack.offsets, axis=1)))
+    return GeometryError(f"{slices[stack.order[worst]].name}: slice positions drift within the image plane "
+                         f"({np.linalg.norm(stack.offsets[worst]):.3f} mm, {stack.tilt_degrees():.2f} degrees): "
+                         "gantry tilt or a sheared stack; refusing to write a sheared affine (set "
+                         "ingest.gantry_tilt=resample to resample it onto an orthogonal grid)",
+                         code="dicom_gantry_tilt")
+
+
+def spacing_error(stack: StackGeometry, slices: Sequence[SliceGeometry]) -> GeometryError:
+    expected = stack.step * np.arange(len(stack.order))
+    worst = int(np.argmax(np.abs(stack.along - expected)))
+    return GeometryError(f"{slices[stack.order[worst]].name}: non-uniform slice spacing (gaps from "
+                         f"{stack.gaps.min():.3f} to {stack.gaps.max():.3f} mm, mean {stack.step:.3f} mm): a missing "
+                         "slice or a variable-spacing series; refusing to save it with one spacing (set "
+                         "ingest.irregular_slices=resample to interpolate onto a regular grid)",
+                         code="dicom_nonuniform_spacing")
+
+
+def series_affine(slices: Sequence[SliceGeometry]) -> tuple[list[int], np.ndarray]:
+    """Order slices along the slice normal and return (order, RAS affine).
+
+    Voxel (i, j, k) is column i, row j of the k-th slice in that order (k increases along
+    row x column). Refuses duplicate positions, non-uniform spacing and gantry tilt, so the
+    affine is always orthogonal and exact.
+    """
+    stack = analyse_stack(slices)
+    if stack.tilted:
+        raise tilt_error(stack, slices)
+    if stack.irregular:
+        raise spacing_error(stack, slices)
+    return stack.order, stack.affine()
+
+
+def group_volumes(slices: Sequence[SliceGeometry], order_keys: Sequence[tuple]) -> list[list[int]]:
+    """Split the frames of a series into volumes: ``result[t]`` holds one frame per position.
+
+    Frames sharing a position are ordered by ``order_keys`` (temporal index, acquisition,
+    instance): the t-th frame at every position belongs to volume t. Every position must hold
+    the same number of frames.
+    """
+    _check_consistent(slices)
+    first = slices[0]
+    row, col = direction_cosines(first.orientation, name=first.name)  # type: ignore[arg-type]
+    normal = np.cross(row, col)
+    positions = np.asarray([s.position for s in slices], dtype=np.float64)
+    along = positions @ normal
+    by_position = sorted(range(len(slices)), key=lambda i: (float(along[i]), order_keys[i], i))
+    clusters: list[list[int]] = []
+    for i in by_position:
+        if clusters and along[i] - along[clusters[-1][0]] <= _SAME_POSITION_MM and np.linalg.norm(
+                positions[i] - positions[clusters[-1][0]]) <= 5 * _SAME_POSITION_MM:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    counts = sorted({len(c) for c in clusters})
+    if len(counts) > 1:
+        odd = next(c for c in clusters if len(c) != max(len(x) for x in clusters))
+        code = "dicom_duplicate_position" if counts[0] == 1 and len(counts) == 2 and counts[1] == 2 else \
+            "dicom_incomplete_volumes"
+        names = [slices[i].name for i in next(c for c in clusters if len(c) == counts[-1])[:2]]
+        raise GeometryError(f"{' and '.join(names)} lie at the same position while {slices[odd[0]].name}'s "
+                            f"position holds {len(odd)} frame(s): {len(clusters)} positions hold "
+                            f"{counts} frames; duplicate slices or an incomplete set of volumes",
+                            code=code)
+    for cluster in clusters:
+        cluster.sort(key=lambda i: (order_keys[i], i))
+    return [[cluster[t] for cluster in clusters] for t in range(counts[0])]

@@ -15,7 +15,15 @@ from pipeline.batch import run_batch
 from pipeline.config import PipelineConfig
 from pipeline.errors import GeometryError, IngestError, PipelineError
 from pipeline.fileio import read_json, sha256_bytes, sha256_file
-from pipeline.io.dicom import DicomSeries, decode_series, discover_series, read_series_bytes, skip_reason
+from pipeline.io.dicom import (
+    DicomOptions,
+    DicomSeries,
+    decode_series,
+    discover_series,
+    read_series_bytes,
+    skip_reason,
+    storage_dtype,
+)
 from pipeline.io.nifti import is_nifti, load_nifti, save_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import Manifest, Problem, Study, load_manifest, pseudonym, save_manifest
@@ -41,6 +49,7 @@ class IngestTask:
     allowed_labels: tuple[int, ...] | None = None
     modality: str | None = None
     series: DicomSeries | None = None
+    dicom_options: DicomOptions | None = None
     previous: Study | None = None
     problems: tuple[tuple[str, str], ...] = ()
     error: tuple[str, str] | None = None  # decided at discovery: (code, message)
@@ -140,8 +149,9 @@ def _msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list
     return specs, consumed, {"dataset": meta.get("name"), "labels": labels}
 
 
-def discover(root: Path, files: list[Path], *, out_dir: Path, key: str,
-             previous: dict[str, Study]) -> tuple[list[IngestTask], dict[str, Any]]:
+def discover(root: Path, files: list[Path], *, out_dir: Path, key: str, previous: dict[str, Study],
+             dicom_options: DicomOptions | None = None,
+             split_4d: bool = False) -> tuple[list[IngestTask], dict[str, Any]]:
     """All tasks under ``root`` and the manifest header (dataset name, labels, ignored file count)."""
     base: dict[str, Any] = {"out_dir": str(out_dir)}
     specs: list[dict[str, Any]] = []
@@ -156,10 +166,11 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, key: str,
         if is_nifti(path):
             rel = path.relative_to(root).as_posix()
             specs.append({**base, "format": "nifti", "source": rel, "id_key": rel, "image_path": str(path)})
-    scan = discover_series([p for p in others if not is_nifti(p)], root=root)
+    scan = discover_series([p for p in others if not is_nifti(p)], root=root, split_4d=split_4d)
     for series in scan.series:
         specs.append({**base, "format": "dicom", "source": series.folder, "id_key": series.key, "series": series,
-                      "modality": series.modality, "skip": skip_reason(series)})
+                      "modality": series.modality, "skip": skip_reason(series),
+                      "dicom_options": dicom_options or DicomOptions()})
     tasks = []
     for spec in specs:
         study_id = pseudonym(spec.pop("id_key"), key=key)
@@ -254,11 +265,14 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
     """Convert one study (or reuse its unchanged outputs): (manifest entry, reused)."""
     if task.series is not None:
         digest, blobs = read_series_bytes(task.series)
-        inputs = {"input": digest}
+        options = task.dicom_options or DicomOptions()
+        inputs = {"input": digest, "options": sha256_bytes(repr(options).encode())}
         if _reusable(task, inputs):
             return task.previous, True  # type: ignore[return-value]
-        volume = decode_series(task.series, blobs)
-        return _write(task, volume, np.float32, None, inputs, [*task.problems, *volume.meta["problems"]]), False
+        volume = decode_series(task.series, blobs, options=options)
+        del blobs
+        return _write(task, volume, storage_dtype(volume.array), None, inputs,
+                      [*task.problems, *volume.meta["problems"]]), False
     inputs = {"input": sha256_file(task.image_path)}  # type: ignore[arg-type]
     if task.label_path:
         inputs["label_input"] = sha256_bytes(f"{sha256_file(task.label_path)}|{task.allowed_labels}".encode())
@@ -321,7 +335,10 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
 
     def work(record: StageRecord) -> list[Path]:
         previous = _previous_studies(out)
-        tasks, header = discover(scan_dir, files, out_dir=out, key=config.ingest.pseudonym_key, previous=previous)
+        options = DicomOptions(gantry_tilt=config.ingest.gantry_tilt,
+                               irregular_slices=config.ingest.irregular_slices)
+        tasks, header = discover(scan_dir, files, out_dir=out, key=config.ingest.pseudonym_key, previous=previous,
+                                 dicom_options=options, split_4d=config.ingest.split_4d)
         if not tasks:
             raise IngestError(f"scan folder {scan_dir} holds {len(files)} files but no NIfTI image or DICOM image "
                               "series", code="no_studies")

@@ -12,7 +12,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit
 
 from pipeline.errors import GeometryError, PipelineError
-from pipeline.io.dicom import DicomSeries, decode_series, discover_series, read_series_bytes
+from pipeline.io.dicom import DicomSeries, decode_series, discover_series, read_series_bytes, skip_reason
 from pipeline.io.dicom_geometry import SliceGeometry, series_affine
 from tests.fixtures.dicom_writer import oblique_cosines, write_junk, write_series
 
@@ -145,15 +145,13 @@ def test_bits_above_bits_stored_are_ignored(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "code"),
     [(lambda ds: setattr(ds, "RescaleSlope", "0"), "dicom_bad_rescale"),
-     (lambda ds: setattr(ds, "NumberOfFrames", 2), "unsupported_dicom"),
-     (lambda ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]), "unsupported_dicom"),
+     (lambda ds: setattr(ds, "NumberOfFrames", 2), "unsupported_dicom"),  # frames without positions
      (lambda ds: (setattr(ds.file_meta, "TransferSyntaxUID", JPEGBaseline8Bit),
-                 setattr(ds, "PixelData", encapsulate([b"\xff\xd8not-a-jpeg\xff\xd9"]))), "unsupported_dicom"),
+                 setattr(ds, "PixelData", encapsulate([b"\xff\xd8not-a-jpeg\xff\xd9"]))), "dicom_pixel_error"),
      (lambda ds: setattr(ds, "PixelData", ds.PixelData[:-10]), "dicom_pixel_length"),
      (lambda ds: delattr(ds, "ImagePositionPatient"), "dicom_missing_geometry"),
-     (lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 0, 1]), "dicom_inconsistent_orientation"),
-     (lambda ds: setattr(ds, "Rows", 4), "dicom_inconsistent_shape")],
-)
+     (lambda ds: setattr(ds, "PixelSpacing", [0.8, 0.7]), "dicom_inconsistent_spacing")],
+)  # a different orientation, size or image type splits the series instead (tests/unit/test_dicom_split.py)
 def test_bad_slice_fails_the_series_with_a_code_naming_the_file(tmp_path: Path, change, code: str) -> None:
     written = write_series(tmp_path / "s", _stored(8))
     _edit(written.files[1], change)
@@ -229,8 +227,10 @@ def test_single_slice_uses_slice_thickness_or_refuses() -> None:
     np.testing.assert_allclose(affine[:3, 2], [0, 0, 3.0])
 
 
-def test_non_image_objects_are_not_series(tmp_path: Path) -> None:
+def test_image_files_without_pixel_data_are_set_apart_and_skipped(tmp_path: Path) -> None:
     written = write_series(tmp_path / "s", _stored(9))
     _edit(written.files[0], lambda ds: delattr(ds, "PixelData"))
-    (series,) = _scan(tmp_path)
-    assert len(series.headers) == 3
+    images, objects = sorted(_scan(tmp_path), key=lambda s: s.part)
+    assert len(images.headers) == 3 and skip_reason(images) is None
+    assert [h.rel for h in objects.headers] == ["s/IM0001.dcm"] and objects.key != images.key
+    assert skip_reason(objects)[0] == "dicom_no_pixel_data"

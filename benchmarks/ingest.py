@@ -1,0 +1,145 @@
+"""Benchmark: `medpipe ingest` against dcm2niix on the same DICOM folders (median wall times, peak memory).
+
+    .venv/bin/python benchmarks/ingest.py                      # ../shared/data/dicom_qa/dcm_qa_nih/In
+    .venv/bin/python benchmarks/ingest.py FOLDER ... --repeats 7 --workers 2
+
+Each repetition runs, interleaved so that they share the machine's load: dcm2niix writing
+uncompressed .nii (``-z n``, its default), dcm2niix writing .nii.gz (``-z y``, like medpipe,
+which always writes .nii.gz) and ``medpipe ingest --workers N`` into a fresh output folder (no
+reuse). Every command runs under a small wrapper that times only the command and reads the
+peak resident memory of its largest process (``RUSAGE_CHILDREN``: medpipe's main process or
+one of its workers). The memory check ingests the folder's largest study alone and the whole
+folder: equal peaks mean memory is bounded by one study, not by the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT = REPO.parent / "shared" / "data" / "dicom_qa" / "dcm_qa_nih" / "In"
+_WRAPPER = (
+    "import json, resource, subprocess, sys, time\n"
+    "start = time.perf_counter()\n"
+    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode\n"
+    "wall = time.perf_counter() - start\n"
+    "print(json.dumps({'rc': rc, 'wall': wall, 'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
+)
+
+
+def _measure(command: list[str]) -> dict:
+    """Run ``command`` under the wrapper: {'rc', 'wall' (s), 'rss_kb' (largest process peak)}."""
+    done = subprocess.run([sys.executable, "-c", _WRAPPER, *command], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["rc"] not in (0, 3):  # 3: partial (some studies failed), still a full run
+        raise SystemExit(f"command failed with exit status {result['rc']}: {' '.join(command)}")
+    return result
+
+
+def _medpipe() -> list[str]:
+    script = Path(sys.executable).parent / "medpipe"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "pipeline"]
+
+
+def _dcm2niix(explicit: str | None) -> str:
+    found = explicit or (str(Path(sys.executable).parent / "dcm2niix") if (Path(sys.executable).parent /
+                                                                            "dcm2niix").is_file() else None)
+    found = found or shutil.which("dcm2niix")
+    if not found:
+        raise SystemExit("dcm2niix not found: pip install dcm2niix (or apt-get install dcm2niix), or pass --dcm2niix")
+    return found
+
+
+def _largest_study(folder: Path) -> Path:
+    """The sub-folder holding the most bytes directly (a proxy for the largest series)."""
+    sizes: dict[Path, int] = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            sizes[path.parent] = sizes.get(path.parent, 0) + path.stat().st_size
+    return max(sizes, key=lambda p: (sizes[p], str(p)))
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def bench_folder(folder: Path, *, repeats: int, workers: int, dcm2niix: str, scratch: Path) -> dict:
+    runs: dict[str, list[dict]] = {"dcm2niix -z n": [], "dcm2niix -z y": [], "medpipe": []}
+    for r in range(repeats):
+        for name, compress in (("dcm2niix -z n", "n"), ("dcm2niix -z y", "y")):
+            out = scratch / f"d2n_{compress}_{r}"
+            out.mkdir()
+            runs[name].append(_measure([dcm2niix, "-z", compress, "-o", str(out), str(folder)]))
+        out = scratch / f"medpipe_{r}"
+        runs["medpipe"].append(_measure([*_medpipe(), "ingest", str(folder), "--out", str(out),
+                                         "--workers", str(workers)]))
+    imports = [_measure([sys.executable, "-c", "import pipeline.cli, pipeline.stages.ingest"])["wall"]
+               for _ in range(repeats)]
+    medians = {name: statistics.median(x["wall"] for x in results) for name, results in runs.items()}
+    return {
+        "folder": str(folder), "bytes": _folder_bytes(folder), "repeats": repeats, "workers": workers,
+        "median_s": medians, "import_floor_s": statistics.median(imports),
+        "ratio_vs_gz": medians["medpipe"] / medians["dcm2niix -z y"],
+        "ratio_vs_nii": medians["medpipe"] / medians["dcm2niix -z n"],
+        "medpipe_peak_rss_mb": max(x["rss_kb"] for x in runs["medpipe"]) / 1024,
+        "dcm2niix_peak_rss_mb": max(x["rss_kb"] for x in runs["dcm2niix -z y"]) / 1024,
+    }
+
+
+def memory_check(folder: Path, *, workers: int, scratch: Path) -> dict:
+    one = _largest_study(folder)
+    alone = _measure([*_medpipe(), "ingest", str(one), "--out", str(scratch / "mem_one"), "--workers", str(workers)])
+    whole = _measure([*_medpipe(), "ingest", str(folder), "--out", str(scratch / "mem_all"), "--workers",
+                      str(workers)])
+    return {"largest_study": str(one.relative_to(folder)), "study_bytes": _folder_bytes(one),
+            "folder_bytes": _folder_bytes(folder), "peak_rss_study_mb": alone["rss_kb"] / 1024,
+            "peak_rss_folder_mb": whole["rss_kb"] / 1024}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="*", type=Path, default=[DEFAULT])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dcm2niix", help="path of the dcm2niix binary (default: next to python, then PATH)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = parser.parse_args(argv)
+    exe = _dcm2niix(args.dcm2niix)
+    version = subprocess.run([exe, "-v"], capture_output=True, text=True, check=False).stdout.strip().splitlines()
+    print(f"dcm2niix: {exe} ({version[-1] if version else '?'}); medpipe: {' '.join(_medpipe())}; "
+          f"cpus: {os.cpu_count()}")
+    results = []
+    for folder in args.folders:
+        with tempfile.TemporaryDirectory(prefix="medpipe_bench_") as tmp:
+            result = bench_folder(folder, repeats=args.repeats, workers=args.workers, dcm2niix=exe,
+                                  scratch=Path(tmp))
+            result["memory"] = memory_check(folder, workers=args.workers, scratch=Path(tmp))
+        results.append(result)
+        m, mem = result["median_s"], result["memory"]
+        print(f"\n{folder} ({result['bytes'] / 1e6:.1f} MB, {args.repeats} repetitions, medians)")
+        print(f"  dcm2niix -z n (.nii)     {m['dcm2niix -z n']:.3f} s")
+        print(f"  dcm2niix -z y (.nii.gz)  {m['dcm2niix -z y']:.3f} s   peak RSS "
+              f"{result['dcm2niix_peak_rss_mb']:.0f} MB")
+        print(f"  medpipe ingest -w {args.workers}     {m['medpipe']:.3f} s   peak RSS "
+              f"{result['medpipe_peak_rss_mb']:.0f} MB (largest process)")
+        print(f"  python + imports alone   {result['import_floor_s']:.3f} s")
+        print(f"  ratio medpipe / dcm2niix: {result['ratio_vs_gz']:.2f}x (both .nii.gz), "
+              f"{result['ratio_vs_nii']:.2f}x (dcm2niix .nii)")
+        print(f"  memory: largest study {mem['largest_study']} ({mem['study_bytes'] / 1e6:.1f} MB) alone "
+              f"{mem['peak_rss_study_mb']:.0f} MB, whole folder ({mem['folder_bytes'] / 1e6:.1f} MB) "
+              f"{mem['peak_rss_folder_mb']:.0f} MB")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

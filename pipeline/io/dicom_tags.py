@@ -1,0 +1,297 @@
+"""Reading DICOM element values: a fast little-endian header walker, and one accessor over it and pydicom."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+# Tags are ints: (group << 16) | element.
+PIXEL_DATA = 0x7FE00010
+FLOAT_PIXEL_DATA = (0x7FE00008, 0x7FE00009)
+TRANSFER_SYNTAX = 0x00020010
+PER_FRAME_GROUPS = 0x52009230
+SHARED_GROUPS = 0x52009229
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+_FAST_SYNTAXES = {EXPLICIT_LE, IMPLICIT_LE}  # plus every encapsulated syntax (explicit VR LE headers)
+_NATIVE_OTHER = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated: pydicom parses these
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_ALL_VRS = _LONG_VRS | frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
+                                   b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+_BINARY_INT = {b"US": "<H", b"UL": "<I", b"SS": "<h", b"SL": "<i"}
+_BINARY_FLOAT = {b"FL": "<f", b"FD": "<d"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_MAX_DEPTH = 16
+
+# VRs of the tags ingest reads, for implicit VR files (the walker only ever interprets these).
+VR_OF: dict[int, bytes] = {
+    0x00080008: b"CS", 0x00080016: b"UI", 0x00080018: b"UI", 0x00080060: b"CS", 0x00180050: b"DS",
+    0x00180086: b"IS", 0x00180088: b"DS", 0x00181120: b"DS", 0x0020000E: b"UI", 0x00200012: b"IS",
+    0x00200013: b"IS", 0x00200032: b"DS", 0x00200037: b"DS", 0x00200100: b"IS", 0x00280002: b"US",
+    0x00280004: b"CS", 0x00280008: b"IS", 0x00280010: b"US", 0x00280011: b"US", 0x00280030: b"DS",
+    0x00280100: b"US", 0x00280101: b"US", 0x00280102: b"US", 0x00280103: b"US", 0x00281052: b"DS",
+    0x00281053: b"DS", 0x00280301: b"CS", 0x00190010: b"LO", 0x0019100A: b"US", 0x00290010: b"LO",
+    0x00291010: b"OB", 0x00020010: b"UI", 0x00020002: b"UI", 0x00020003: b"UI", 0x00200052: b"UI",
+    0x00200011: b"IS",
+}
+WANTED = frozenset(VR_OF) | {0x00283000}  # plus Modality LUT Sequence (presence only)
+_META_KEPT = (0x00020002, 0x00020003)  # media storage SOP class / instance: fallbacks for empty UIDs
+
+
+class FastParseError(Exception):
+    """The fast walker cannot read this file with certainty; the caller falls back to pydicom."""
+
+
+class NeedMoreData(FastParseError):
+    """The buffer ended before the pixel data; read the whole file and try again."""
+
+
+@dataclass
+class RawHeader:
+    """What the walker found: wanted top-level values, sequences present, where the pixel data lies."""
+
+    transfer_syntax: str | None
+    has_meta: bool
+    implicit: bool
+    values: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # tag -> (VR, value bytes)
+    sequences: set[int] = field(default_factory=set)
+    pixel_offset: int | None = None
+    pixel_length: int | None = None  # None: encapsulated (undefined length)
+    pixel_available: int = 0  # bytes of the pixel value present in the buffer walked
+    float_pixels: bool = False
+
+
+def _skip_undefined(data: bytes, pos: int, *, implicit: bool, depth: int) -> int:
+    """Skip an undefined-length sequence starting at ``pos``; return the position after its delimiter."""
+    if depth > _MAX_DEPTH:
+        raise FastParseError("sequences nested too deep")
+    size = len(data)
+    unpack = struct.unpack_from
+    while True:
+        if pos + 8 > size:
+            raise NeedMoreData
+        group, elem, length = unpack("<HHI", data, pos)
+        tag = group << 16 | elem
+        pos += 8
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise FastParseError(f"expected an item tag, found {tag:08X}")
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        pos = _walk(data, pos, implicit=implicit, depth=depth + 1, raw=None)
+
+
+_EXPLICIT_HEADER = struct.Struct("<HH2sH").unpack_from
+_IMPLICIT_HEADER = struct.Struct("<HHI").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+_TOP_SEQUENCES = frozenset({PER_FRAME_GROUPS, SHARED_GROUPS, 0x00283000})
+
+
+def _walk(data: bytes, pos: int, *, implicit: bool, depth: int, raw: RawHeader | None) -> int:
+    """Walk elements from ``pos``; top level (``raw`` given) records values and stops at pixel data.
+
+    Nested (``raw`` None) it returns after the item delimitation item. This loop is the
+    discovery hot spot (hundreds of elements per file), hence the local names.
+    """
+    size = len(data)
+    last = size - 8
+    long_vrs, all_vrs, vr_of = _LONG_VRS, _ALL_VRS, VR_OF
+    explicit_header, implicit_header, u32 = _EXPLICIT_HEADER, _IMPLICIT_HEADER, _U32
+    wanted = WANTED if raw is not None else frozenset()
+    while pos < size:
+        if pos > last:
+            raise NeedMoreData
+        if implicit:
+            group, elem, length = implicit_header(data, pos)
+            tag = group << 16 | elem
+            vr = vr_of.get(tag, b"")
+            pos += 8
+        else:
+            group, elem, vr, length = explicit_header(data, pos)
+            tag = group << 16 | elem
+            if vr in long_vrs:
+                if pos + 12 > size:
+                    raise NeedMoreData
+                length = u32(data, pos + 8)[0]
+                pos += 12
+            elif vr in all_vrs:
+                pos += 8
+            elif group == 0xFFFE:
+                length = u32(data, pos + 4)[0]
+                pos += 8
+            else:
+                raise FastParseError(f"invalid VR bytes at element {tag:08X}")
+        if group == 0xFFFE:
+            if raw is None and tag == _ITEM_END:
+                return pos
+            raise FastParseError(f"unexpected delimiter {tag:08X}")
+        if group == 0x7FE0 and raw is not None and tag in (PIXEL_DATA, *FLOAT_PIXEL_DATA):
+            raw.pixel_offset = pos
+            raw.pixel_length = None if length == _UNDEFINED else length
+            raw.float_pixels = tag != PIXEL_DATA
+            raw.pixel_available = max(0, min(size - pos, length))
+            return pos
+        if length == _UNDEFINED:
+            if raw is not None:
+                raw.sequences.add(tag)
+            pos = _skip_undefined(data, pos, implicit=implicit or vr == b"UN", depth=depth)
+            continue
+        end = pos + length
+        if end > size:
+            raise NeedMoreData
+        if tag in wanted:
+            raw.values[tag] = (vr, data[pos:end])  # type: ignore[union-attr]
+        elif raw is not None and (vr == b"SQ" or (implicit and tag in _TOP_SEQUENCES)):
+            raw.sequences.add(tag)
+        pos = end
+    if raw is None:
+        raise NeedMoreData
+    return pos
+
+
+def _looks_explicit(data: bytes, pos: int) -> bool:
+    return data[pos + 4:pos + 6] in _ALL_VRS
+
+
+def parse_header(data: bytes) -> RawHeader:
+    """Walk a little-endian DICOM file up to its pixel data.
+
+    Raises NeedMoreData when ``data`` (a prefix of the file) ends first, and FastParseError
+    for anything this walker does not handle (big endian, deflate, malformed structure).
+    """
+    if len(data) < 12:
+        raise FastParseError("too short")
+    pos = 132 if data[128:132] == b"DICM" else 0
+    syntax: str | None = None
+    has_meta = False
+    meta_end = pos
+    meta_values: dict[int, tuple[bytes, bytes]] = {}
+    if pos + 8 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        has_meta = True
+        while meta_end + 8 <= len(data) and struct.unpack_from("<H", data, meta_end)[0] == 0x0002:
+            group, elem = struct.unpack_from("<HH", data, meta_end)
+            vr = data[meta_end + 4:meta_end + 6]
+            if vr in _LONG_VRS:
+                length = struct.unpack_from("<I", data, meta_end + 8)[0]
+                start = meta_end + 12
+            elif vr in _ALL_VRS:
+                length = struct.unpack_from("<H", data, meta_end + 6)[0]
+                start = meta_end + 8
+            else:
+                raise FastParseError("file meta is not explicit VR")
+            if length == _UNDEFINED or start + length > len(data):
+                raise FastParseError("bad file meta element")
+            if (group << 16 | elem) == TRANSFER_SYNTAX:
+                syntax = data[start:start + length].rstrip(b"\0 ").decode("ascii", "replace")
+            elif (group << 16 | elem) in _META_KEPT:
+                meta_values[group << 16 | elem] = (vr, data[start:start + length])
+            meta_end = start + length
+    elif pos == 0 and struct.unpack_from("<H", data, 0)[0] not in (0x0008, 0x0010, 0x0018, 0x0020, 0x0028):
+        raise FastParseError("does not start like a DICOM data set")
+    if syntax is None:
+        implicit = not _looks_explicit(data, meta_end)
+    elif syntax == IMPLICIT_LE:
+        implicit = True
+    elif syntax in _NATIVE_OTHER or not syntax.startswith("1.2.840.10008.1.2"):
+        raise FastParseError(f"transfer syntax {syntax} is left to pydicom")
+    else:
+        implicit = False
+    raw = RawHeader(transfer_syntax=syntax, has_meta=has_meta and syntax is not None, implicit=implicit,
+                    values=meta_values)
+    _walk(data, meta_end, implicit=implicit, depth=0, raw=raw)
+    return raw
+
+
+# ---- one accessor over both readers --------------------------------------------------------
+
+
+def _text(value: bytes) -> str:
+    return value.decode("latin-1").rstrip("\0 ").strip()
+
+
+class Tags:
+    """Typed element access over a RawHeader or a pydicom Dataset (nested items included)."""
+
+    def __init__(self, raw: RawHeader | None = None, dataset: Any = None) -> None:
+        self._raw, self._ds = raw, dataset
+
+    def has(self, tag: int) -> bool:
+        if self._raw is not None:
+            return tag in self._raw.values or tag in self._raw.sequences
+        return tag in self._ds
+
+    def _element(self, tag: int) -> tuple[bytes, Any] | None:
+        if self._raw is not None:
+            found = self._raw.values.get(tag)
+            if found is None:
+                return None
+            vr, value = found
+            if self._raw.implicit or vr == b"UN":  # UN: a known element written without its VR
+                vr = VR_OF.get(tag, vr)
+            return vr, value
+        source = self._ds
+        if tag >> 16 == 0x0002:
+            source = getattr(self._ds, "file_meta", None)
+            if source is None:
+                return None
+        elem = source.get(tag)
+        if elem is None or elem.value is None:
+            return None
+        return elem.VR.encode(), elem.value
+
+    def strings(self, tag: int) -> list[str] | None:
+        """The value split on backslashes (numbers formatted back to text)."""
+        found = self._element(tag)
+        if found is None:
+            return None
+        vr, value = found
+        if isinstance(value, bytes):
+            if vr in _BINARY_INT or vr in _BINARY_FLOAT:
+                fmt = _BINARY_INT.get(vr) or _BINARY_FLOAT[vr]
+                count = len(value) // struct.calcsize(fmt)
+                return [repr(v) for v in struct.unpack_from(f"<{count}{fmt[1]}", value)]
+            text = _text(value)
+            return [part.strip() for part in text.split("\\")] if text else []
+        if isinstance(value, str):
+            return [part.strip() for part in value.split("\\")] if value.strip() else []
+        if hasattr(value, "__iter__"):  # a pydicom MultiValue (or list) of numbers or strings
+            return [str(v).strip() for v in value]
+        return [str(value).strip()]
+
+    def text(self, tag: int) -> str | None:
+        parts = self.strings(tag)
+        return None if parts is None else "\\".join(parts)
+
+    def number(self, tag: int) -> int | None:
+        """An integer (US/UL/SS/SL or IS); None when absent or not an integer."""
+        parts = self.strings(tag)
+        if not parts:
+            return None
+        try:
+            value = float(parts[0])
+        except ValueError:
+            return None
+        return int(value) if value.is_integer() else None
+
+    def floats(self, tag: int) -> tuple[list[float] | None, str | None]:
+        """Decimal values; the second item is the raw text when it does not parse."""
+        parts = self.strings(tag)
+        if parts is None:
+            return None, None
+        try:
+            return [float(p) for p in parts], None
+        except ValueError:
+            return None, "\\".join(parts)[:64]
+
+    def raw_bytes(self, tag: int) -> bytes | None:
+        found = self._element(tag)
+        if found is None:
+            return None
+        value = found[1]
+        return value if isinstance(value, bytes) else None

@@ -1,0 +1,166 @@
+"""Real scanner DICOM against references: dcm2niix's NIfTI (dcm_qa_nih, dcm_qa_enh), NRRD masks, a CT grid."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.io.dicom_header import _pydicom_header, header_from_bytes
+from pipeline.manifest import load_manifest
+from pipeline.stages.ingest import ingest
+from tests.shared_data import shared_data
+
+# input series folder -> the dcm2niix reference made from it (Ref/<name>.nii)
+NIH_REFS = {
+    "20180918GE/mr_0004": "DCM2NIIX_regression_test_4", "20180918GE/mr_0005": "DCM2NIIX_regression_test_5",
+    "20180918GE/mr_0006": "DCM2NIIX_regression_test_6", "20180918GE/mr_0007": "DCM2NIIX_regression_test_7",
+    "20180918Si/mr_0003": "EPI_PE=AP_3", "20180918Si/mr_0004": "EPI_PE=PA_4",
+    "20180918Si/mr_0005": "EPI_PE=RL_5", "20180918Si/mr_0006": "EPI_PE=LR_6",
+}
+ENH_REFS = {"XA10": "Siemens_REST1_w_SMS_PF7-8_6"}
+
+
+def _canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    return np.asanyarray(image.dataobj), image.affine
+
+
+def _reference(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.load(str(path))
+    return _canonical(image.get_fdata(dtype=np.float64), image.affine)  # scl_slope/inter applied, if any
+
+
+def _ingested(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray, object]]:
+    result = {}
+    for study in load_manifest(out).studies:
+        assert study.status == "ok", (study.source, study.error)
+        image = nib.load(str(out / study.image))
+        result[study.source] = (*_canonical(np.asanyarray(image.dataobj), image.affine), study)
+    return result
+
+
+def _assert_matches(ours: tuple, reference: tuple, name: str) -> None:
+    (data, affine, _), (ref_data, ref_affine) = ours, reference
+    assert data.shape == ref_data.shape, name
+    np.testing.assert_allclose(affine, ref_affine, atol=1e-3, err_msg=name)
+    np.testing.assert_array_equal(data.astype(np.float64), ref_data, err_msg=name)
+
+
+def test_dcm_qa_nih_matches_dcm2niix(tmp_path: Path) -> None:
+    root = shared_data("dicom_qa", "dcm_qa_nih")
+    record = ingest(root / "In", tmp_path / "out")
+    assert record["counts"] == {"ok": 8, "failed": 0, "skipped": 0}
+    studies = _ingested(tmp_path / "out")
+    assert set(studies) == set(NIH_REFS)
+    for source, name in NIH_REFS.items():
+        _assert_matches(studies[source], _reference(root / "Ref" / f"{name}.nii"), source)
+        assert "dicom_4d" in [p.code for p in studies[source][2].problems]  # 10 (GE) or 2 (mosaic) volumes
+
+
+def test_dcm_qa_enh_siemens_matches_dcm2niix(tmp_path: Path) -> None:
+    root = shared_data("dicom_qa", "dcm_qa_enh")
+    ingest(root / "In" / "Siemens", tmp_path / "out")
+    studies = _ingested(tmp_path / "out")
+    assert set(studies) == set(ENH_REFS)
+    for source, name in ENH_REFS.items():
+        _assert_matches(studies[source], _reference(root / "Ref" / f"{name}.nii"), source)
+
+
+def _dcm2niix() -> str | None:
+    local = Path(sys.executable).parent / "dcm2niix"
+    return str(local) if local.is_file() else shutil.which("dcm2niix")
+
+
+def test_totalsegmentator_ct_lands_on_the_segmentation_grid(tmp_path: Path) -> None:
+    root = shared_data("dicom_qa", "totalsegmentator_ct")
+    ingest(root / "example_ct_dicom", tmp_path / "out")
+    ((data, affine, study),) = _ingested(tmp_path / "out").values()
+    seg = nib.load(str(root / "example_seg_dicom.nii.gz"))
+    seg_data, seg_affine = _canonical(np.asanyarray(seg.dataobj), seg.affine)
+    assert data.shape == seg_data.shape == (512, 512, 20)
+    np.testing.assert_allclose(affine, seg_affine, atol=1e-3)
+    assert {"dicom_no_series_uid", "dicom_decoder"} <= {p.code for p in study.problems}  # blank UIDs, JPEG 2000
+    assert data.min() == -1024 and 1000 < data.max() < 3100  # Hounsfield units after the -1024 intercept
+    exe = _dcm2niix()
+    if exe is None:
+        pytest.skip("dcm2niix not installed: values not compared")
+    subprocess.run([exe, "-z", "n", "-f", "ct", "-o", str(tmp_path), str(root / "example_ct_dicom")], check=True,
+                   capture_output=True)
+    _assert_matches((data, affine, None), _reference(tmp_path / "ct.nii"), "example_ct_dicom")
+
+
+def _nrrd_affine(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and RAS affine from a NRRD header (space directions/origin; LPS or RAS space)."""
+    fields = {}
+    with open(path, "rb") as handle:
+        for line in handle:
+            text = line.decode("latin-1").strip()
+            if not text:
+                break
+            if ":" in text and not text.startswith("#"):
+                key, value = text.split(":", 1)
+                fields[key.strip()] = value.strip().lstrip("=").strip()
+    vectors = lambda s: [[float(v) for v in part.strip("()").split(",")] for part in s.split()]
+    directions = np.array(vectors(fields["space directions"])).T
+    origin = np.array(vectors(fields["space origin"])[0])
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = directions, origin
+    if fields["space"] in ("left-posterior-superior", "LPS"):
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    return tuple(int(v) for v in fields["sizes"].split()), affine
+
+
+def test_dcmqi_ct_3slice_matches_its_nrrd_masks(tmp_path: Path) -> None:
+    root = shared_data("dicom_qa", "dcmqi_segmentations")
+    ingest(root / "ct-3slice", tmp_path / "out")
+    ((data, affine, _),) = _ingested(tmp_path / "out").values()
+    for mask in ("liver_seg.nrrd", "spine_seg.nrrd", "heart_seg.nrrd"):
+        shape, mask_affine = _nrrd_affine(root / mask)
+        mask_data, mask_canonical = _canonical(np.zeros(shape, np.uint8), mask_affine)
+        assert data.shape == mask_data.shape, mask
+        np.testing.assert_allclose(affine, mask_canonical, atol=1e-3, err_msg=mask)
+
+
+def _real_files() -> list[Path]:
+    base = shared_data("dicom_qa")
+    files = sorted((base / "dcm_qa_nih" / "In").rglob("*.dcm"))[::15]
+    files += sorted((base / "dcm_qa_enh" / "In").rglob("*.dcm"))
+    files += sorted((base / "totalsegmentator_ct" / "example_ct_dicom").iterdir())[:3]
+    files += sorted((base / "dcmqi_segmentations").rglob("*.dcm"))
+    files += sorted(shared_data("hippocampus_dicom").rglob("*.dcm"))[::20]
+    return files
+
+
+def test_fast_header_reader_agrees_with_pydicom_on_real_files() -> None:
+    checked = 0
+    for path in _real_files():
+        data = path.read_bytes()
+        fast, raw, _ = header_from_bytes(data, path=str(path), rel=path.name)
+        slow, _ = _pydicom_header(io.BytesIO(data), path=str(path), rel=path.name, full=True)
+        if fast is None or slow is None:
+            assert fast is slow, path
+            continue
+        reset = {"pixel_offset": None, "pixel_length": None, "header_sha256": None}
+        assert dataclasses.replace(fast, **reset) == slow, path
+        checked += raw is not None
+    assert checked > 30
+
+
+def test_highdicom_objects_are_skipped_with_reasons_and_the_ct_converts(tmp_path: Path) -> None:
+    root = shared_data("dicom_qa", "highdicom_seg")
+    record = ingest(root, tmp_path / "out")
+    assert record["status"] == "complete"
+    studies = load_manifest(tmp_path / "out").studies
+    ok = [s for s in studies if s.status == "ok"]
+    assert [s.modality for s in ok] == ["CT"]
+    reasons = {s.problems[0].code for s in studies if s.status == "skipped"}
+    assert reasons == {"dicom_segmentation", "dicom_non_image", "dicom_non_volume"}
+    assert sum(1 for s in studies if s.status == "skipped" and s.problems[0].code == "dicom_segmentation") >= 10

@@ -1,0 +1,126 @@
+"""The fast header walker: same headers as pydicom, sequences skipped, prefixes, refusals, junk."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from pipeline.io.dicom_header import _pydicom_header, header_from_bytes, read_header
+from pipeline.io.dicom_tags import FastParseError, NeedMoreData, parse_header
+from tests.fixtures.dicom_kinds import write_mosaic
+from tests.fixtures.dicom_writer import oblique_cosines, write_series
+
+_FAST_ONLY = ("pixel_offset", "pixel_length", "header_sha256")
+
+
+def _without_fast_fields(header):
+    return dataclasses.replace(header, **{name: None for name in _FAST_ONLY})
+
+
+def _both(data: bytes, rel: str = "f.dcm"):
+    fast, raw, ds = header_from_bytes(data, path=rel, rel=rel)
+    slow, _ = _pydicom_header(io.BytesIO(data), path=rel, rel=rel, full=True)
+    return fast, raw, ds, slow
+
+
+def _assert_same(data: bytes) -> None:
+    fast, raw, ds, slow = _both(data)
+    assert raw is not None and ds is None, "expected the fast walker to read this file"
+    assert fast is not None and slow is not None
+    assert _without_fast_fields(fast) == slow
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "CT_small.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm",
+                                  "MR_small_jp2klossless.dcm", "priv_SQ.dcm", "nested_priv_SQ.dcm", "rtdose.dcm",
+                                  "ExplVR_LitEndNoMeta.dcm"])
+def test_fast_walker_agrees_with_pydicom_on_its_test_files(name: str) -> None:
+    data = Path(get_testdata_file(name)).read_bytes()
+    try:
+        raw = parse_header(data)
+    except FastParseError:
+        pytest.fail(f"{name}: the walker gave up")
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    if "PixelData" in ds and raw.pixel_length is not None:
+        assert data[raw.pixel_offset:raw.pixel_offset + raw.pixel_length] == ds.PixelData
+    fast, _, _, slow = _both(data)
+    assert (fast is None) == (slow is None)
+    if fast is not None:
+        assert _without_fast_fields(fast) == slow
+
+
+def _series_file(tmp_path: Path, **kwargs) -> Path:
+    row, col = oblique_cosines(17.0)
+    written = write_series(tmp_path / "s", np.arange(30, dtype=np.int16).reshape(6, 5, 1), row_cosine=row,
+                           col_cosine=col, slope=1.5, intercept=-3.0, **kwargs)
+    return written.files[0]
+
+
+def test_undefined_length_sequences_and_un_elements_are_skipped(tmp_path: Path) -> None:
+    def nested(ds: Dataset, _: int) -> None:
+        inner = Dataset()
+        inner.CodeValue, inner.CodeMeaning = "1", "ImagePositionPatient look-alike \\x20\\x00\\x32\\x00"
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = "1.2.3"
+        item.PurposeOfReferenceCodeSequence = DicomSequence([inner, inner])
+        ds.ReferencedImageSequence = DicomSequence([item, item])
+        ds.add_new(0x00091010, "UN", b"\x20\x00\x32\x00DS\x04\x001\\2\\3 " * 3)  # bytes that look like an IPP
+
+    path = _series_file(tmp_path, edit=nested)
+    ds = pydicom.dcmread(str(path))
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    ds.ReferencedImageSequence[0].is_undefined_length_sequence_item = True
+    ds.save_as(str(path), enforce_file_format=True)
+    data = path.read_bytes()
+    assert b"\xff\xff\xff\xff" in data and b"\xfe\xff\xdd\xe0" in data  # really undefined lengths
+    _assert_same(data)
+
+
+def test_implicit_vr_files_read_like_pydicom(tmp_path: Path) -> None:
+    path = _series_file(tmp_path)
+    ds = pydicom.dcmread(str(path))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(str(path), enforce_file_format=True)
+    _assert_same(path.read_bytes())
+
+
+def test_mosaic_private_tags_and_csa_are_read_by_both(tmp_path: Path) -> None:
+    files, _, _ = write_mosaic(tmp_path / "m", np.zeros((4, 3, 5, 1), np.int16))
+    fast, _, _, slow = _both(files[0].read_bytes())
+    assert fast.layout == "mosaic" and len(fast.frames) == 5
+    assert _without_fast_fields(fast) == slow
+
+
+def test_headers_beyond_the_first_read_are_completed(tmp_path: Path) -> None:
+    path = _series_file(tmp_path, edit=lambda ds, _: ds.add_new(0x00091011, "OB", b"\0" * 100_000))
+    root = tmp_path
+    with pytest.raises(NeedMoreData):
+        parse_header(path.read_bytes()[:65536])
+    header = read_header(path, root=root)
+    assert header is not None and header.pixel_offset == len(path.read_bytes()) - 60
+    assert _without_fast_fields(header) == _pydicom_header(str(path), path=str(path), rel="s/IM0001.dcm",
+                                                           full=False)[0]
+
+
+@pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "image_dfl.dcm"])
+def test_big_endian_and_deflate_are_left_to_pydicom(name: str) -> None:
+    data = Path(get_testdata_file(name)).read_bytes()
+    with pytest.raises(FastParseError):
+        parse_header(data)
+    fast, raw, ds, _ = _both(data)
+    assert raw is None and ds is not None and fast is not None
+
+
+@pytest.mark.parametrize("junk", [b"", b"hello\n", bytes(range(256)) * 20, b"\0\0\0\1Bud1" + b"\0" * 64,
+                                  b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\x7fxx"])
+def test_junk_is_refused_or_ignored(junk: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "junk"
+    path.write_bytes(junk)
+    assert read_header(path, root=tmp_path) is None
