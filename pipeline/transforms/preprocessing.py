@@ -6,7 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from monai import transforms as mt
+from monai.data import MetaTensor
+
+from pipeline.io.nifti import load_nifti
 
 
 def normalization_transform(plans: dict[str, Any], *, key: str = "image") -> list[mt.MapTransform]:
@@ -25,6 +29,30 @@ def normalization_transform(plans: dict[str, Any], *, key: str = "image") -> lis
     return []
 
 
+class LoadVolumed(mt.MapTransform):
+    """Load NIfTI paths with ``load_nifti`` (geometry-validated) into MetaTensors carrying their affine.
+
+    Used instead of ``LoadImaged`` so preprocessing refuses the same broken headers as ingest
+    (qform/sform disagreement, shear, no orientation) and never guesses a grid.
+    """
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            path = str(out[key])
+            volume = load_nifti(path)
+            affine = torch.as_tensor(volume.affine, dtype=torch.float64)
+            meta = {
+                "filename_or_obj": path,
+                "original_affine": affine.clone(),
+                "spatial_shape": np.asarray(volume.spatial_shape),
+                "original_channel_dim": "no_channel",
+                "space": "RAS",
+            }
+            out[key] = MetaTensor(torch.as_tensor(np.ascontiguousarray(volume.array)), affine=affine, meta=meta)
+        return out
+
+
 def preprocessing_transforms(
     plans: dict[str, Any],
     *,
@@ -39,10 +67,11 @@ def preprocessing_transforms(
     keys = list(keys)
     modes = ["nearest" if k == "label" else "bilinear" for k in keys]
     steps: list[mt.MapTransform] = [
-        mt.LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+        LoadVolumed(keys=keys),
         mt.EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
         mt.EnsureTyped(keys=keys, dtype=np.float32),
-        mt.Orientationd(keys=keys, axcodes=plans.get("orientation", "RAS"), labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        mt.Orientationd(keys=keys, axcodes=plans.get("orientation", "RAS"),
+                        labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     if plans.get("target_spacing"):
         steps.append(mt.Spacingd(keys=keys, pixdim=tuple(plans["target_spacing"]), mode=modes))
