@@ -1,23 +1,24 @@
-"""The one batch loop: per-study work with continue-on-error, optional worker processes, progress."""
+"""The one batch loop: per-study work with continue-on-error, isolated worker processes, progress."""
 
 from __future__ import annotations
 
 import logging
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.isolation import Isolation, Reply, run_isolated
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+__all__ = ["Isolation", "Outcome", "outcome_summary", "run_batch"]
 
 
 @dataclass
@@ -35,16 +36,41 @@ class Outcome(Generic[T, R]):
         return self.code is None
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was caused by, a MemoryError (decoders wrap them in their own errors)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MemoryError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
 def _call(fn: Callable[[T], R], item: T, key: str) -> Outcome[T, R]:
     try:
         return Outcome(item=item, key=key, result=fn(item))
     except PipelineError as exc:
-        return Outcome(item=item, key=key, code=exc.code, message=str(exc))
-    except (MemoryError, RecursionError) as exc:
-        return Outcome(item=item, key=key, code="resource_error", message=f"{type(exc).__name__}: {exc}")
+        code = "out_of_memory" if _out_of_memory(exc) else exc.code
+        return Outcome(item=item, key=key, code=code, message=str(exc))
+    except MemoryError as exc:
+        return Outcome(item=item, key=key, code="out_of_memory", message=f"ran out of memory ({exc or 'MemoryError'})")
+    except RecursionError as exc:
+        return Outcome(item=item, key=key, code="resource_error", message=f"RecursionError: {exc}")
     except Exception as exc:  # noqa: BLE001 - one study's unexpected failure must not stop the batch
         log.debug("unexpected error on %s:\n%s", key, traceback.format_exc())
         return Outcome(item=item, key=key, code="unexpected_error", message=f"{type(exc).__name__}: {exc}")
+
+
+def _from_reply(reply: Reply, item: T, key: str, limits: Isolation) -> Outcome[T, R]:
+    if reply[0] == "ok":
+        outcome: Outcome[T, R] = reply[1]
+        if outcome.code == "out_of_memory" and limits.memory_limit_mb:
+            outcome.message = (f"{outcome.message}; the worker's memory limit is {limits.memory_limit_mb} MB "
+                               f"({limits.memory_setting})")
+        return outcome
+    _, code, message = reply
+    return Outcome(item=item, key=key, code=code, message=message)
 
 
 def run_batch(
@@ -54,35 +80,43 @@ def run_batch(
     key: Callable[[T], str],
     workers: int = 1,
     desc: str = "studies",
+    isolation: Isolation | None = None,
 ) -> Iterator[Outcome[T, R]]:
     """Apply ``fn`` to every item, yielding outcomes in input order; failures never stop the batch.
 
-    With ``workers > 1`` items run in worker processes (``fn`` and items must pickle); a
-    worker that dies fails only the items it had not finished, which are then reported.
+    With ``isolation`` (or ``workers > 1``) every item runs in a worker process (``fn`` and the
+    items must pickle), under the isolation's memory and time limits: a worker that crashes,
+    hangs or runs out of memory fails only its item, with a code saying which. Without
+    either, items run in this process (``fn`` may then be a closure).
     """
-    bar = tqdm(total=len(items), desc=desc, unit="study", disable=None, leave=False)
-    try:
-        if workers <= 1 or len(items) <= 1:
-            for item in items:
-                outcome = _call(fn, item, key(item))
+    keys = [key(item) for item in items]
+    if isolation is None and workers <= 1:
+        bar = tqdm(total=len(items), desc=desc, unit="study", disable=None, leave=False)
+        try:
+            for item, item_key in zip(items, keys, strict=True):
+                outcome = _call(fn, item, item_key)
                 bar.update()
                 yield outcome
-            return
-        results: dict[int, Outcome[T, R]] = {}
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_call, fn, item, key(item)): i for i, item in enumerate(items)}
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    results[i] = future.result()
-                except BrokenProcessPool as exc:
-                    results[i] = Outcome(item=items[i], key=key(items[i]), code="worker_died",
-                                         message=f"the worker process died ({exc}); rerun to retry this study")
-                bar.update()
-        for i in range(len(items)):
-            yield results[i]
+        finally:
+            bar.close()
+        return
+    limits = isolation or Isolation()
+    jobs = [(_call, (fn, item, item_key)) for item, item_key in zip(items, keys, strict=True)]
+    results: dict[int, Outcome[T, R]] = {}
+    replies = run_isolated(jobs, workers=workers, limits=limits, preload=(getattr(fn, "__module__", ""),))
+    bar = None
+    try:
+        for index, reply in replies:
+            if bar is None:  # after the workers started: tqdm's monitor thread must not exist at fork
+                bar = tqdm(total=len(items), desc=desc, unit="study", disable=None, leave=False, initial=len(results))
+            results[index] = _from_reply(reply, items[index], keys[index], limits)
+            bar.update()
     finally:
-        bar.close()
+        replies.close()
+        if bar is not None:
+            bar.close()
+    for i in range(len(items)):
+        yield results[i]
 
 
 def outcome_summary(outcomes: Sequence[Outcome[Any, Any]]) -> str:

@@ -124,7 +124,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", type=Path, required=True)
     p.add_argument("--cases", type=int, default=None, help="number of phantom cases (default 16)")
     _common(p, config_optional=False)
+    _add_evaluation_commands(sub)
     return parser
+
+
+def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
+    """compare, export-seg, export-model, export-pdf (issue 6)."""
+    p = sub.add_parser("compare", help="paired comparison of two evaluations on the same studies",
+                       description="Pair the per_study.csv rows of EVAL_A and EVAL_B by study and class; per class "
+                       "and metric write the mean difference (B - A) with a bootstrap interval and the Wilcoxon "
+                       "signed-rank test to OUT/comparison.{json,csv,html}.")
+    p.add_argument("eval_a", type=Path, metavar="EVAL_A", help="evaluate folder of model A")
+    p.add_argument("eval_b", type=Path, metavar="EVAL_B", help="evaluate folder of model B")
+    p.add_argument("--names", nargs=2, default=("A", "B"), metavar=("NAME_A", "NAME_B"), help="names of the models")
+    p.add_argument("--out", "-o", type=Path, required=True)
+    _common(p)
+
+    p = sub.add_parser("export-seg", help="write a label NIfTI as DICOM SEG on its source DICOM series",
+                       description="LABELS must lie on the grid of the series in SERIES_DIR (the image ingested "
+                       "from it); every frame references and lies on a source slice. Patient and study "
+                       "attributes are copied from the source, as DICOM requires.")
+    p.add_argument("--dicom", type=Path, required=True, metavar="SERIES_DIR", help="folder of one source series")
+    p.add_argument("--labels", type=Path, required=True, metavar="LABELS", help="label NIfTI on the series' grid")
+    p.add_argument("--out", "-o", dest="output", type=Path, required=True, metavar="SEG", help="the .dcm to write")
+    p.add_argument("--label-names", type=Path, metavar="JSON",
+                   help="segment names: a manifest.json, model.json, predictions.json or {\"1\": \"name\"} file")
+    p.add_argument("--series-description", default="medpipe segmentation")
+    p.add_argument("--generate-missing-uids", action="store_true",
+                   help="export even when the source's Study/Series Instance UIDs are blank (generated ones)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    p = sub.add_parser("export-model", help="export a trained model to TorchScript and ONNX with a parity check",
+                       description="Write OUT/model.torchscript.pt, OUT/model.onnx and OUT/export.json; each "
+                       "export is loaded back and must give the PyTorch network's outputs.")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR", help="RUN/03_train/model (or RUN/03_train)")
+    p.add_argument("--out", "-o", type=Path, required=True)
+    p.add_argument("--formats", default="torchscript,onnx", help="comma-separated: torchscript, onnx")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    p = sub.add_parser("export-pdf", help="print a report page to PDF with headless Chromium")
+    p.add_argument("page", type=Path, metavar="PAGE", help="an index.html or studies/<id>.html")
+    p.add_argument("--out", "-o", dest="output", type=Path, required=True, metavar="PDF")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
 
 
 def _config(args: argparse.Namespace, path: Path | None = None, extra: Sequence[str] = ()) -> PipelineConfig:
@@ -229,10 +274,70 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _run_and_summarise(config, args.out / "run", force=args.force, stages=STAGES)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.stages.compare import compare
+
+    record = compare(args.eval_a, args.eval_b, args.out, names=tuple(args.names), config=_config(args),
+                     force=args.force)
+    _summarise("compare", record, args.out / "comparison.html")
+    return _exit_code(record)
+
+
+def _label_names(path: Path | None) -> dict[str, str] | None:
+    from pipeline.errors import ConfigError
+    from pipeline.fileio import read_json
+
+    if path is None:
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a readable JSON file of label names ({exc})") from None
+    if isinstance(data, dict):
+        data = data.get("labels") or (data.get("model") or {}).get("labels") or data
+    if not isinstance(data, dict) or not all(str(k).isdigit() for k in data):
+        raise ConfigError(f"{path}: expected label names as {{\"1\": \"name\", ...}} or a file with 'labels'")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _cmd_export_seg(args: argparse.Namespace) -> int:
+    from pipeline.export.dicom_seg import export_dicom_seg
+
+    result = export_dicom_seg(args.dicom, args.labels, args.output, label_names=_label_names(args.label_names),
+                              series_description=args.series_description,
+                              missing_uids="generate" if args.generate_missing_uids else "refuse")
+    segments = ", ".join(f"{n} <- label {v}" for n, v in result["segments"].items())
+    print(f"export-seg: {result['frames']} frames over {result['slices']} slices, segments {segments} -> "
+          f"{args.output}")
+    if result["source_repairs"]:
+        print(f"  source attributes filled in: {', '.join(result['source_repairs'])}")
+    return EXIT_OK
+
+
+def _cmd_export_model(args: argparse.Namespace) -> int:
+    from pipeline.export.model_export import export_model
+
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    record = export_model(args.model, args.out, formats=formats, opset=args.opset)
+    for name, info in record["files"].items():
+        worst = max(c["max_abs_diff"] for c in record["parity"]["checks"][name])
+        print(f"export-model: {name} -> {args.out / info['file']} (max |difference| {worst:.2e})")
+    return EXIT_OK
+
+
+def _cmd_export_pdf(args: argparse.Namespace) -> int:
+    from pipeline.reporting.pdf import export_pdf
+
+    print(f"export-pdf: {export_pdf(args.page, args.output)}")
+    return EXIT_OK
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ingest": _cmd_ingest, "preprocess": _cmd_preprocess, "train": _cmd_train, "infer": _cmd_infer,
     "evaluate": _cmd_evaluate, "report": _cmd_report, "run": _cmd_run, "demo": _cmd_demo,
 }
+_COMMANDS.update({"compare": _cmd_compare, "export-seg": _cmd_export_seg, "export-model": _cmd_export_model,
+                  "export-pdf": _cmd_export_pdf})
 
 
 def _log_file(args: argparse.Namespace) -> Path | None:

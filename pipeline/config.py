@@ -27,13 +27,25 @@ class DataConfig(_Section):
 class IngestConfig(_Section):
     """DICOM geometry policies: ``resample`` onto an orthogonal, regular grid (recorded as a problem)
     or ``refuse`` (the study fails with a code). ``split_4d`` writes each volume of a 4D series
-    (fMRI, dynamics, repeats) as its own study instead of one 4D image with time last."""
+    (fMRI, dynamics, repeats) as its own study instead of one 4D image with time last.
+
+    Each study is converted in a worker process that may map ``memory_limit_mb`` more address
+    space than it starts with and take ``timeout_s`` seconds (``null``: no limit); a study
+    declaring more than ``max_voxels`` voxels, or a deflated DICOM file inflating past a
+    quarter of the memory limit, is refused before decoding. ``pseudonym_key`` keys the study
+    ids and the tokens that replace path components holding patient data (names, IDs, dates,
+    ... read from the headers); ``scrub_phi: false`` keeps paths and messages as they are, for
+    data already de-identified."""
 
     workers: int = Field(1, ge=1)
     pseudonym_key: str = "medpipe"
     gantry_tilt: Literal["resample", "refuse"] = "resample"
     irregular_slices: Literal["resample", "refuse"] = "refuse"
     split_4d: bool = False
+    memory_limit_mb: int | None = Field(4096, ge=256)
+    timeout_s: float | None = Field(600.0, gt=0)
+    max_voxels: int = Field(1 << 29, ge=1)
+    scrub_phi: bool = True
 
 
 class AugmentationConfig(_Section):
@@ -120,7 +132,31 @@ class InferConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    """Segmentation metrics and cohort statistics. ``nsd_tolerance_mm`` is the normalised surface
+    Dice tolerance: one value for every class, or a mapping from class value or class name to
+    mm with an optional ``default`` for the others. ``bootstrap`` resamples (0: no confidence
+    intervals) with ``bootstrap_seed`` give the ``confidence`` intervals of means and paired
+    differences; ``worst_cases`` studies per class are listed in the summary and the report."""
+
     hd_percentile: float = Field(95.0, gt=0, le=100)
+    nsd_tolerance_mm: float | dict[str, float] = 2.0
+    bootstrap: int = Field(2000, ge=0)
+    bootstrap_seed: int = 0
+    confidence: float = Field(0.95, gt=0, lt=1)
+    worst_cases: int = Field(5, ge=0)
+
+    @field_validator("nsd_tolerance_mm", mode="before")
+    @classmethod
+    def _tolerance_keys(cls, value: Any) -> Any:
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("nsd_tolerance_mm")
+    @classmethod
+    def _tolerance_positive(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+        values = value.values() if isinstance(value, dict) else [value]
+        if any(not (v > 0 and v < float("inf")) for v in values):
+            raise ValueError("NSD tolerances must be positive, finite distances in mm")
+        return value
 
 
 class ReportConfig(_Section):

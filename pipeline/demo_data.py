@@ -30,8 +30,8 @@ def phantom(
     centre = np.array(shape, dtype=np.float32) / 2 + rng.uniform(-3, 3, size=3).astype(np.float32)
     radii = np.array(shape, dtype=np.float32) * rng.uniform(0.22, 0.3, size=3).astype(np.float32)
     organ = (((grid - centre) / radii) ** 2).sum(-1) <= 1.0
-    core_centre = centre + rng.uniform(-0.35, 0.35, size=3).astype(np.float32) * radii
-    core_radius = float(radii.min() * rng.uniform(0.35, 0.5))
+    core_centre = centre + rng.uniform(-0.25, 0.25, size=3).astype(np.float32) * radii
+    core_radius = float(radii.min() * rng.uniform(0.5, 0.65))
     core = (np.linalg.norm(grid - core_centre, axis=-1) <= core_radius) & organ
     label = np.zeros(shape, dtype=np.uint8)
     label[organ] = 2

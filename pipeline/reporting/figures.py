@@ -1,4 +1,4 @@
-"""Study figures: three orthogonal slices with reference and prediction contours, rendered with Agg to PNG bytes."""
+"""Report figures (Agg, PNG bytes): orthogonal slices with reference/prediction contours; per-class box plots."""
 
 from __future__ import annotations
 
@@ -111,6 +111,35 @@ def study_figure(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.02, right=0.98, top=0.86, bottom=0.12, wspace=0.08)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, facecolor="white", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def box_plots(values: dict[str, dict[str, list[float]]], *, metrics: tuple[tuple[str, str], ...]) -> bytes | None:
+    """PNG bytes: one panel per ``(metric, axis label)``, one box per class; ``values[class][metric]`` lists the
+    studies' values (undefined ones, NaN, are left out). None when there is nothing to plot."""
+    classes = list(values)
+    data = {(c, m): np.asarray(values[c].get(m, []), dtype=np.float64) for c in classes for m, _ in metrics}
+    data = {k: v[np.isfinite(v)] for k, v in data.items()}
+    if not any(v.size for v in data.values()):
+        return None
+    fig = Figure(figsize=(3.2 * len(metrics), 3.4), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    for i, (metric, label) in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), i + 1)
+        boxes = [(p, data[(c, metric)]) for p, c in enumerate(classes, start=1) if data[(c, metric)].size]
+        if boxes:
+            ax.boxplot([d for _, d in boxes], positions=[p for p, _ in boxes], widths=0.6, showmeans=True,
+                       medianprops={"color": "#b00020"},
+                       meanprops={"marker": "^", "markerfacecolor": "#1f77b4", "markeredgecolor": "#1f77b4"})
+        ax.set_xticks(range(1, len(classes) + 1), [c[:14] for c in classes], fontsize=8,
+                      rotation=30 if len(classes) > 3 else 0)
+        ax.set_xlim(0.4, len(classes) + 0.6)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="y", color="#dddddd", linewidth=0.6)
+    fig.subplots_adjust(left=0.06, right=0.99, top=0.88, bottom=0.2, wspace=0.35)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI, facecolor="white", metadata={"Software": None})
     return buffer.getvalue()

@@ -8,23 +8,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.batch import run_batch
-from pipeline.config import PipelineConfig
+from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.errors import ManifestError, StageError
 from pipeline.fileio import write_json_atomic, write_text_atomic
 from pipeline.inference.predictor import PREDICTIONS_JSON, prediction_paths, read_predictions
 from pipeline.io.nifti import load_nifti
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.metrics.segmentation import (
-    DECIMALS,
     EMPTY_POLICY,
+    SURFACE_DEFINITION,
     ClassMetrics,
-    describe,
+    grid_spacing,
     integer_labels,
-    per_study_csv,
+    nsd_tolerances,
     present_labels,
     segmentation_metrics,
 )
+from pipeline.metrics.statistics import CI_METHOD, STD, describe, worst
+from pipeline.metrics.table import DECIMALS, METRICS, per_study_csv
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.stages.common import execute_stage
 
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PER_STUDY_CSV = "per_study.csv"
 SUMMARY_JSON = "summary.json"
+SUMMARY_SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,16 @@ class StudyMetrics:
     unexpected: list[int]
 
 
-def rounded(value: float | int | None) -> float | int | None:
-    if value is None or isinstance(value, int):
+def rounded(value: Any) -> Any:
+    """JSON-ready numbers: floats rounded to DECIMALS, NaN/inf -> None; dicts and lists recursively."""
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, int | str):
         return value
-    return None if math.isnan(value) else round(float(value), DECIMALS)
+    value = float(value)
+    return round(value, DECIMALS) if math.isfinite(value) else None
 
 
 def _reference_paths(ref: Path) -> tuple[dict[str, Path], dict[str, str] | None, Path | None]:
@@ -64,11 +75,13 @@ def _reference_paths(ref: Path) -> tuple[dict[str, Path], dict[str, str] | None,
     return prediction_paths(ref), None, None
 
 
-def _class_name(labels: dict[str, str] | None, label: int) -> str:
+def class_name(labels: dict[str, str] | None, label: int) -> str:
     return (labels or {}).get(str(label), f"class_{label}")
 
 
-def _evaluate_pair(pair: Pair, *, classes: list[int] | None, percentile: float) -> StudyMetrics:
+def evaluate_pair(pair: Pair, *, classes: list[int] | None, settings: EvaluateConfig,
+                  labels: dict[str, str] | None = None) -> StudyMetrics:
+    """Metrics of one prediction/reference pair of label NIfTIs (StageError when their grids differ)."""
     pred = load_nifti(pair.prediction)
     ref = load_nifti(pair.reference)
     if not pred.same_grid(ref):
@@ -77,32 +90,57 @@ def _evaluate_pair(pair: Pair, *, classes: list[int] | None, percentile: float) 
             f"{tuple(round(s, 4) for s in pred.spacing)}) differs from the reference grid (shape "
             f"{ref.spatial_shape}, {ref.orientation}, spacing {tuple(round(s, 4) for s in ref.spacing)}); "
             "predict on the reference image's grid", study_id=pair.id, code="grid_mismatch")
+    if pred.array.ndim != 3 or ref.array.ndim != 3:
+        raise StageError(f"{pair.id}: label images must be 3D", study_id=pair.id, code="label_not_3d")
+    spacing, voxel_ml = grid_spacing(ref.affine, what=f"{pair.id} reference")
     p = integer_labels(pred.array, what=f"{pair.id} prediction")
     r = integer_labels(ref.array, what=f"{pair.id} reference")
     found = present_labels(p, r)
     wanted = classes if classes is not None else found
     unexpected = sorted(set(found) - set(wanted))
-    rows = segmentation_metrics(p, r, spacing=ref.spacing, classes=wanted, percentile=percentile)
+    tolerances = nsd_tolerances(settings.nsd_tolerance_mm, wanted, labels)
+    rows = segmentation_metrics(p, r, spacing=spacing, classes=wanted, percentile=settings.hd_percentile,
+                                tolerances=tolerances, voxel_ml=voxel_ml)
     return StudyMetrics(classes=rows, unexpected=unexpected)
 
 
-def _summary(rows: list[dict[str, Any]], results: dict[str, StudyMetrics], labels: dict[str, str] | None,
-             classes: list[int]) -> dict[str, Any]:
+def metric_row(study: str, m: ClassMetrics, labels: dict[str, str] | None) -> dict[str, Any]:
+    """One per_study.csv row."""
+    return {"study": study, "class": m.label, "class_name": class_name(labels, m.label), "dice": m.dice,
+            "iou": m.iou, "hd95": m.hd, "assd": m.assd, "nsd": m.nsd, "volume_ref_ml": m.volume_ref_ml,
+            "volume_pred_ml": m.volume_pred_ml, "rel_volume_error": m.rel_volume_error,
+            "nsd_tolerance_mm": m.nsd_tolerance_mm}
+
+
+def cohort_summary(rows: list[dict[str, Any]], metrics: dict[str, list[ClassMetrics]], *,
+                   labels: dict[str, str] | None, classes: list[int], settings: EvaluateConfig) -> dict[str, Any]:
+    """Per class: statistics of every metric with bootstrap intervals, empty-set counts, worst studies."""
     per_class: dict[str, Any] = {}
     for c in classes:
         mine = [r for r in rows if r["class"] == c]
-        metrics = [m for res in results.values() for m in res.classes if m.label == c]
-        per_class[str(c)] = {
-            "name": _class_name(labels, c),
-            "n": len(mine),
-            "dice": {k: rounded(v) for k, v in describe(r["dice"] for r in mine).items()},
-            "iou": {k: rounded(v) for k, v in describe(r["iou"] for r in mine).items()},
-            "hd95": {k: rounded(v) for k, v in describe(r["hd95"] for r in mine).items()},
-            "empty": {"both": sum(m.ref_empty and m.pred_empty for m in metrics),
-                      "ref_empty": sum(m.ref_empty and not m.pred_empty for m in metrics),
-                      "pred_empty": sum(m.pred_empty and not m.ref_empty for m in metrics)},
-        }
+        found = [m for ms in metrics.values() for m in ms if m.label == c]
+        entry: dict[str, Any] = {"name": class_name(labels, c), "n": len(mine),
+                                 "nsd_tolerance_mm": mine[0]["nsd_tolerance_mm"] if mine else None}
+        for metric in METRICS:
+            entry[metric] = describe((r[metric] for r in mine), samples=settings.bootstrap,
+                                     confidence=settings.confidence, seed=settings.bootstrap_seed,
+                                     key=(c, metric))
+        entry["empty"] = {"both": sum(m.ref_empty and m.pred_empty for m in found),
+                          "ref_empty": sum(m.ref_empty and not m.pred_empty for m in found),
+                          "pred_empty": sum(m.pred_empty and not m.ref_empty for m in found)}
+        entry["worst"] = [{k: r[k] for k in ("study", "dice", "hd95", "assd", "nsd")}
+                          for r in worst(mine, metric="dice", count=settings.worst_cases)]
+        per_class[str(c)] = entry
     return per_class
+
+
+def worst_studies(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """Studies by mean Dice over their classes, lowest first (ties by id)."""
+    by_study: dict[str, list[float]] = {}
+    for r in rows:
+        by_study.setdefault(r["study"], []).append(r["dice"])
+    means = [{"study": s, "mean_dice": float(np.mean(v))} for s, v in by_study.items()]
+    return worst(means, metric="mean_dice", count=count)
 
 
 def evaluate(
@@ -120,6 +158,7 @@ def evaluate(
     union of values present. Empty masks follow ``pipeline.metrics.segmentation.EMPTY_POLICY``.
     """
     config = config or PipelineConfig()
+    settings = config.evaluate
     pred, ref, out = Path(pred), Path(ref), Path(out)
     pred_paths = prediction_paths(pred)
     ref_paths, labels, manifest_path = _reference_paths(ref)
@@ -133,7 +172,11 @@ def evaluate(
         inputs["manifest"] = manifest_path
     inputs.update({f"reference:{sid}": p for sid, p in ref_paths.items()})
     classes = sorted(int(k) for k in labels if int(k) != 0) if labels else None
-    percentile = config.evaluate.hd_percentile
+    if classes is not None:
+        nsd_tolerances(settings.nsd_tolerance_mm, classes, labels)  # a missing tolerance fails before any work
+
+    def one(pair: Pair) -> StudyMetrics:
+        return evaluate_pair(pair, classes=classes, settings=settings, labels=labels)
 
     def work(record: StageRecord) -> list[Path]:
         pairs = [Pair(sid, pred_paths[sid], ref_paths[sid]) for sid in sorted(set(pred_paths) & set(ref_paths))]
@@ -144,8 +187,7 @@ def evaluate(
                 log.warning("evaluate: %d %s: %s", len(ids), kind.replace("_", " "), ", ".join(ids))
         results: dict[str, StudyMetrics] = {}
         failed = []
-        for outcome in run_batch(pairs, lambda p: _evaluate_pair(p, classes=classes, percentile=percentile),
-                                 key=lambda p: p.id, desc="evaluate"):
+        for outcome in run_batch(pairs, one, key=lambda p: p.id, desc="evaluate"):
             if outcome.ok and outcome.result is not None:
                 results[outcome.key] = outcome.result
                 record.add(StudyStatus(id=outcome.key, status="ok"))
@@ -155,22 +197,25 @@ def evaluate(
                 record.add(StudyStatus(id=outcome.key, status="failed", code=outcome.code, message=outcome.message))
         all_classes = classes if classes is not None else sorted({m.label for r in results.values()
                                                                    for m in r.classes})
-        rows = []
+        tolerances = nsd_tolerances(settings.nsd_tolerance_mm, all_classes, labels)
+        rows, filled = [], {}
         for sid in sorted(results):
             have = {m.label: m for m in results[sid].classes}
-            for c in all_classes:
-                m = have.get(c) or ClassMetrics.absent(c)
-                rows.append({"study": sid, "class": c, "class_name": _class_name(labels, c), "dice": m.dice,
-                             "iou": m.iou, "hd95": m.hd, "volume_ref_ml": m.volume_ref_ml,
-                             "volume_pred_ml": m.volume_pred_ml})
+            filled[sid] = [have.get(c) or ClassMetrics.absent(c, nsd_tolerance_mm=tolerances[c]) for c in all_classes]
+            rows.extend(metric_row(sid, m, labels) for m in filled[sid])
         write_text_atomic(out / PER_STUDY_CSV, per_study_csv(rows))
         summary = {
-            "schema_version": 1,
-            "hd_percentile": percentile,
-            "empty_policy": EMPTY_POLICY,
-            "std": "population (ddof=0)",
+            "schema_version": SUMMARY_SCHEMA,
+            "task": "segmentation",
+            "definitions": {"empty_policy": EMPTY_POLICY, "surface": SURFACE_DEFINITION,
+                            "hd_percentile": settings.hd_percentile,
+                            "nsd_tolerance_mm": {str(c): tolerances[c] for c in all_classes},
+                            "std": STD, "ci": CI_METHOD, "confidence": settings.confidence,
+                            "bootstrap": settings.bootstrap, "bootstrap_seed": settings.bootstrap_seed,
+                            "units": {"hd95": "mm", "assd": "mm", "volume_ref_ml": "ml", "volume_pred_ml": "ml"}},
             "labels": labels,
-            "classes": _summary(rows, results, labels, all_classes),
+            "classes": rounded(cohort_summary(rows, filled, labels=labels, classes=all_classes, settings=settings)),
+            "worst_studies": rounded(worst_studies(rows, settings.worst_cases)),
             "studies": sorted(results),
             "unpaired": unpaired,
             "failed": failed,
@@ -181,4 +226,3 @@ def evaluate(
         return [out / PER_STUDY_CSV, out / SUMMARY_JSON]
 
     return execute_stage("evaluate", out, config=config, inputs=inputs, work=work, force=force)
-

@@ -4,92 +4,76 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-import nibabel as nib
-import numpy as np
-
 from pipeline.batch import run_batch
-from pipeline.config import PipelineConfig
-from pipeline.errors import GeometryError, IngestError, PipelineError
-from pipeline.fileio import read_json, sha256_bytes, sha256_file
-from pipeline.io.dicom import (
-    DicomOptions,
-    DicomSeries,
-    decode_series,
-    discover_series,
-    read_series_bytes,
-    skip_reason,
-    storage_dtype,
-)
-from pipeline.io.nifti import is_nifti, load_nifti, save_nifti
-from pipeline.io.volume import Volume
+from pipeline.config import IngestConfig, PipelineConfig
+from pipeline.errors import IngestError, PipelineError
+from pipeline.fileio import read_json, sha256_bytes
+from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, discover_series, read_header, skip_reason
+from pipeline.io.nifti import is_nifti
+from pipeline.isolation import Isolation, deflated_size_over
 from pipeline.manifest import Manifest, Problem, Study, load_manifest, pseudonym, save_manifest
+from pipeline.privacy import Scrubber, scan_scrubber, scrubbed_logs
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.stages.common import execute_stage
+from pipeline.stages.ingest_study import IngestTask, process_study
+
+__all__ = ["IngestTask", "discover", "ingest", "list_scan_files", "process_study"]
 
 log = logging.getLogger(__name__)
-
-_DECIMALS = 6  # geometry in the manifest, rounded from the float32 affine the NIfTI file stores
-
-
-@dataclass(frozen=True)
-class IngestTask:
-    """One study to convert; built in the main process, run (maybe) in a worker."""
-
-    id: str
-    source: str
-    format: Literal["nifti", "dicom"]
-    out_dir: str
-    image_path: str | None = None
-    label_path: str | None = None
-    label_source: str | None = None
-    allowed_labels: tuple[int, ...] | None = None
-    modality: str | None = None
-    series: DicomSeries | None = None
-    dicom_options: DicomOptions | None = None
-    previous: Study | None = None
-    problems: tuple[tuple[str, str], ...] = ()
-    error: tuple[str, str] | None = None  # decided at discovery: (code, message)
-    skip: tuple[str, str] | None = None
-
 
 # ---- discovery -----------------------------------------------------------------------------
 
 
+def _outside(path: Path, real_root: Path) -> bool:
+    try:
+        return not path.resolve(strict=True).is_relative_to(real_root)
+    except (OSError, RuntimeError):  # a dangling link or a link loop
+        return True
+
+
 def list_scan_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
-    """Every regular file under ``root`` (sorted), leaving out symlinks that point outside it."""
+    """Every regular file under ``root`` (sorted), leaving out links that point outside it (or nowhere)."""
     real_root = root.resolve()
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # never follows links to folders
         here = Path(dirpath)
         if exclude is not None and here.resolve().is_relative_to(exclude):
             dirnames[:] = []
             continue
         dirnames.sort()
-        for name in sorted(filenames):
+        for name in [d for d in dirnames if (here / d).is_symlink()] + sorted(filenames):
             path = here / name
-            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
-                log.warning("%s: a link pointing outside the scan folder; ignored", path.relative_to(root).as_posix())
+            if path.is_symlink() and _outside(path, real_root):
+                log.warning("%s: a link pointing outside the scan folder (or nowhere); ignored",
+                            path.relative_to(root).as_posix())
                 continue
-            if path.is_file():
+            if name in filenames and path.is_file():
                 files.append(path)
     return files
 
 
 def _listing_digest(root: Path, files: list[Path]) -> str:
-    lines = [f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\0{p.stat().st_mtime_ns}" for p in files]
+    """Names, sizes and change times: a file replaced at the same path changes its ctime even when it keeps
+    its size and mtime (``cp -p``, ``touch -r``), so the stage runs again and rechecks contents by checksum."""
+    lines = []
+    for p in files:
+        st = p.stat()
+        lines.append(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}")
     return sha256_bytes(("\n".join([str(root.resolve()), *lines])).encode())
 
 
 def _inside(root: Path, rel: str) -> Path | None:
-    """``root / rel`` when ``rel`` is a relative path that stays inside ``root``, else None."""
+    """``root / rel`` when ``rel`` is relative and it (links resolved) stays inside ``root``, else None."""
     pure = PurePosixPath(rel)
     if pure.is_absolute() or ".." in pure.parts:
         return None
-    return root / pure
+    path = root / pure
+    if (path.exists() or path.is_symlink()) and _outside(path, root.resolve()):
+        return None
+    return path
 
 
 def _read_msd(root: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
@@ -149,14 +133,62 @@ def _msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list
     return specs, consumed, {"dataset": meta.get("name"), "labels": labels}
 
 
-def discover(root: Path, files: list[Path], *, out_dir: Path, key: str, previous: dict[str, Study],
-             dicom_options: DicomOptions | None = None,
-             split_4d: bool = False) -> tuple[list[IngestTask], dict[str, Any]]:
-    """All tasks under ``root`` and the manifest header (dataset name, labels, ignored file count)."""
+def _bombs(root: Path, files: list[Path], cfg: IngestConfig) -> dict[Path, tuple[str, str]]:
+    """Deflated DICOM files that would inflate past a quarter of the worker memory limit: refused unread,
+    since every DICOM reader (pydicom too, here in the main process) inflates the whole data set."""
+    limit = (cfg.memory_limit_mb or 4096) * (1 << 20) // 4
+    found = {}
+    for path in files:
+        try:
+            size = None if is_nifti(path) else deflated_size_over(path, limit)
+        except OSError:
+            continue  # unreadable: discovery ignores it the same way
+        if size is not None:
+            found[path] = ("too_large", f"{path.relative_to(root).as_posix()}: a deflated DICOM file that inflates to "
+                                        f"more than {limit >> 20} MB (a decompression bomb, or a huge data set); "
+                                        "not read. If it is genuine, raise ingest.memory_limit_mb")
+    return found
+
+
+def _too_large(series: DicomSeries, max_voxels: int) -> tuple[str, str] | None:
+    """Refuse a series whose declared size (rows x columns x frames of every file) is past the maximum."""
+    voxels = sum(h.rows * h.columns * h.n_frames for h in series.headers if h.pixels)
+    if voxels <= max_voxels:
+        return None
+    first = series.headers[0]
+    return "too_large", (f"{series.folder}: declares {voxels:,} voxels ({len(series.headers)} file(s), the first "
+                         f"{first.rows} x {first.columns} x {first.n_frames} frame(s)), more than ingest.max_voxels = "
+                         f"{max_voxels:,}; if the series is real, raise ingest.max_voxels and ingest.memory_limit_mb")
+
+
+def _discover_series(root: Path, files: list[Path], *,
+                     split_4d: bool) -> tuple[DicomScan, dict[Path, tuple[str, str]]]:
+    """discover_series, and if a reader bug makes it fail, the files it failed on set apart as failures
+    (found by reading each header alone) and the rest discovered: one file never ends the batch."""
+    try:
+        return discover_series(files, root=root, split_4d=split_4d), {}
+    except Exception as exc:  # noqa: BLE001 - defence in depth against header-reader bugs on hostile files
+        log.warning("reading the DICOM headers failed (%s); looking for the file(s) responsible", type(exc).__name__)
+    broken = {}
+    for path in files:
+        try:
+            read_header(path, root=root)
+        except Exception as exc:  # noqa: BLE001 - same
+            broken[path] = ("dicom_reader_error", f"{path.relative_to(root).as_posix()}: the DICOM header reader "
+                                                  f"failed on this file ({type(exc).__name__}: {exc}); the file was "
+                                                  "left out and the rest converted. Please report it")
+    return discover_series([p for p in files if p not in broken], root=root, split_4d=split_4d), broken
+
+
+def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConfig,
+             previous: dict[str, Study]) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
+    """All tasks under ``root``, the manifest header (dataset name, labels, ignored file count) and the
+    scrubber that keeps this scan's PHI out of sources and messages (task sources are already scrubbed)."""
     base: dict[str, Any] = {"out_dir": str(out_dir)}
     specs: list[dict[str, Any]] = []
     header: dict[str, Any] = {"dataset": None, "labels": None}
-    remaining = set(files)
+    bombs = _bombs(root, files, config)
+    remaining = set(files) - set(bombs)
     if (root / "dataset.json").is_file():
         msd_specs, consumed, header = _msd_tasks(root, base, remaining)
         specs += [{**s, "format": "nifti", "id_key": s["source"]} for s in msd_specs]
@@ -166,125 +198,28 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, key: str, previous
         if is_nifti(path):
             rel = path.relative_to(root).as_posix()
             specs.append({**base, "format": "nifti", "source": rel, "id_key": rel, "image_path": str(path)})
-    scan = discover_series([p for p in others if not is_nifti(p)], root=root, split_4d=split_4d)
+    scan, broken = _discover_series(root, [p for p in others if not is_nifti(p)], split_4d=config.split_4d)
+    for path, error in sorted({**bombs, **broken}.items()):
+        rel = path.relative_to(root).as_posix()
+        specs.append({**base, "format": "dicom", "source": rel, "id_key": rel, "error": error})
+    options = DicomOptions(gantry_tilt=config.gantry_tilt, irregular_slices=config.irregular_slices)
     for series in scan.series:
         specs.append({**base, "format": "dicom", "source": series.folder, "id_key": series.key, "series": series,
-                      "modality": series.modality, "skip": skip_reason(series),
-                      "dicom_options": dicom_options or DicomOptions()})
+                      "modality": series.modality, "skip": skip_reason(series), "dicom_options": options,
+                      "error": _too_large(series, config.max_voxels)})
+    scrubber = scan_scrubber([[h.path for h in s.headers] for s in scan.series],
+                             [p.relative_to(root).as_posix() for p in files], key=config.pseudonym_key,
+                             enabled=config.scrub_phi)
     tasks = []
     for spec in specs:
-        study_id = pseudonym(spec.pop("id_key"), key=key)
-        tasks.append(IngestTask(id=study_id, previous=previous.get(study_id), **spec))
+        study_id = pseudonym(spec.pop("id_key"), key=config.pseudonym_key)
+        spec.update({name: scrubber.path(spec[name]) for name in ("source", "label_source") if spec.get(name)})
+        spec.update({name: (spec[name][0], scrubber.text(spec[name][1])) for name in ("error", "skip")
+                     if spec.get(name)})
+        spec["problems"] = tuple((code, scrubber.text(message)) for code, message in spec.get("problems", ()))
+        tasks.append(IngestTask(id=study_id, previous=previous.get(study_id), max_voxels=config.max_voxels, **spec))
     header["ignored_files"] = scan.ignored
-    return tasks, header
-
-
-# ---- one study -----------------------------------------------------------------------------
-
-
-def _load(path: str, rel: str) -> Volume:
-    """load_nifti, with the error naming the file relative to the scan folder."""
-    try:
-        return load_nifti(path)
-    except IngestError as exc:
-        message = str(exc).replace(f"{Path(path).name}:", f"{rel}:", 1)
-        raise type(exc)(message if rel in message else f"{rel}: {message}", code=exc.code) from exc
-
-
-def _label_array(label: Volume, image: Volume, task: IngestTask) -> np.ndarray:
-    rel = task.label_source
-    if not label.same_grid(image):
-        raise GeometryError(f"{rel}: label grid (shape {list(label.spatial_shape)}, spacing "
-                            f"{[round(s, 4) for s in label.spacing]}) differs from image {task.source} (shape "
-                            f"{list(image.spatial_shape)}, spacing {[round(s, 4) for s in image.spacing]}); "
-                            "resample the label onto the image grid", code="label_grid_mismatch")
-    data = label.array
-    if data.dtype.kind == "f":
-        rounded = np.rint(data)
-        off = np.flatnonzero(rounded != data)
-        if off.size:
-            raise IngestError(f"{rel}: {off.size} label voxels are not whole numbers (e.g. "
-                              f"{float(data.flat[off[0]]):.4g}); labels must be integer class values",
-                              code="label_not_integer")
-        data = rounded
-    values = [int(v) for v in np.unique(data)]
-    allowed = task.allowed_labels
-    undeclared = [v for v in values if (v not in allowed if allowed is not None else v < 0)]
-    if undeclared:
-        declared = f"declared {list(allowed)}" if allowed is not None else "labels must be >= 0"
-        raise IngestError(f"{rel}: label values {undeclared[:10]} are not in the declared label set ({declared}); "
-                          "fix the label file or dataset.json 'labels'", code="label_undeclared_values")
-    dtype = np.uint8 if values[-1] <= 255 else np.int16
-    if values[-1] > np.iinfo(np.int16).max:
-        raise IngestError(f"{rel}: label value {values[-1]} is too large", code="label_undeclared_values")
-    return data.astype(dtype)
-
-
-def _geometry(volume: Volume) -> dict[str, Any]:
-    affine = volume.affine.astype(np.float32).astype(np.float64)  # what the saved sform holds
-    return {
-        "shape": list(volume.spatial_shape),
-        "spacing": [round(float(v), _DECIMALS) for v in np.linalg.norm(affine[:3, :3], axis=0)],
-        "orientation": "".join(nib.orientations.aff2axcodes(affine)),
-        "affine": [[round(float(v), _DECIMALS) + 0.0 for v in row] for row in affine],
-    }
-
-
-def _reusable(task: IngestTask, inputs: dict[str, str]) -> bool:
-    prev = task.previous
-    if prev is None or prev.status != "ok" or prev.source != task.source:
-        return False
-    if any(prev.sha256.get(k) != v for k, v in inputs.items()) or ("label_input" in prev.sha256) != (
-            "label_input" in inputs):
-        return False
-    for rel, name in ((prev.image, "image"), (prev.label, "label")):
-        if rel is not None:
-            path = Path(task.out_dir) / rel
-            if not path.is_file() or sha256_file(path) != prev.sha256.get(name):
-                return False
-    return True
-
-
-def _write(task: IngestTask, image: Volume, dtype: Any, label: np.ndarray | None, inputs: dict[str, str],
-           problems: list[tuple[str, str]]) -> Study:
-    out = Path(task.out_dir)
-    image_rel = f"images/{task.id}.nii.gz"
-    save_nifti(image, out / image_rel, dtype=dtype)
-    hashes = {**inputs, "image": sha256_file(out / image_rel)}
-    label_rel = None
-    if label is not None:
-        label_rel = f"labels/{task.id}.nii.gz"
-        save_nifti(image.with_array(label), out / label_rel, dtype=label.dtype)
-        hashes["label"] = sha256_file(out / label_rel)
-    return Study(id=task.id, source=task.source, format=task.format, status="ok", image=image_rel, label=label_rel,
-                 label_source=task.label_source, modality=task.modality, **_geometry(image), sha256=hashes,
-                 problems=[Problem(code=c, message=m) for c, m in problems])
-
-
-def process_study(task: IngestTask) -> tuple[Study, bool]:
-    """Convert one study (or reuse its unchanged outputs): (manifest entry, reused)."""
-    if task.series is not None:
-        digest, blobs = read_series_bytes(task.series)
-        options = task.dicom_options or DicomOptions()
-        inputs = {"input": digest, "options": sha256_bytes(repr(options).encode())}
-        if _reusable(task, inputs):
-            return task.previous, True  # type: ignore[return-value]
-        volume = decode_series(task.series, blobs, options=options)
-        del blobs
-        return _write(task, volume, storage_dtype(volume.array), None, inputs,
-                      [*task.problems, *volume.meta["problems"]]), False
-    inputs = {"input": sha256_file(task.image_path)}  # type: ignore[arg-type]
-    if task.label_path:
-        inputs["label_input"] = sha256_bytes(f"{sha256_file(task.label_path)}|{task.allowed_labels}".encode())
-    if _reusable(task, inputs):
-        return task.previous, True  # type: ignore[return-value]
-    image = _load(task.image_path, task.source)  # type: ignore[arg-type]
-    source_dtype = np.dtype(image.meta["source_dtype"])
-    dtype = source_dtype.newbyteorder("=") if image.array.dtype == source_dtype else np.float32
-    label = None
-    if task.label_path:
-        label = _label_array(_load(task.label_path, task.label_source or ""), image, task)
-    return _write(task, image, dtype, label, inputs, list(task.problems)), False
+    return tasks, header, scrubber
 
 
 # ---- the stage -----------------------------------------------------------------------------
@@ -317,62 +252,85 @@ def _remove_orphans(out: Path, keep: set[str]) -> None:
                 path.unlink()
 
 
+def _isolation(config: IngestConfig) -> Isolation:
+    return Isolation(memory_limit_mb=config.memory_limit_mb, timeout_s=config.timeout_s,
+                     memory_setting="ingest.memory_limit_mb", timeout_setting="ingest.timeout_s")
+
+
+def _fresh(task: IngestTask, study: Study, scrubber: Scrubber) -> Study:
+    """A study converted by a worker, its problem messages (written there from file names) scrubbed."""
+    known = set(task.problems)
+    problems = [p if (p.code, p.message) in known else Problem(code=p.code, message=scrubber.text(p.message))
+                for p in study.problems]
+    return study.model_copy(update={"problems": problems})
+
+
+def _studies(tasks: list[IngestTask], outcomes: dict[str, Any], scrubber: Scrubber,
+             record: StageRecord) -> list[Study]:
+    studies = []
+    for task in tasks:
+        reused = False
+        if task.skip or task.error:
+            status: Literal["failed", "skipped"] = "skipped" if task.skip else "failed"
+            code, message = task.skip or task.error  # type: ignore[misc]
+            study = _study_for(task, status, code, message)
+        elif outcomes[task.id].ok:
+            study, reused = outcomes[task.id].result
+            study = study if reused else _fresh(task, study, scrubber)
+        else:
+            outcome = outcomes[task.id]
+            study = _study_for(task, "failed", outcome.code or "ingest_error", scrubber.text(outcome.message or ""))
+        if study.status != "ok":
+            problem = study.error or study.problems[0]
+            log.warning("study %s (%s) %s: [%s] %s", study.id, study.source, study.status, problem.code,
+                        problem.message)
+        studies.append(study)
+        problem = study.error or (study.problems[0] if study.status == "skipped" else None)
+        record.add(StudyStatus(id=study.id, status=study.status, code=problem.code if problem else None,
+                               message=problem.message if problem else None, reused=reused))
+    return sorted(studies, key=lambda s: (s.source, s.id))
+
+
 def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, force: bool = False) -> dict:
     """Convert every study under ``scan_dir`` into ``out`` (images/, labels/, manifest.json, record.json).
 
-    Accepts NIfTI files, an MSD-style dataset folder and DICOM series, mixed. A study that
-    cannot be converted is recorded as failed with a code and reason; the others go on.
+    Accepts NIfTI files, an MSD-style dataset folder and DICOM series, mixed. Each study is
+    converted in a worker process with memory and time limits; a study that cannot be
+    converted (even one that crashes its worker) is recorded as failed with a code and a
+    reason, and the others go on. Sources, messages and logs are scrubbed of PHI.
     """
     config = config or PipelineConfig()
+    settings = config.ingest
     scan_dir, out = Path(scan_dir), Path(out)
-    if not scan_dir.is_dir():
-        raise IngestError(f"scan folder {scan_dir} does not exist or is not a folder; pass the folder holding "
-                          "the NIfTI/DICOM files", code="scan_dir_missing")
-    files = list_scan_files(scan_dir, exclude=out.resolve())
-    if not files:
-        raise IngestError(f"scan folder {scan_dir} is empty; nothing to ingest", code="scan_dir_empty")
-    listing = _listing_digest(scan_dir, files)
+    with scrubbed_logs(key=settings.pseudonym_key) as logs:
+        if not scan_dir.is_dir():
+            raise IngestError(f"scan folder {scan_dir} does not exist or is not a folder; pass the folder holding "
+                              "the NIfTI/DICOM files", code="scan_dir_missing")
+        files = list_scan_files(scan_dir, exclude=out.resolve())
+        if not files:
+            raise IngestError(f"scan folder {scan_dir} is empty; nothing to ingest", code="scan_dir_empty")
+        listing = _listing_digest(scan_dir, files)
 
-    def work(record: StageRecord) -> list[Path]:
-        previous = _previous_studies(out)
-        options = DicomOptions(gantry_tilt=config.ingest.gantry_tilt,
-                               irregular_slices=config.ingest.irregular_slices)
-        tasks, header = discover(scan_dir, files, out_dir=out, key=config.ingest.pseudonym_key, previous=previous,
-                                 dicom_options=options, split_4d=config.ingest.split_4d)
-        if not tasks:
-            raise IngestError(f"scan folder {scan_dir} holds {len(files)} files but no NIfTI image or DICOM image "
-                              "series", code="no_studies")
-        runnable = [t for t in tasks if t.error is None and t.skip is None]
-        outcomes = {o.key: o for o in run_batch(runnable, process_study, key=lambda t: t.id,
-                                                workers=config.ingest.workers, desc="ingest")}
-        studies = []
-        for task in tasks:
-            reused = False
-            if task.skip or task.error:
-                status: Literal["failed", "skipped"] = "skipped" if task.skip else "failed"
-                code, message = task.skip or task.error  # type: ignore[misc]
-                study = _study_for(task, status, code, message)
-            elif outcomes[task.id].ok:
-                study, reused = outcomes[task.id].result  # type: ignore[misc]
-            else:
-                outcome = outcomes[task.id]
-                study = _study_for(task, "failed", outcome.code or "ingest_error", outcome.message or "")
-            if study.status != "ok":
-                log.warning("study %s (%s) %s: [%s] %s", study.id, study.source, study.status,
-                            (study.error or study.problems[0]).code, (study.error or study.problems[0]).message)
-            studies.append(study)
-            problem = study.error or (study.problems[0] if study.status == "skipped" else None)
-            record.add(StudyStatus(id=study.id, status=study.status, code=problem.code if problem else None,
-                                   message=problem.message if problem else None, reused=reused))
-        studies.sort(key=lambda s: (s.source, s.id))
-        manifest = Manifest(dataset=header["dataset"], labels=header["labels"], studies=studies)
-        outputs = [save_manifest(manifest, out)]
-        keep = {p for s in studies if s.status == "ok" for p in (s.image, s.label) if p}
-        _remove_orphans(out, keep)
-        outputs += [out / p for p in sorted(keep)]
-        record.extra["ignored_files"] = header["ignored_files"]
-        record.extra["reused_studies"] = sum(1 for s in record.studies if s.reused)
-        return outputs
+        def work(record: StageRecord) -> list[Path]:
+            previous = _previous_studies(out)
+            tasks, header, scrubber = discover(scan_dir, files, out_dir=out, config=settings, previous=previous)
+            logs.release(scrubber)
+            if not tasks:
+                raise IngestError(f"scan folder {scan_dir} holds {len(files)} files but no NIfTI image or DICOM "
+                                  "image series", code="no_studies")
+            runnable = [t for t in tasks if t.error is None and t.skip is None]
+            outcomes = {o.key: o for o in run_batch(runnable, process_study, key=lambda t: t.id,
+                                                    workers=settings.workers, desc="ingest",
+                                                    isolation=_isolation(settings))}
+            studies = _studies(tasks, outcomes, scrubber, record)
+            manifest = Manifest(dataset=header["dataset"], labels=header["labels"], studies=studies)
+            outputs = [save_manifest(manifest, out)]
+            keep = {p for s in studies if s.status == "ok" for p in (s.image, s.label) if p}
+            _remove_orphans(out, keep)
+            outputs += [out / p for p in sorted(keep)]
+            record.extra["ignored_files"] = header["ignored_files"]
+            record.extra["reused_studies"] = sum(1 for s in record.studies if s.reused)
+            return outputs
 
-    return execute_stage("ingest", out, config=config, inputs={}, work=work, force=force,
-                         extra_hash={"scan": listing})
+        return execute_stage("ingest", out, config=config, inputs={}, work=work, force=force,
+                             extra_hash={"scan": listing})

@@ -1,4 +1,4 @@
-"""The report stage: per-study pages with metrics and pictures, and a cohort page with summary and provenance."""
+"""The report stage: per-study JSON and HTML pages (metrics, pictures); a cohort page (statistics, provenance)."""
 
 from __future__ import annotations
 
@@ -18,18 +18,21 @@ from pipeline.inference.predictor import PREDICTIONS_JSON, prediction_paths
 from pipeline.io.nifti import load_nifti, nifti_stem
 from pipeline.io.volume import Volume
 from pipeline.manifest import MANIFEST_NAME, Manifest, Study, load_manifest
-from pipeline.metrics.segmentation import DECIMALS, read_per_study
-from pipeline.provenance import RECORD_NAME, StageRecord, StudyStatus, load_record
-from pipeline.reporting import html
-from pipeline.reporting.figures import study_figure
+from pipeline.metrics.table import DECIMALS, read_per_study
+from pipeline.provenance import StageRecord, StudyStatus
+from pipeline.reporting import pages
+from pipeline.reporting.figures import box_plots, study_figure
+from pipeline.reporting.provenance import provenance_section, stage_records
 from pipeline.stages.common import execute_stage
 
 log = logging.getLogger(__name__)
 
 STUDIES_DIR = "studies"
+STUDY_SCHEMA = 1
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")
-_PROVENANCE_KEYS = ("stage", "status", "config_hash", "code_version", "packages", "seed", "started", "finished",
-                    "duration_s", "timings", "counts")
+_STUDY_FIELDS = ("class", "class_name", "dice", "iou", "nsd", "nsd_tolerance_mm", "hd95", "assd", "volume_ref_ml",
+                 "volume_pred_ml", "rel_volume_error")
+_BOX_METRICS = (("dice", "Dice"), ("nsd", "NSD"), ("hd95", "HD95 (mm)"), ("assd", "ASSD (mm)"))
 
 
 def safe_name(study_id: str) -> str:
@@ -39,8 +42,10 @@ def safe_name(study_id: str) -> str:
     return f"study_{sha256_bytes(study_id.encode())[:12]}"
 
 
-def _scrub(message: str, study: Study) -> str:
+def _scrub(message: str, study: Study | None) -> str:
     """Remove the study's source path and file name from a message: pages name studies only by id."""
+    if study is None:
+        return message
     source = study.source
     for piece in sorted({source, Path(source).name, nifti_stem(Path(source)), *Path(source).parts},
                         key=len, reverse=True):
@@ -49,24 +54,10 @@ def _scrub(message: str, study: Study) -> str:
     return message
 
 
-def _json_number(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, DECIMALS)
-
-
-def _provenance(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """Selected record.json fields (no configs, inputs or host paths) and the record files as inputs."""
-    records, inputs = [], {}
-    for i, path in enumerate(paths):
-        folder = Path(path).parent if Path(path).name == RECORD_NAME else Path(path)
-        record = load_record(folder)
-        if record is None:
-            raise ManifestError(f"{folder / RECORD_NAME}: no readable stage record for the provenance block")
-        picked = {k: record.get(k) for k in _PROVENANCE_KEYS}
-        device = record.get("device") or {}
-        picked["device"] = " / ".join(str(device[k]) for k in ("type", "gpu", "cpu") if device.get(k)) or "\u2014"
-        records.append(picked)
-        inputs[f"provenance:{i}:{record.get('stage')}"] = folder / RECORD_NAME
-    return records, inputs
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, DECIMALS) if math.isfinite(value) else None
+    return value
 
 
 def _load_optional(path: Path | None) -> Volume | None:
@@ -91,6 +82,16 @@ def _figure(image: Path | None, reference: Path | None, prediction: Path | None,
                         title=study_id), notes
 
 
+def _read_summary(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ManifestError(f"{path} is missing; run 'medpipe evaluate' first")
+    summary = read_json(path)
+    if not isinstance(summary, dict) or summary.get("task") != "segmentation" or "definitions" not in summary:
+        raise ManifestError(f"{path}: not a segmentation summary of this medpipe version; run 'medpipe evaluate' "
+                            "again")
+    return summary
+
+
 def report(
     evaluation: Path,
     out: Path,
@@ -110,8 +111,7 @@ def report(
     config = config or PipelineConfig()
     evaluation, out = Path(evaluation), Path(out)
     summary_path, per_study_path = evaluation / "summary.json", evaluation / "per_study.csv"
-    if not summary_path.is_file():
-        raise ManifestError(f"{summary_path} is missing; run 'medpipe evaluate' first")
+    _read_summary(summary_path)
     inputs: dict[str, Path] = {"summary": summary_path, "per_study": per_study_path}
     pred_paths: dict[str, Path] = {}
     if predictions is not None:
@@ -125,12 +125,13 @@ def report(
         ingest = Path(ingest)
         manifest = load_manifest(ingest)
         inputs["manifest"] = ingest / MANIFEST_NAME
-    records, record_inputs = _provenance([Path(p) for p in provenance])
+    records, record_inputs = stage_records([Path(p) for p in provenance])
     inputs.update(record_inputs)
     title = config.report.title or f"{config.name}: segmentation report"
 
     def work(record: StageRecord) -> list[Path]:
-        summary = read_json(summary_path)
+        summary = _read_summary(summary_path)
+        definitions = summary["definitions"]
         rows = read_per_study(per_study_path)
         by_study: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
@@ -148,25 +149,32 @@ def report(
             try:
                 png, notes = _figure(image, reference, prediction, sid)
             except PipelineError as exc:
-                png, notes = None, [f"no picture: {_scrub(str(exc), study) if study else exc}"]
+                png, notes = None, [f"no picture: {_scrub(str(exc), study)}"]
             name = names[sid]
             written = []
             if png is not None:
                 write_bytes_atomic(out / STUDIES_DIR / f"{name}.png", png)
                 written.append(out / STUDIES_DIR / f"{name}.png")
             problems = [{"code": p.code, "message": _scrub(p.message, study)} for p in study.problems] if study else []
+            relative = prediction.relative_to(predictions).as_posix() if prediction and predictions else None
             paths = {"image": study.image if study else None,
                      "reference": study.label if study else None,
-                     "prediction": prediction.relative_to(predictions).as_posix() if prediction and predictions else None,
+                     "prediction": relative,
                      "picture": f"{name}.png" if png is not None else None}
-            metrics = [{**{k: r[k] for k in ("class", "class_name")},
-                        **{k: _json_number(r[k]) for k in ("dice", "iou", "hd95", "volume_ref_ml", "volume_pred_ml")}}
-                       for r in by_study[sid]]
-            write_json_atomic(out / STUDIES_DIR / f"{name}.json", {
-                "id": sid, "mean_dice": _json_number(float(np.mean([r["dice"] for r in by_study[sid]]))),
-                "metrics": metrics, "problems": problems, "paths": paths, "notes": notes})
-            write_text_atomic(out / STUDIES_DIR / f"{name}.html", html.study_page(
-                study_id=sid, title=title, rows=by_study[sid], problems=problems, png=png, paths=paths))
+            metrics = [{k: _json_number(r.get(k)) for k in _STUDY_FIELDS} for r in by_study[sid]]
+            document = {
+                "schema_version": STUDY_SCHEMA, "id": sid,
+                "segmentation": {
+                    "mean_dice": _json_number(float(np.mean([r["dice"] for r in by_study[sid]]))),
+                    "classes": metrics,
+                    "definitions": {k: definitions.get(k) for k in ("empty_policy", "hd_percentile", "units")}},
+                "problems": problems, "paths": paths, "notes": notes}
+            write_json_atomic(out / STUDIES_DIR / f"{name}.json", document)
+            sections = [*pages.segmentation_study_sections(study_id=sid, rows=by_study[sid], png=png,
+                                                           definitions=definitions),
+                        *pages.common_study_sections(problems=problems, notes=notes, paths=paths)]
+            write_text_atomic(out / STUDIES_DIR / f"{name}.html",
+                              pages.study_page(title=title, study_id=sid, sections=sections))
             return [*written, out / STUDIES_DIR / f"{name}.json", out / STUDIES_DIR / f"{name}.html"]
 
         outputs: list[Path] = []
@@ -181,32 +189,31 @@ def report(
             if stale.is_file() and stale.name not in keep:
                 stale.unlink()
 
+        links = {sid: f"{STUDIES_DIR}/{names[sid]}.html" for sid in by_study if f"{names[sid]}.html" in keep}
         classes = summary.get("classes", {})
-        class_keys = sorted(classes, key=int)
-        class_rows = [[k, c.get("name"), c.get("n"), html.mean_std(c.get("dice")),
-                       html.num((c.get("dice") or {}).get("median"), digits=3),
-                       html.mean_std(c.get("hd95"), digits=2), (c.get("hd95") or {}).get("n_nan", 0)]
-                      for k, c in ((k, classes[k]) for k in class_keys)]
+        class_keys = sorted(int(k) for k in classes)
+        class_names = {c: str(classes[str(c)].get("name", c)) for c in class_keys}
         order = sorted(by_study, key=lambda s: (float(np.mean([r["dice"] for r in by_study[s]])), s))
-        study_rows = []
-        for sid in order:
-            per_class = {str(r["class"]): r for r in by_study[sid]}
-            study_rows.append([
-                html.link(f"{STUDIES_DIR}/{names[sid]}.html", sid),
-                html.num(float(np.mean([r["dice"] for r in by_study[sid]]))),
-                *[html.num(per_class[k]["dice"] if k in per_class else None) for k in class_keys],
-                *[html.num(per_class[k]["hd95"] if k in per_class else None, digits=2) for k in class_keys],
-            ])
-        notes = [f"Empty-set policy: {summary.get('empty_policy', 'not stated')}",
-                 f"HD percentile: {summary.get('hd_percentile')}; distances in mm from the voxel spacing",
-                 f"std: {summary.get('std', 'population')}"]
+        values = {class_names[c]: {m: [r[m] for r in rows if r["class"] == c] for m, _ in _BOX_METRICS}
+                  for c in class_keys}
         failed = [{"id": f.get("id"), "code": f.get("code"),
-                   "message": _scrub(str(f.get("message")), studies[f["id"]]) if f.get("id") in studies
-                   else f.get("message")} for f in summary.get("failed", [])]
-        index = html.index_page(title=title, class_rows=class_rows, study_rows=study_rows,
-                                class_names=[classes[k].get("name", k) for k in class_keys], failed=failed,
-                                unpaired=summary.get("unpaired", {}), provenance=records, notes=notes)
-        write_text_atomic(out / "index.html", index)
+                   "message": _scrub(str(f.get("message")), studies.get(f.get("id")))}
+                  for f in summary.get("failed", [])]
+        checksums = [(sid, (studies[sid].sha256.get("image") if sid in studies else None),
+                      (studies[sid].sha256.get("label") if sid in studies else None),
+                      record.inputs.get(f"prediction:{sid}")) for sid in sorted(by_study)]
+        sections = [
+            pages.segmentation_summary_section(summary),
+            pages.box_plot_section(box_plots(values, metrics=_BOX_METRICS)),
+            pages.worst_cases_section(summary, links),
+            pages.study_table_section(by_study, order, links, class_keys, class_names),
+            pages.failures_section(failed, summary.get("unpaired", {}), summary.get("unexpected_labels", [])),
+            pages.definitions_section(definitions),
+            provenance_section(records, config=config, checksums=checksums),
+        ]
+        counts = {"studies evaluated": len(by_study), "failed": len(failed),
+                  "classes": len(class_keys)}
+        write_text_atomic(out / "index.html", pages.cohort_page(title=title, sections=sections, counts=counts))
         return [out / "index.html", *outputs]
 
     return execute_stage("report", out, config=config, inputs=inputs, work=work, force=force)

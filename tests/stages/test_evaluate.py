@@ -9,10 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.errors import StageError
 from pipeline.fileio import read_json, write_json_atomic
 from pipeline.io.nifti import save_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import Manifest, Study, save_manifest
+from pipeline.metrics.segmentation import class_metrics
 from pipeline.stages.evaluate import evaluate
 
 SHAPE = (20, 18, 16)
@@ -65,19 +69,29 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def test_known_dice_pairs_unpaired_and_grid_failure(cohort: tuple[Path, Path], tmp_path: Path) -> None:
     preds, ingest = cohort
     out = tmp_path / "05_evaluate"
-    record = evaluate(preds, ingest, out)
+    config = load_config(None, overrides=["evaluate.nsd_tolerance_mm={core: 1.0, default: 3.0}",
+                                          "evaluate.bootstrap=500", "evaluate.worst_cases=1"])
+    record = evaluate(preds, ingest, out, config=config)
     assert record["status"] == "partial"
     rows = read_rows(out / "per_study.csv")
-    assert list(rows[0]) == ["study", "class", "class_name", "dice", "iou", "hd95", "volume_ref_ml", "volume_pred_ml"]
+    assert list(rows[0]) == ["study", "class", "dice", "iou", "hd95", "assd", "nsd", "volume_ref_ml", "volume_pred_ml",
+                             "class_name", "rel_volume_error", "nsd_tolerance_mm"]
     assert [(r["study"], r["class"]) for r in rows] == [("case_a", "1"), ("case_a", "2"), ("case_b", "1"),
                                                          ("case_b", "2")]
     a_core, a_shell, b_core, b_shell = rows
     assert a_core["dice"] == "0.666667" and a_core["iou"] == f"{144 / 288:.6f}"
     assert a_core["hd95"] == "1.600000"  # 2 voxels along x at 0.8 mm
     assert a_core["volume_ref_ml"] == f"{216 * 0.8 * 1.5 / 1000:.6f}" and a_core["class_name"] == "core"
+    expected = class_metrics(labelled(CORE_SHIFT).array == 1, labelled(CORE_REF).array == 1, label=1,
+                             spacing=SPACING, nsd_tolerance_mm=1.0)
+    assert (a_core["assd"], a_core["nsd"]) == (f"{expected.assd:.6f}", f"{expected.nsd:.6f}")
+    assert 0 < expected.nsd < 1 and a_core["nsd_tolerance_mm"] == "1.000000"
+    assert a_core["rel_volume_error"] == "0.000000"
     assert (a_shell["dice"], a_shell["hd95"]) == ("1.000000", "0.000000")
     assert b_core["dice"] == "1.000000"
     assert (b_shell["dice"], b_shell["hd95"], b_shell["volume_pred_ml"]) == ("0.000000", "", "0.000000")
+    assert (b_shell["assd"], b_shell["nsd"], b_shell["rel_volume_error"]) == ("", "0.000000", "-1.000000")
+    assert b_shell["nsd_tolerance_mm"] == "3.000000"  # by class name
 
     summary = read_json(out / "summary.json")
     assert summary["studies"] == ["case_a", "case_b"]
@@ -93,6 +107,14 @@ def test_known_dice_pairs_unpaired_and_grid_failure(cohort: tuple[Path, Path], t
     assert shell["dice"]["mean"] == 0.5 and shell["dice"]["std"] == 0.5
     assert shell["hd95"]["n"] == 1 and shell["hd95"]["n_nan"] == 1
     assert shell["empty"] == {"both": 0, "ref_empty": 0, "pred_empty": 1}
+    assert shell["assd"]["n_nan"] == 1 and shell["nsd"]["mean"] == 0.5
+    assert core["dice"]["ci_low"] == pytest.approx(2 / 3, abs=1e-6) and core["dice"]["ci_high"] == 1.0
+    assert core["dice"]["iqr"] == pytest.approx((1 - 2 / 3) / 2, abs=1e-6)
+    assert [w["study"] for w in core["worst"]] == ["case_a"] and [w["study"] for w in shell["worst"]] == ["case_b"]
+    assert summary["worst_studies"] == [{"study": "case_b", "mean_dice": 0.5}]
+    assert summary["task"] == "segmentation" and summary["schema_version"] == 2
+    definitions = summary["definitions"]
+    assert definitions["nsd_tolerance_mm"] == {"1": 1.0, "2": 3.0} and "both empty" in definitions["empty_policy"]
     status = {s["id"]: s["status"] for s in record["studies"]}
     assert status == {"case_a": "ok", "case_b": "ok", "case_c": "failed"}
 
@@ -133,3 +155,77 @@ def test_infer_folder_pairs_by_id_and_uses_model_labels(tmp_path: Path) -> None:
     assert [(r["study"], r["class_name"], r["dice"]) for r in rows] == [("case_z", "tumour", "0.666667")]
     summary = read_json(tmp_path / "out" / "summary.json")
     assert math.isclose(summary["classes"]["1"]["hd95"]["mean"], 1.6)
+
+
+def test_missing_nsd_tolerance_for_a_class_fails_before_any_work(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    preds, ingest = cohort
+    config = load_config(None, overrides=["evaluate.nsd_tolerance_mm={core: 1.0}"])
+    with pytest.raises(StageError, match=r"no tolerance for class 2 \(shell\)"):
+        evaluate(preds, ingest, tmp_path / "out", config=config)
+    assert not (tmp_path / "out" / "per_study.csv").exists()
+
+
+def test_cli_evaluate_on_plain_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_nifti(labelled(CORE_REF, SHELL), tmp_path / "ref" / "p1.nii.gz")
+    save_nifti(labelled(CORE_SHIFT, SHELL), tmp_path / "pred" / "p1.nii.gz")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--out", str(out)]) == 0
+    header = (out / "per_study.csv").read_text().splitlines()[0]
+    assert header.startswith("study,class,dice,iou,hd95,assd,nsd,volume_ref_ml,volume_pred_ml")
+    assert "evaluate: complete (1 ok" in capsys.readouterr().out
+
+
+# ---- paired comparison of two models ---------------------------------------------------------
+
+
+@pytest.fixture
+def two_models(tmp_path: Path) -> tuple[Path, Path]:
+    """Eight studies: model A shifts the core by 2 voxels everywhere; model B is exact on six and 1 voxel off on
+    two; both get the shell right. A ninth study only model A predicted."""
+    refs, pred_a, pred_b = tmp_path / "ref", tmp_path / "pred_a", tmp_path / "pred_b"
+    for i in range(9):
+        save_nifti(labelled(CORE_REF, SHELL), refs / f"case_{i}.nii.gz")
+        save_nifti(labelled(CORE_SHIFT, SHELL), pred_a / f"case_{i}.nii.gz")
+        if i < 8:
+            core_b = CORE_REF if i < 6 else (1, (3, 2, 2), (9, 8, 8))
+            save_nifti(labelled(core_b, SHELL), pred_b / f"case_{i}.nii.gz")
+    config = load_config(None, overrides=["evaluate.bootstrap=1000"])
+    evaluate(pred_a, refs, tmp_path / "eval_a", config=config)
+    evaluate(pred_b, refs, tmp_path / "eval_b", config=config)
+    return tmp_path / "eval_a", tmp_path / "eval_b"
+
+
+def test_paired_comparison_of_two_models(two_models: tuple[Path, Path], tmp_path: Path) -> None:
+    from scipy import stats
+
+    from pipeline.stages.compare import compare
+
+    eval_a, eval_b = two_models
+    out = tmp_path / "cmp"
+    config = load_config(None, overrides=["evaluate.bootstrap=1000"])
+    record = compare(eval_a, eval_b, out, names=("old", "new"), config=config)
+    assert record["status"] == "complete" and record["counts"]["ok"] == 8
+    result = read_json(out / "comparison.json")
+    assert (result["a"], result["b"], result["only_in_a"], result["only_in_b"]) == ("old", "new", ["case_8"], [])
+    diffs = np.array([1 / 3] * 6 + [2 * 180 / 432 - 2 / 3] * 2)  # Dice B - A per study
+    dice = result["classes"]["1"]["metrics"]["dice"]
+    assert dice["n"] == 8 and dice["mean_diff"] == pytest.approx(diffs.mean(), abs=1e-5)
+    assert dice["p_value"] == pytest.approx(stats.wilcoxon(diffs).pvalue, rel=1e-5) and dice["p_value"] < 0.05
+    assert dice["ci_low"] > 0 and dice["better"] == "b"
+    hd95 = result["classes"]["1"]["metrics"]["hd95"]
+    assert hd95["mean_diff"] == pytest.approx((6 * -1.6 + 2 * -0.8) / 8, abs=1e-5) and hd95["better"] == "b"
+    shell = result["classes"]["2"]["metrics"]["dice"]
+    assert (shell["mean_diff"], shell["p_value"], shell["n_nonzero"], shell["better"]) == (0.0, 1.0, 0, None)
+    lines = (out / "comparison.csv").read_text().splitlines()
+    assert lines[0].startswith("class,class_name,metric,n,") and len(lines) == 1 + 2 * 5
+    first = {n: (out / n).read_bytes() for n in ("comparison.json", "comparison.csv", "comparison.html")}
+    assert compare(eval_a, eval_b, out, names=("old", "new"), config=config).get("skipped") is True
+    compare(eval_a, eval_b, out, names=("old", "new"), config=config, force=True)
+    assert {n: (out / n).read_bytes() for n in first} == first
+
+
+def test_cli_compare(two_models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    eval_a, eval_b = two_models
+    out = tmp_path / "cmp_cli"
+    assert main(["compare", str(eval_a), str(eval_b), "--out", str(out), "--names", "old", "new"]) == 0
+    assert "compare: complete (8 ok" in capsys.readouterr().out and (out / "comparison.html").is_file()

@@ -11,11 +11,11 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import config_hash, load_config
 from pipeline.demo_data import phantom
-from pipeline.fileio import read_json, write_json_atomic
+from pipeline.fileio import read_json, sha256_file, write_json_atomic
 from pipeline.io.nifti import save_nifti
-from pipeline.manifest import Manifest, Problem, Study, save_manifest
+from pipeline.manifest import Manifest, Problem, Study, load_manifest, save_manifest
 from pipeline.provenance import StageRecord
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.report import report, safe_name
@@ -78,9 +78,11 @@ def run(tmp_path: Path) -> Path:
         pred = np.roll(label.array, shift, axis=1)
         save_nifti(label.with_array(pred), infer_dir / "predictions" / f"{sid}.nii.gz", dtype=np.uint8)
         source = f"{SECRET}_{i}/scan_{SECRET}.nii.gz"
+        checksums = {k: sha256_file(ingest / f"{k}s" / f"{sid}.nii.gz") for k in ("image", "label")}
         studies.append(Study(id=sid, source=source, format="nifti", status="ok", image=f"images/{sid}.nii.gz",
-                             label=f"labels/{sid}.nii.gz",
-                             problems=[Problem(code="rounded_affine", message=f"scan_{SECRET}.nii.gz: affine rounded")]))
+                             label=f"labels/{sid}.nii.gz", sha256=checksums,
+                             problems=[Problem(code="rounded_affine",
+                                               message=f"scan_{SECRET}.nii.gz: affine rounded")]))
         entries.append({"id": sid, "image": f"images/{sid}.nii.gz", "prediction": f"predictions/{sid}.nii.gz"})
     save_manifest(Manifest(dataset="demo", labels={"0": "background", "1": "core<script>", "2": "shell"},
                            studies=studies), ingest)
@@ -91,6 +93,11 @@ def run(tmp_path: Path) -> Path:
     ingest_record.finish(outputs=[])
     evaluate(infer_dir, ingest, root / "05_evaluate")
     return root
+
+
+def decode_png(uri: str) -> np.ndarray:
+    assert uri.startswith("data:image/png;base64,")
+    return mpimg.imread(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])), format="png")[..., :3]
 
 
 def test_report_files_html_metrics_and_pictures(run: Path) -> None:
@@ -106,26 +113,56 @@ def test_report_files_html_metrics_and_pictures(run: Path) -> None:
     index = parse(out / "index.html")
     index_text = " ".join(index.text)
     assert "Phantom report" in index_text
-    # worst first: case_0001 has its prediction shifted by 3 voxels, case_0000 is perfect
-    assert index.links == ["studies/case_0001abcd.html", "studies/case_0000abcd.html"]
+    # worst first: case_0001 has its prediction shifted by 3 voxels, case_0000 is perfect; the overall worst
+    # cases come first, then the worst cases of each class, then the study table
+    worst_first = ["studies/case_0001abcd.html", "studies/case_0000abcd.html"]
+    assert index.links[:2] == worst_first and index.links[-2:] == worst_first and set(index.links) == set(worst_first)
     summary = read_json(run / "05_evaluate" / "summary.json")
     core = summary["classes"]["1"]["dice"]
     assert f"{core['mean']:.3f} \u00b1 {core['std']:.3f}" in index_text
+    assert f"[{core['ci_low']:.3f}, {core['ci_high']:.3f}]" in index_text  # bootstrap CI of the mean
+    assert f"{core['median']:.3f} [{core['q1']:.3f}, {core['q3']:.3f}]" in index_text
+    hd95 = summary["classes"]["2"]["hd95"]
+    assert f"{hd95['median']:.2f} [{hd95['q1']:.2f}, {hd95['q3']:.2f}]" in index_text
     assert "feedc0de" in index_text and "x86_64" in index_text  # provenance block
+    manifest = load_manifest(run / "01_ingest")
+    assert manifest.studies[0].sha256["image"][:16] in index_text  # data checksums
+    assert sha256_file(run / "04_infer" / "predictions" / "case_0000abcd.nii.gz")[:16] in index_text
+    assert config_hash(load_config(None, overrides=["report.title=Phantom report"])) in index_text
+    assert "monai" in index_text and "Wilcoxon" not in index_text
+    (box_plot,) = index.images
+    rgb = decode_png(box_plot)
+    assert rgb.std() > 0.05 and rgb.shape[1] > 3 * rgb.shape[0]  # four panels side by side
 
     per_study = read_json(out / "studies" / "case_0001abcd.json")
-    assert per_study["id"] == "case_0001abcd" and per_study["problems"][0]["code"] == "rounded_affine"
+    assert per_study["schema_version"] == 1 and per_study["id"] == "case_0001abcd"
+    assert per_study["problems"][0]["code"] == "rounded_affine"
     assert per_study["paths"]["prediction"] == "predictions/case_0001abcd.nii.gz"
+    segmentation = per_study["segmentation"]
+    core_row = next(m for m in segmentation["classes"] if m["class"] == 1)
+    assert set(core_row) >= {"dice", "iou", "nsd", "nsd_tolerance_mm", "hd95", "assd", "volume_ref_ml",
+                             "volume_pred_ml", "rel_volume_error"}
     page = parse(out / "studies" / "case_0001abcd.html")
-    dice_core = next(m["dice"] for m in per_study["metrics"] if m["class"] == 1)
-    assert 0 < dice_core < 1 and f"{dice_core:.4f}" in " ".join(page.text)
-    assert len(page.images) == 1 and page.images[0].startswith("data:image/png;base64,")
+    page_text = " ".join(page.text)
+    assert 0 < core_row["dice"] < 1 and f"{core_row['dice']:.4f}" in page_text
+    assert f"{core_row['nsd']:.4f}" in page_text and f"{core_row['assd']:.2f}" in page_text
+    assert "rounded_affine" in page_text and page.links == ["../index.html"]
+    assert len(page.images) == 1
     png = base64.b64decode(page.images[0].split(",", 1)[1])
     assert png == (out / "studies" / "case_0001abcd.png").read_bytes()
-    rgb = mpimg.imread(io.BytesIO(png), format="png")[..., :3]
+    rgb = decode_png(page.images[0])
     assert rgb.std() > 0.05
     assert np.all(np.abs(rgb - [0, 1, 0]) < 0.15, axis=-1).sum() > 20  # reference contour
     assert np.all(np.abs(rgb - [1, 0, 1]) < 0.15, axis=-1).sum() > 20  # prediction contour
+
+
+def test_secrets_in_configs_never_reach_the_pages(run: Path, tmp_path: Path) -> None:
+    out = run / "06_report"
+    config = load_config(None, overrides=[f"data.root={tmp_path / SECRET}", "ingest.pseudonym_key=hunter2-key"])
+    report(run / "05_evaluate", out, ingest=run / "01_ingest", config=config, provenance=[run / "01_ingest"])
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert "hunter2" not in text and "Doe" not in text and str(tmp_path) not in text
+    assert "&lt;redacted&gt;" in text
 
 
 def test_no_source_names_or_absolute_paths_and_text_is_escaped(run: Path, tmp_path: Path) -> None:

@@ -1,0 +1,200 @@
+"""The ingest stage's per-study layer: convert one study (DICOM series or NIfTI image + label), or reuse it."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.errors import GeometryError, IngestError
+from pipeline.fileio import sha256_bytes, sha256_file
+from pipeline.io.dicom import DicomOptions, DicomSeries, decode_series, read_series_bytes, storage_dtype
+from pipeline.io.nifti import load_nifti, save_nifti
+from pipeline.io.volume import Volume
+from pipeline.manifest import Problem, Study
+
+_DECIMALS = 6  # geometry in the manifest, rounded from the float32 affine the NIfTI file stores
+
+
+@dataclass(frozen=True)
+class IngestTask:
+    """One study to convert; built in the main process, run (maybe) in a worker."""
+
+    id: str
+    source: str
+    format: Literal["nifti", "dicom"]
+    out_dir: str
+    image_path: str | None = None
+    label_path: str | None = None
+    label_source: str | None = None
+    allowed_labels: tuple[int, ...] | None = None
+    modality: str | None = None
+    series: DicomSeries | None = None
+    dicom_options: DicomOptions | None = None
+    previous: Study | None = None
+    problems: tuple[tuple[str, str], ...] = ()
+    error: tuple[str, str] | None = None  # decided at discovery: (code, message)
+    skip: tuple[str, str] | None = None
+    max_voxels: int | None = None
+
+
+def _load(path: str, rel: str) -> Volume:
+    """load_nifti, with the error naming the file relative to the scan folder."""
+    try:
+        return load_nifti(path)
+    except IngestError as exc:
+        message = str(exc).replace(f"{Path(path).name}:", f"{rel}:", 1)
+        raise type(exc)(message if rel in message else f"{rel}: {message}", code=exc.code) from exc
+
+
+def _label_array(label: Volume, image: Volume, task: IngestTask) -> np.ndarray:
+    rel = task.label_source
+    if not label.same_grid(image):
+        raise GeometryError(f"{rel}: label grid (shape {list(label.spatial_shape)}, spacing "
+                            f"{[round(s, 4) for s in label.spacing]}) differs from image {task.source} (shape "
+                            f"{list(image.spatial_shape)}, spacing {[round(s, 4) for s in image.spacing]}); "
+                            "resample the label onto the image grid", code="label_grid_mismatch")
+    data = label.array
+    if data.dtype.kind == "f":
+        rounded = np.rint(data)
+        off = np.flatnonzero(rounded != data)
+        if off.size:
+            raise IngestError(f"{rel}: {off.size} label voxels are not whole numbers (e.g. "
+                              f"{float(data.flat[off[0]]):.4g}); labels must be integer class values",
+                              code="label_not_integer")
+        data = rounded
+    values = [int(v) for v in np.unique(data)]
+    allowed = task.allowed_labels
+    undeclared = [v for v in values if (v not in allowed if allowed is not None else v < 0)]
+    if undeclared:
+        declared = f"declared {list(allowed)}" if allowed is not None else "labels must be >= 0"
+        raise IngestError(f"{rel}: label values {undeclared[:10]} are not in the declared label set ({declared}); "
+                          "fix the label file or dataset.json 'labels'", code="label_undeclared_values")
+    dtype = np.uint8 if values[-1] <= 255 else np.int16
+    if values[-1] > np.iinfo(np.int16).max:
+        raise IngestError(f"{rel}: label value {values[-1]} is too large", code="label_undeclared_values")
+    return data.astype(dtype)
+
+
+def _geometry(volume: Volume) -> dict[str, Any]:
+    affine = volume.affine.astype(np.float32).astype(np.float64)  # what the saved sform holds
+    return {
+        "shape": list(volume.spatial_shape),
+        "spacing": [round(float(v), _DECIMALS) for v in np.linalg.norm(affine[:3, :3], axis=0)],
+        "orientation": "".join(nib.orientations.aff2axcodes(affine)),
+        "affine": [[round(float(v), _DECIMALS) + 0.0 for v in row] for row in affine],
+    }
+
+
+def _reusable(task: IngestTask, inputs: dict[str, str]) -> bool:
+    prev = task.previous
+    if prev is None or prev.status != "ok" or prev.source != task.source:
+        return False
+    if any(prev.sha256.get(k) != v for k, v in inputs.items()) or ("label_input" in prev.sha256) != (
+            "label_input" in inputs):
+        return False
+    for rel, name in ((prev.image, "image"), (prev.label, "label")):
+        if rel is not None:
+            path = Path(task.out_dir) / rel
+            if not path.is_file() or sha256_file(path) != prev.sha256.get(name):
+                return False
+    return True
+
+
+def _write(task: IngestTask, image: Volume, dtype: Any, label: np.ndarray | None, inputs: dict[str, str],
+           problems: list[tuple[str, str]]) -> Study:
+    out = Path(task.out_dir)
+    image_rel = f"images/{task.id}.nii.gz"
+    save_nifti(image, out / image_rel, dtype=dtype)
+    hashes = {**inputs, "image": sha256_file(out / image_rel)}
+    label_rel = None
+    if label is not None:
+        label_rel = f"labels/{task.id}.nii.gz"
+        save_nifti(image.with_array(label), out / label_rel, dtype=label.dtype)
+        hashes["label"] = sha256_file(out / label_rel)
+    return Study(id=task.id, source=task.source, format=task.format, status="ok", image=image_rel, label=label_rel,
+                 label_source=task.label_source, modality=task.modality, **_geometry(image), sha256=hashes,
+                 problems=[Problem(code=c, message=m) for c, m in problems])
+
+
+def process_study(task: IngestTask) -> tuple[Study, bool]:
+    """Convert one study (or reuse its unchanged outputs): (manifest entry, reused)."""
+    if task.series is not None:
+        digest, blobs = read_series_bytes(task.series)
+        options = task.dicom_options or DicomOptions()
+        inputs = {"input": digest, "options": sha256_bytes(repr(options).encode())}
+        if _reusable(task, inputs):
+            return task.previous, True  # type: ignore[return-value]
+        volume = decode_series(task.series, blobs, options=options)
+        del blobs
+        return _write(task, volume, storage_dtype(volume.array), None, inputs,
+                      [*task.problems, *volume.meta["problems"]]), False
+    inputs = {"input": _checksum(task.image_path, task.source)}  # type: ignore[arg-type]
+    if task.label_path:
+        label_sha = _checksum(task.label_path, task.label_source or "")
+        inputs["label_input"] = sha256_bytes(f"{label_sha}|{task.allowed_labels}".encode())
+    if _reusable(task, inputs):
+        return task.previous, True  # type: ignore[return-value]
+    _check_size(task.image_path, task.source, task.max_voxels)  # type: ignore[arg-type]
+    for path, rel in ((task.image_path, task.source), (task.label_path, task.label_source)):
+        if path and path.endswith(".gz"):
+            _check_gzip(path, rel or "")
+    image = _load(task.image_path, task.source)  # type: ignore[arg-type]
+    source_dtype = np.dtype(image.meta["source_dtype"])
+    dtype = source_dtype.newbyteorder("=") if image.array.dtype == source_dtype else np.float32
+    label = None
+    problems = list(task.problems)
+    if task.label_path:
+        label = _label_array(_load(task.label_path, task.label_source or ""), image, task)
+        if not label.any():
+            problems.append(("label_background_only", f"{task.label_source}: the label holds background only "
+                                                      "(nothing segmented); kept, check that this is intended"))
+    return _write(task, image, dtype, label, inputs, problems), False
+
+
+def _checksum(path: str, rel: str) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise IngestError(f"{rel}: cannot read the file ({exc.strerror}); was it moved or deleted during ingest?",
+                          code="file_unreadable") from None
+
+
+def _check_gzip(path: str, rel: str) -> None:
+    """Inflate a .gz to nowhere, checking its CRC-32 and length: readers stop at the data's end and never
+    look at the trailer, so a corrupted stream that still inflates would pass as good voxels."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                while block:
+                    if inflater.eof:  # a multi-member gzip file: the next member starts here
+                        block, inflater = inflater.unused_data + block, zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    inflater.decompress(block, 1 << 24)
+                    block = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise IngestError(f"{rel}: corrupt gzip stream ({exc}); the file is damaged, copy or export it again",
+                          code="nifti_corrupt") from None
+    except OSError as exc:
+        raise IngestError(f"{rel}: cannot read the file ({exc.strerror})", code="file_unreadable") from None
+    if not inflater.eof:
+        raise IngestError(f"{rel}: the gzip stream ends early (truncated file); copy or export it again",
+                          code="nifti_corrupt")
+
+
+def _check_size(path: str, rel: str, max_voxels: int | None) -> None:
+    """Refuse a NIfTI file whose header declares more voxels than allowed, before reading its data."""
+    try:
+        shape = nib.load(path).shape
+    except (OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError):
+        return  # load_nifti says what is wrong with the file
+    voxels = math.prod(int(n) for n in shape)
+    if max_voxels is not None and voxels > max_voxels:
+        raise IngestError(f"{rel}: the header declares {list(shape)} = {voxels:,} voxels, more than ingest.max_voxels "
+                          f"= {max_voxels:,}; if the image is real, raise ingest.max_voxels and ingest.memory_limit_mb",
+                          code="too_large")
