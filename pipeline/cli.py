@@ -28,10 +28,13 @@ Stages (each usable alone, talking only through files on disk):
   preprocess  fingerprint, plans (spacing, normalisation, patch size), preprocessed volumes
   train       3D U-Net (MONAI), CUDA + AMP when present, CPU otherwise; resumable
   infer       sliding-window prediction on each image's own grid
-  evaluate    Dice and HD95 per study and class
+  evaluate    Dice, IoU, HD95, ASSD, surface Dice, volumes per study and class; cohort CIs
   report      per-study JSON + HTML pages with pictures, one cohort page
   run         all of the above from one config; up-to-date stages are skipped
   demo        the whole chain on generated phantoms (a few minutes on a laptop CPU)
+
+Tools: compare (paired test of two evaluations), export-seg (DICOM SEG),
+export-model (TorchScript/ONNX), export-pdf (a report page to PDF).
 
 Exit status: 0 all studies done, 3 partially done (some studies failed; see the
 stage's record.json), 1 failed, 2 bad command line or config.
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", type=Path, required=True)
     _common(p)
 
-    p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against reference labels",
+    p = sub.add_parser("evaluate", help="segmentation metrics of predictions against reference labels",
                        description="Pair PRED and REF by study id or file name; write per_study.csv and "
                        "summary.json. Each may be a plain folder of label NIfTI files or a stage folder.")
     p.add_argument("--pred", type=Path, required=True, help="infer output or folder of label NIfTI files")

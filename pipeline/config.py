@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
 from pipeline.errors import ConfigError
 from pipeline.fileio import canonical_json, sha256_bytes, write_text_atomic
@@ -24,6 +24,10 @@ class DataConfig(_Section):
     split_file: Path | None = None
 
 
+DEFAULT_PSEUDONYM_KEY = "medpipe"
+_REDACTED = "redacted-sha256:"
+
+
 class IngestConfig(_Section):
     """DICOM geometry policies: ``resample`` onto an orthogonal, regular grid (recorded as a problem)
     or ``refuse`` (the study fails with a code). ``split_4d`` writes each volume of a 4D series
@@ -38,7 +42,15 @@ class IngestConfig(_Section):
     data already de-identified."""
 
     workers: int = Field(1, ge=1)
-    pseudonym_key: str = "medpipe"
+    pseudonym_key: str = DEFAULT_PSEUDONYM_KEY
+
+    @field_validator("pseudonym_key")
+    @classmethod
+    def _not_redacted(cls, value: str) -> str:
+        if value.startswith(_REDACTED):
+            raise ValueError("this is the digest a saved config keeps in place of the private key; "
+                             "give the key itself (e.g. --set ingest.pseudonym_key=...)")
+        return value
     gantry_tilt: Literal["resample", "refuse"] = "resample"
     irregular_slices: Literal["resample", "refuse"] = "refuse"
     split_4d: bool = False
@@ -46,6 +58,13 @@ class IngestConfig(_Section):
     timeout_s: float | None = Field(600.0, gt=0)
     max_voxels: int = Field(1 << 29, ge=1)
     scrub_phi: bool = True
+
+    @field_serializer("pseudonym_key")
+    def _redact_key(self, value: str) -> str:
+        """Saved configs and records carry a digest of a private key, never the key itself."""
+        if value == DEFAULT_PSEUDONYM_KEY or value.startswith(_REDACTED):
+            return value
+        return _REDACTED + sha256_bytes(value.encode())[:16]
 
 
 class AugmentationConfig(_Section):

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai import transforms as mt
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
@@ -195,11 +194,8 @@ class Predictor:
         self.network = network.to(self.device).eval()
         self.roi_size = tuple(int(s) for s in self.plans["patch_size"])
         self.num_classes = int(self.plans.get("num_classes") or 2)
-        full = preprocessing_transforms(self.plans, keys=("image",), crop_foreground=False)
-        steps = list(full.transforms)
-        if steps and (isinstance(steps[0], mt.LoadImaged) or type(steps[0]).__name__.startswith("Load")):
-            steps = steps[1:]  # volumes arrive already loaded and validated by load_nifti
-        self._transform = mt.Compose(steps)
+        # volumes arrive already loaded and validated by load_nifti
+        self._transform = preprocessing_transforms(self.plans, keys=("image",), crop_foreground=False, load=False)
 
     @classmethod
     def from_folder(cls, model_dir: str | Path, *, config: InferConfig | None = None) -> tuple[Predictor, ModelBundle]:

@@ -178,6 +178,8 @@ def parse_header(data: bytes) -> RawHeader:
             group, elem = struct.unpack_from("<HH", data, meta_end)
             vr = data[meta_end + 4:meta_end + 6]
             if vr in _LONG_VRS:
+                if meta_end + 12 > len(data):
+                    raise FastParseError("file meta element cut inside its length")
                 length = struct.unpack_from("<I", data, meta_end + 8)[0]
                 start = meta_end + 12
             elif vr in _ALL_VRS:

@@ -163,10 +163,16 @@ def evaluate(
     pred_paths = prediction_paths(pred)
     ref_paths, labels, manifest_path = _reference_paths(ref)
     inputs: dict[str, Path] = {}
+    not_selected: list[str] = []
     if (pred / PREDICTIONS_JSON).is_file():
         inputs["predictions"] = pred / PREDICTIONS_JSON
-        model_labels = read_predictions(pred).get("model", {}).get("labels")
-        labels = labels or model_labels
+        index = read_predictions(pred)
+        labels = labels or index.get("model", {}).get("labels")
+        # An infer run over a chosen subset (e.g. the validation split) is evaluated on that subset:
+        # references it never set out to predict are not "missing predictions".
+        attempted = {e["id"] for e in index["predictions"]} | {e["id"] for e in index.get("failed", [])}
+        not_selected = sorted(set(ref_paths) - attempted)
+        ref_paths = {sid: p for sid, p in ref_paths.items() if sid in attempted}
     inputs.update({f"prediction:{sid}": p for sid, p in pred_paths.items()})
     if manifest_path is not None:
         inputs["manifest"] = manifest_path
@@ -218,6 +224,7 @@ def evaluate(
             "worst_studies": rounded(worst_studies(rows, settings.worst_cases)),
             "studies": sorted(results),
             "unpaired": unpaired,
+            "references_not_selected_for_inference": len(not_selected),
             "failed": failed,
             "unexpected_labels": [{"id": sid, "values": r.unexpected} for sid, r in sorted(results.items())
                                   if r.unexpected],

@@ -195,4 +195,16 @@ def preprocess(ingest_dir: Path, out: Path, *, config: PipelineConfig | None = N
         record.extra["target_spacing"] = plans["target_spacing"]
         return outputs
 
-    return execute_stage(STAGE, out, config=config, inputs={"manifest": manifest_path}, work=work, force=force)
+    return execute_stage(STAGE, out, config=config, inputs=_input_files(manifest_path, ingest_dir), work=work,
+                         force=force)
+
+
+def _input_files(manifest_path: Path, ingest_dir: Path) -> dict[str, Path]:
+    """The manifest and every file it names: an image replaced behind the manifest must rerun the stage."""
+    inputs = {"manifest": manifest_path}
+    if manifest_path.is_file():
+        for study in load_manifest(manifest_path).ok_studies():
+            for kind, rel in (("image", study.image), ("label", study.label)):
+                if rel:
+                    inputs[f"{study.id}/{kind}"] = ingest_dir / rel
+    return inputs

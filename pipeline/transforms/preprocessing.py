@@ -58,16 +58,18 @@ def preprocessing_transforms(
     *,
     keys: Sequence[str] = ("image", "label"),
     crop_foreground: bool | None = None,
+    load: bool = True,
 ) -> mt.Compose:
     """Load NIfTI files named in a dict and bring them to the plans' orientation, spacing and intensities.
 
     ``keys`` lists the image first; a ``label`` key is resampled with nearest neighbour.
     ``crop_foreground`` overrides the plans (inference keeps the whole field of view).
+    ``load=False`` starts from MetaTensors already loaded (with their affine) instead of paths.
     """
     keys = list(keys)
     modes = ["nearest" if k == "label" else "bilinear" for k in keys]
-    steps: list[mt.MapTransform] = [
-        LoadVolumed(keys=keys),
+    steps: list[mt.MapTransform] = [LoadVolumed(keys=keys)] if load else []
+    steps += [
         mt.EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
         mt.EnsureTyped(keys=keys, dtype=np.float32),
         mt.Orientationd(keys=keys, axcodes=plans.get("orientation", "RAS"),

@@ -214,8 +214,6 @@ def test_preprocess_cache_follows_content_not_paths(msd_dataset: Path, tmp_path:
     assert reused.pop(changed) is False and all(reused.values())
 
 
-@pytest.mark.xfail(strict=True, reason="preprocess's up-to-date check hashes only the ingest manifest, not the "
-                   "images it names: an ingest output replaced at the same path is served stale (reported)")
 def test_preprocess_notices_an_ingest_image_replaced_behind_the_manifest(msd_dataset: Path, tmp_path: Path) -> None:
     from pipeline.stages.preprocess import preprocess
 

@@ -101,7 +101,7 @@ def test_hash_changes_with_content_only() -> None:
 
 
 def test_save_resolved_round_trips(tmp_path: Path) -> None:
-    config = load_config(None, overrides=["name=x", "preprocess.patch_size=[16,16,16]"])
+    config = load_config(None, overrides=["name=x", "preprocess.patch_size=[16,16,16]"])  # default (public) key
     digest = save_resolved(config, tmp_path)
     text = (tmp_path / "config.yaml").read_text()
     assert digest in text.splitlines()[0]
@@ -114,3 +114,16 @@ def test_orientation_validated() -> None:
     assert load_config(None, overrides=["preprocess.orientation=lps"]).preprocess.orientation == "LPS"
     with pytest.raises(ConfigError, match="orientation"):
         load_config(None, overrides=["preprocess.orientation=RRS"])
+
+
+def test_private_pseudonym_key_never_saved(tmp_path: Path) -> None:
+    secret = "hospital-secret-4711"
+    a = load_config(None, overrides=[f"ingest.pseudonym_key={secret}"])
+    b = load_config(None, overrides=["ingest.pseudonym_key=another-key"])
+    assert a.ingest.pseudonym_key == secret  # the stages use the key itself
+    save_resolved(a, tmp_path)
+    text = (tmp_path / "config.yaml").read_text()
+    assert secret not in text and "redacted-sha256:" in text
+    assert config_hash(a) != config_hash(b)  # a new key still reruns ingest
+    with pytest.raises(ConfigError, match="give the key itself"):
+        load_config(tmp_path / "config.yaml")
