@@ -1,4 +1,4 @@
-"""The one batch loop: per-study work with continue-on-error, isolated worker processes, progress."""
+"""The one batch loop: per-study work with continue-on-error, isolated worker processes or Ray, progress."""
 
 from __future__ import annotations
 
@@ -6,19 +6,22 @@ import logging
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.isolation import Isolation, Reply, run_isolated
 
+if TYPE_CHECKING:
+    from pipeline.config import ExecutionConfig
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["Isolation", "Outcome", "outcome_summary", "run_batch"]
+__all__ = ["Isolation", "Loaded", "Outcome", "outcome_summary", "run_batch"]
 
 
 @dataclass
@@ -45,6 +48,29 @@ def _out_of_memory(exc: BaseException) -> bool:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False
+
+
+class Loaded(Generic[T, R]):
+    """A per-study function with costly state (a model) built once per worker process or Ray actor.
+
+    Subclass it as a picklable recipe (a dataclass of paths and settings whose ``repr`` names
+    them) and implement ``load()``, which builds the state and returns the per-study function.
+    Jobs carry only the recipe; each process keeps what ``load()`` built, keyed by the recipe.
+    """
+
+    def load(self) -> Callable[[T], R]:
+        raise NotImplementedError
+
+    def __call__(self, item: T) -> R:
+        cache_key = f"{type(self).__module__}.{type(self).__qualname__}:{self!r}"
+        loaded = _LOADED.get(cache_key)
+        if loaded is None:
+            _LOADED.clear()  # one recipe per process at a time: a new model replaces the old one
+            loaded = _LOADED[cache_key] = self.load()
+        return loaded(item)
+
+
+_LOADED: dict[str, Callable[[Any], Any]] = {}
 
 
 def _call(fn: Callable[[T], R], item: T, key: str) -> Outcome[T, R]:
@@ -81,6 +107,7 @@ def run_batch(
     workers: int = 1,
     desc: str = "studies",
     isolation: Isolation | None = None,
+    execution: ExecutionConfig | None = None,
 ) -> Iterator[Outcome[T, R]]:
     """Apply ``fn`` to every item, yielding outcomes in input order; failures never stop the batch.
 
@@ -88,8 +115,23 @@ def run_batch(
     items must pickle), under the isolation's memory and time limits: a worker that crashes,
     hangs or runs out of memory fails only its item, with a code saying which. Without
     either, items run in this process (``fn`` may then be a closure).
+
+    ``execution.backend == "ray"`` runs every item as a Ray task instead (a :class:`Loaded`
+    ``fn`` on actors that load once), with the execution section's resources and retries; see
+    :mod:`pipeline.ray_backend`. Outcomes and codes are the same whichever backend runs them.
     """
     keys = [key(item) for item in items]
+    if execution is not None and execution.backend == "ray":
+        from pipeline.ray_backend import run_on_ray
+
+        bar = tqdm(total=len(items), desc=desc, unit="study", disable=None, leave=False)
+        try:
+            for outcome in run_on_ray(items, fn, keys, execution=execution, call=_call):
+                bar.update()
+                yield outcome
+        finally:
+            bar.close()
+        return
     if isolation is None and workers <= 1:
         bar = tqdm(total=len(items), desc=desc, unit="study", disable=None, leave=False)
         try:
@@ -99,11 +141,14 @@ def run_batch(
                 yield outcome
         finally:
             bar.close()
+            if isinstance(fn, Loaded):
+                _LOADED.clear()  # in this process: do not keep a model alive after its batch
         return
     limits = isolation or Isolation()
     jobs = [(_call, (fn, item, item_key)) for item, item_key in zip(items, keys, strict=True)]
     results: dict[int, Outcome[T, R]] = {}
-    replies = run_isolated(jobs, workers=workers, limits=limits, preload=(getattr(fn, "__module__", ""),))
+    preload = (type(fn).__module__ if isinstance(fn, Loaded) else getattr(fn, "__module__", ""),)
+    replies = run_isolated(jobs, workers=workers, limits=limits, preload=preload)
     bar = None
     try:
         for index, reply in replies:

@@ -60,6 +60,25 @@ def _common(parser: argparse.ArgumentParser, *, config_optional: bool = True) ->
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
+def _batch_options(parser: argparse.ArgumentParser, *, workers: bool = False) -> None:
+    """--shard, --backend and --address (issue 7): where and which part of the batch runs."""
+    parser.add_argument("--shard", metavar="I/N", help="process only shard I of N (0-based; studies split by a hash "
+                        "of their id) into OUT/shard-I-of-N; 'medpipe merge' assembles the shards")
+    parser.add_argument("--backend", choices=("local", "ray"), help="local worker processes (default) or Ray tasks")
+    parser.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    if workers:
+        parser.add_argument("--workers", type=int, help="worker processes, each loading the model once")
+
+
+def _execution_overrides(args: argparse.Namespace) -> list[str]:
+    extra = [f"execution.shard={args.shard}"] if getattr(args, "shard", None) else []
+    extra += [f"execution.backend={args.backend}"] if getattr(args, "backend", None) else []
+    extra += [f"execution.address={args.address}"] if getattr(args, "address", None) else []
+    if getattr(args, "workers", None) and args.command == "infer":
+        extra.append(f"execution.workers={args.workers}")
+    return extra
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medpipe", description=_DESCRIPTION, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,12 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", type=Path, required=True, help="output folder")
     p.add_argument("--workers", type=int, help="parallel worker processes (default: config ingest.workers)")
     _common(p)
+    _batch_options(p)
 
     p = sub.add_parser("preprocess", help="fingerprint, plans and preprocessed volumes from an ingest folder",
                        description="Read INGEST_DIR/manifest.json; write plans.json, dataset.json and data/.")
     p.add_argument("ingest_dir", type=Path, metavar="INGEST_DIR")
     p.add_argument("--out", "-o", type=Path, required=True)
     _common(p)
+    _batch_options(p)
 
     p = sub.add_parser("train", help="train a 3D U-Net on a preprocess folder (resumes if stopped)",
                        description="Train on PREPROCESS_DIR; write split.json, checkpoints/, history.csv and "
@@ -95,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", type=Path, required=True, help="model folder (RUN/03_train/model)")
     p.add_argument("--out", "-o", type=Path, required=True)
     _common(p)
+    _batch_options(p, workers=True)
 
     p = sub.add_parser("evaluate", help="segmentation metrics of predictions against reference labels",
                        description="Pair PRED and REF by study id or file name; write per_study.csv and "
@@ -120,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="scan folder (overrides data.root)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of stages to run, in order")
     _common(p, config_optional=False)
+    _batch_options(p)
+    p = sub.add_parser("merge", help="assemble the shard-I-of-N folders of a sharded stage into the stage folder",
+                       description="STAGE_DIR holds shard-0-of-N .. shard-(N-1)-of-N from 'STAGE --shard I/N' "
+                       "(ingest, preprocess or infer); write the merged manifest / dataset / predictions and "
+                       "record.json into STAGE_DIR, as an unsharded run would. Refuses missing or overlapping "
+                       "shards and shards made with different configs.")
+    p.add_argument("stage_dir", type=Path, metavar="STAGE_DIR")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
 
     p = sub.add_parser("demo", help="generate phantoms and run the whole chain on them",
                        description="Write a small synthetic dataset under OUT/data and run every stage on it "
@@ -168,6 +199,15 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="store_true")
 
+    p = sub.add_parser("import-medmnist", help="MedMNIST .npz -> NIfTI volumes + manifest with class labels",
+                       description="Write OUT/images/<split>_<index>.nii.gz, manifest.json (class_label per "
+                       "study) and split.json (official train/val) for 'medpipe train --set task=classification'.")
+    p.add_argument("npz", type=Path, metavar="NPZ")
+    p.add_argument("--out", "-o", type=Path, required=True)
+    p.add_argument("--limit", type=int, default=None, help="import only the first N studies of each split")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+
     p = sub.add_parser("export-pdf", help="print a report page to PDF with headless Chromium")
     p.add_argument("page", type=Path, metavar="PAGE", help="an index.html or studies/<id>.html")
     p.add_argument("--out", "-o", dest="output", type=Path, required=True, metavar="PDF")
@@ -177,7 +217,7 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
 
 def _config(args: argparse.Namespace, path: Path | None = None, extra: Sequence[str] = ()) -> PipelineConfig:
     return load_config(path if path is not None else getattr(args, "config", None),
-                       overrides=[*extra, *args.overrides])
+                       overrides=[*extra, *_execution_overrides(args), *args.overrides])
 
 
 def _exit_code(record: dict[str, Any]) -> int:
@@ -328,6 +368,18 @@ def _cmd_export_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_import_medmnist(args: argparse.Namespace) -> int:
+    from pipeline.classification.medmnist import import_medmnist
+
+    manifest = import_medmnist(args.npz, args.out, limit=args.limit)
+    counts: dict[int, int] = {}
+    for study in manifest.studies:
+        counts[int(study.class_label or 0)] = counts.get(int(study.class_label or 0), 0) + 1
+    print(f"import-medmnist: {len(manifest.studies)} studies, classes {dict(sorted(counts.items()))} -> "
+          f"{args.out / 'manifest.json'}")
+    return EXIT_OK
+
+
 def _cmd_export_pdf(args: argparse.Namespace) -> int:
     from pipeline.reporting.pdf import export_pdf
 
@@ -339,8 +391,17 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ingest": _cmd_ingest, "preprocess": _cmd_preprocess, "train": _cmd_train, "infer": _cmd_infer,
     "evaluate": _cmd_evaluate, "report": _cmd_report, "run": _cmd_run, "demo": _cmd_demo,
 }
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from pipeline.sharding import merge_shards
+
+    record = merge_shards(args.stage_dir)
+    _summarise(f"merge {record['stage']}", record, args.stage_dir)
+    return _exit_code(record)
+
+
+_COMMANDS["merge"] = _cmd_merge
 _COMMANDS.update({"compare": _cmd_compare, "export-seg": _cmd_export_seg, "export-model": _cmd_export_model,
-                  "export-pdf": _cmd_export_pdf})
+                  "export-pdf": _cmd_export_pdf, "import-medmnist": _cmd_import_medmnist})
 
 
 def _log_file(args: argparse.Namespace) -> Path | None:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from pipeline.errors import ConfigError
 from pipeline.fileio import canonical_json, sha256_bytes, write_text_atomic
-from pipeline.registry import SEGMENTATION_NETWORKS, did_you_mean
+from pipeline.registry import CLASSIFICATION_NETWORKS, SEGMENTATION_NETWORKS, did_you_mean
 
 
 class _Section(BaseModel):
@@ -182,6 +182,91 @@ class ReportConfig(_Section):
     title: str | None = None
 
 
+class ClassifyConfig(_Section):
+    """Classification (``task: classification``): a MONAI network by name trained with cross-entropy.
+
+    Volumes are normalised (``normalization``) and resized to ``input_size`` (2 values: 2D, 3:
+    3D). ``balance``: ``weights`` (inverse-frequency class weights in the loss), ``sampler``
+    (class-balanced sampling) or ``none``. ``pretrained`` is a local state-dict file loaded
+    partially; its layers stay frozen for ``freeze_epochs`` and then train at
+    ``pretrained_lr_factor`` times ``learning_rate``. ``operating_point`` is the positive-class
+    probability threshold for sensitivity/specificity (binary tasks); ``temperature_scaling``
+    fits one temperature on the validation logits."""
+
+    network: str = "resnet18"
+    network_kwargs: dict[str, Any] = {}
+    input_size: tuple[int, ...] = (32, 32, 32)
+    normalization: Literal["minmax", "zscore", "none"] = "minmax"
+    epochs: int = Field(30, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    balance: Literal["none", "weights", "sampler"] = "weights"
+    augment: bool = True
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    pretrained: Path | None = None
+    freeze_epochs: int = Field(0, ge=0)
+    pretrained_lr_factor: float = Field(0.1, gt=0, le=1)
+    temperature_scaling: bool = True
+    operating_point: float = Field(0.5, gt=0, lt=1)
+    gradcam_slices: int = Field(3, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    threads: int | None = Field(None, ge=1)
+
+    @field_validator("network")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in CLASSIFICATION_NETWORKS.names():
+            raise ValueError(
+                f"unknown network '{value}'.{did_you_mean(value, CLASSIFICATION_NETWORKS.names())} "
+                f"Choose one of: {', '.join(CLASSIFICATION_NETWORKS.names())}"
+            )
+        return value
+
+    @field_validator("input_size")
+    @classmethod
+    def _dims(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(value) not in (2, 3) or any(v < 4 for v in value):
+            raise ValueError("input_size needs 2 (2D) or 3 (3D) sizes of at least 4 voxels")
+        return value
+
+
+class ExecutionConfig(_Section):
+    """How per-study work runs; none of it changes an output byte, so it is in no stage's config hash.
+
+    ``backend: local`` runs studies in this process or in ``workers`` local worker processes
+    (infer; ingest has its own ``ingest.workers``); ``ray`` runs them as Ray tasks (actors for
+    inference, each loading the model once) on the cluster at ``address`` (``null``: a local Ray
+    started on demand) with the per-task resources below. A task whose worker is lost is retried
+    ``max_retries`` times, then recorded as a failed study. ``shard: "i/n"`` (normally given
+    with ``--shard``) processes only the studies whose id hashes to shard ``i`` of ``n``, into
+    ``OUT/shard-i-of-n``; ``medpipe merge OUT`` assembles the shards."""
+
+    backend: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int = Field(1, ge=1)
+    num_cpus_per_task: float = Field(1.0, ge=0)
+    num_gpus_per_task: float = Field(0.0, ge=0)
+    memory_mb_per_task: int | None = Field(None, ge=1)
+    max_retries: int = Field(2, ge=0)
+    shard: str | None = None
+
+    @field_validator("shard")
+    @classmethod
+    def _shard_form(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        index, sep, count = value.partition("/")
+        if not (sep and index.strip().isdigit() and count.strip().isdigit()
+                and 0 <= int(index) < int(count)):
+            raise ValueError(f"'{value}' is not a shard; write i/n with 0 <= i < n, e.g. 0/4")
+        return f"{int(index)}/{int(count)}"
+
+
 class PipelineConfig(_Section):
     """The whole run. Every section has defaults, so ``{}`` is a valid config."""
 
@@ -194,6 +279,9 @@ class PipelineConfig(_Section):
     infer: InferConfig = InferConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+    task: Literal["segmentation", "classification"] = "segmentation"
+    classify: ClassifyConfig = ClassifyConfig()
 
 
 # ---- YAML ------------------------------------------------------------------------------
@@ -321,7 +409,10 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 def stage_config(config: PipelineConfig, stage: str) -> dict[str, Any]:
     """The parts of the config that a stage's outputs depend on (its hash decides reruns)."""
     full = config_dict(config)
-    return {key: full[key] for key in STAGE_SECTIONS[stage]}
+    section = {key: full[key] for key in STAGE_SECTIONS[stage]}
+    if "ingest" in section:  # how many workers convert the studies does not change what they produce
+        section["ingest"] = {k: v for k, v in section["ingest"].items() if k != "workers"}
+    return section
 
 
 def defaults_yaml() -> str:

@@ -43,6 +43,7 @@ class Study(BaseModel):
     sha256: dict[str, str] = {}
     problems: list[Problem] = []
     error: Problem | None = None
+    class_label: int | None = None
 
 
 class Manifest(BaseModel):
@@ -52,6 +53,7 @@ class Manifest(BaseModel):
     dataset: str | None = None
     labels: dict[str, str] | None = None
     studies: list[Study] = []
+    classes: dict[str, str] | None = None
 
     def ok_studies(self) -> list[Study]:
         return [s for s in self.studies if s.status == "ok"]

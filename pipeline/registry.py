@@ -48,4 +48,16 @@ SEGMENTATION_NETWORKS = Registry(
     },
 )
 
+CLASSIFICATION_NETWORKS = Registry(
+    "classification network",
+    {
+        "resnet10": "pipeline.classification.networks:build_resnet10",
+        "resnet18": "pipeline.classification.networks:build_resnet18",
+        "resnet50": "pipeline.classification.networks:build_resnet50",
+        "densenet121": "pipeline.classification.networks:build_densenet121",
+        "efficientnet-b0": "pipeline.classification.networks:build_efficientnet_b0",
+        "seresnet50": "pipeline.classification.networks:build_seresnet50",
+    },
+)
+
 NORMALIZATIONS = ("zscore", "ct", "none")

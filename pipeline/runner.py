@@ -68,6 +68,13 @@ def run_pipeline(
     A stage that fails for every study stops the run (later stages would have nothing to
     work on); a partial stage lets the run go on with the studies that succeeded.
     """
+    if config.execution.shard:
+        from pipeline.sharding import SHARDABLE
+
+        unsharded = [s for s in stages if s not in SHARDABLE]
+        if unsharded:
+            raise ConfigError(f"--shard runs only {', '.join(SHARDABLE)} (each writes STAGE/shard-i-of-n; "
+                              f"'medpipe merge' joins them); run {', '.join(unsharded)} unsharded after merging")
     layout = RunLayout(Path(out))
     layout.root.mkdir(parents=True, exist_ok=True)
     save_resolved(config, layout.root)

@@ -193,7 +193,8 @@ def evaluate(
                 log.warning("evaluate: %d %s: %s", len(ids), kind.replace("_", " "), ", ".join(ids))
         results: dict[str, StudyMetrics] = {}
         failed = []
-        for outcome in run_batch(pairs, one, key=lambda p: p.id, desc="evaluate"):
+        for outcome in run_batch(pairs, one, key=lambda p: p.id, desc="evaluate",
+                                  execution=config.execution):
             if outcome.ok and outcome.result is not None:
                 results[outcome.key] = outcome.result
                 record.add(StudyStatus(id=outcome.key, status="ok"))

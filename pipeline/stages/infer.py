@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.batch import run_batch
-from pipeline.config import PipelineConfig
+import os
+
+from pipeline.batch import Loaded, run_batch
+from pipeline.config import InferConfig, PipelineConfig
 from pipeline.errors import CheckpointError, StageError
-from pipeline.fileio import write_json_atomic
+from pipeline.fileio import sha256_file, write_json_atomic
 from pipeline.inference.predictor import (
     MODEL_JSON,
     MODEL_WEIGHTS,
@@ -25,6 +27,7 @@ from pipeline.io.nifti import is_nifti, nifti_stem, save_nifti
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.runtime import device_description
+from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,39 @@ def collect_items(input: Path, out: Path, *, studies: list[str] | None = None) -
     return "folder", items
 
 
+@dataclass(frozen=True)
+class PredictRecipe(Loaded[InferItem, str]):
+    """What a worker process or Ray actor needs to load the model once and predict studies into ``out``."""
+
+    model_dir: Path
+    settings: InferConfig
+    weights_sha256: str  # a retrained model at the same path is a different recipe
+    out: Path
+    threads: int | None = None
+
+    def load(self) -> Any:
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        predictor, _ = Predictor.from_folder(self.model_dir, config=self.settings)
+
+        def predict_one(item: InferItem) -> str:
+            save_nifti(predictor.predict_file(item.path), self.out / item.prediction, dtype=np.uint8)
+            return item.prediction
+
+        return predict_one
+
+
+def _worker_threads(config: PipelineConfig) -> int | None:
+    """Torch threads per worker: the cores shared out, so that workers do not oversubscribe them."""
+    if config.execution.backend == "ray":
+        return max(1, int(config.execution.num_cpus_per_task))
+    if config.execution.workers > 1:
+        return max(1, (os.cpu_count() or 1) // config.execution.workers)
+    return None
+
+
 def _remove_stale(pred_dir: Path, keep: set[str]) -> None:
     if not pred_dir.is_dir():
         return
@@ -129,6 +165,10 @@ def infer(
     exactly its input's shape and affine. A study that fails is recorded and the batch goes on.
     """
     config = config or PipelineConfig()
+    from pipeline.classification.inference import infer_classifier, is_classification_model
+
+    if is_classification_model(model_dir):
+        return infer_classifier(Path(model_dir), Path(input), Path(out), config=config, force=force)
     out = Path(out)
     folder = resolve_model_dir(model_dir)
     for name in (MODEL_JSON, MODEL_WEIGHTS):
@@ -141,6 +181,9 @@ def infer(
         inputs["manifest"] = Path(input) / MANIFEST_NAME
     else:
         inputs.update({f"image:{item.image}": item.path for item in items})
+    out = shard_out(out, config)
+    owns = study_selector(config)
+    items = [item for item in items if owns(item.id)]  # every item when unsharded; inputs stay the whole set
     extra = {"input_kind": kind, "studies": sorted(studies) if studies is not None else None}
 
     def work(record: StageRecord) -> list[Path]:
@@ -157,7 +200,12 @@ def infer(
             save_nifti(labels, out / item.prediction, dtype=np.uint8)
             return item.prediction
 
-        outcomes = {o.key: o for o in run_batch(runnable, predict_one, key=lambda it: it.id, desc="infer")}
+        execution = config.execution
+        fn: Any = predict_one
+        if execution.backend == "ray" or execution.workers > 1:  # each worker process / actor loads the model once
+            fn = PredictRecipe(folder, config.infer, sha256_file(folder / MODEL_WEIGHTS), out, _worker_threads(config))
+        outcomes = {o.key: o for o in run_batch(runnable, fn, key=lambda it: it.id, desc="infer",
+                                                workers=execution.workers, execution=execution)}
         predictions, failed = [], []
         for item in items:
             outcome = outcomes.get(item.id)

@@ -17,6 +17,7 @@ from pipeline.isolation import Isolation, deflated_size_over
 from pipeline.manifest import Manifest, Problem, Study, load_manifest, pseudonym, save_manifest
 from pipeline.privacy import Scrubber, scan_scrubber, scrubbed_logs
 from pipeline.provenance import StageRecord, StudyStatus
+from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
 from pipeline.stages.ingest_study import IngestTask, process_study
 
@@ -301,7 +302,8 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
     """
     config = config or PipelineConfig()
     settings = config.ingest
-    scan_dir, out = Path(scan_dir), Path(out)
+    scan_dir, out = Path(scan_dir), shard_out(Path(out), config)
+    owns = study_selector(config)
     with scrubbed_logs(key=settings.pseudonym_key) as logs:
         if not scan_dir.is_dir():
             raise IngestError(f"scan folder {scan_dir} does not exist or is not a folder; pass the folder holding "
@@ -318,10 +320,12 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
             if not tasks:
                 raise IngestError(f"scan folder {scan_dir} holds {len(files)} files but no NIfTI image or DICOM "
                                   "image series", code="no_studies")
+            tasks = [t for t in tasks if owns(t.id)]  # the whole scan when unsharded
             runnable = [t for t in tasks if t.error is None and t.skip is None]
             outcomes = {o.key: o for o in run_batch(runnable, process_study, key=lambda t: t.id,
                                                     workers=settings.workers, desc="ingest",
-                                                    isolation=_isolation(settings))}
+                                                    isolation=_isolation(settings),
+                                                    execution=config.execution)}
             studies = _studies(tasks, outcomes, scrubber, record)
             manifest = Manifest(dataset=header["dataset"], labels=header["labels"], studies=studies)
             outputs = [save_manifest(manifest, out)]

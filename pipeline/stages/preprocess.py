@@ -19,6 +19,7 @@ from pipeline.manifest import Manifest, Study, load_manifest
 from pipeline.planning import StudyFingerprint, dataset_fingerprint, make_plans, study_fingerprint
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.runtime import code_version
+from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
 from pipeline.transforms.preprocessing import preprocessing_transforms
 
@@ -146,14 +147,16 @@ def _labels(manifest: Manifest) -> dict[str, str] | None:
 def preprocess(ingest_dir: Path, out: Path, *, config: PipelineConfig | None = None, force: bool = False) -> dict:
     """Fingerprint the ingested training set, write plans.json, then preprocess every labelled study into out/data."""
     config = config or PipelineConfig()
-    ingest_dir, out = Path(ingest_dir), Path(out)
+    ingest_dir, out = Path(ingest_dir), shard_out(Path(out), config)
     manifest_path = ingest_dir / "manifest.json"
+    owns = study_selector(config)  # a shard plans from every study but writes only its own
 
     def work(record: StageRecord) -> list[Path]:
         manifest = load_manifest(manifest_path)
         items, skipped = training_studies(manifest, ingest_dir)
         for status in skipped:
-            record.add(status)
+            if owns(status.id):
+                record.add(status)
         if not items:
             raise StageError(f"{manifest_path}: no ok studies with a label, so there is nothing to train on; "
                              "check the ingest record for failures and that labels were found")
@@ -161,14 +164,16 @@ def preprocess(ingest_dir: Path, out: Path, *, config: PipelineConfig | None = N
         fingerprints: list[StudyFingerprint] = []
         usable: list[StudyInput] = []
         outcomes = list(run_batch(items, lambda it: fingerprint_study(it, orientation=orientation),
-                                  key=lambda it: it.id, desc="fingerprint"))
+                                  key=lambda it: it.id, desc="fingerprint", execution=config.execution))
         for outcome in outcomes:
             if outcome.ok and outcome.result is not None:
                 fingerprints.append(outcome.result)
                 usable.append(outcome.item)
             else:
                 log.warning("%s: %s", outcome.key, outcome.message)
-                record.add(StudyStatus(id=outcome.key, status="failed", code=outcome.code, message=outcome.message))
+                if owns(outcome.key):
+                    record.add(StudyStatus(id=outcome.key, status="failed", code=outcome.code,
+                                           message=outcome.message))
         if not fingerprints:
             raise StageError(f"every labelled study in {manifest_path} failed to load; see record.json in {out}")
         plans = make_plans(dataset_fingerprint(fingerprints), config=config.preprocess, labels=_labels(manifest))
@@ -178,8 +183,8 @@ def preprocess(ingest_dir: Path, out: Path, *, config: PipelineConfig | None = N
         code = code_version()
         entries: list[dict[str, str]] = []
         outputs: list[Path] = [out / PLANS_NAME, out / DATASET_NAME]
-        done = list(run_batch(usable, lambda it: preprocess_study(it, plans=plans, out=out, code=code),
-                              key=lambda it: it.id, desc="preprocess"))
+        done = list(run_batch([it for it in usable if owns(it.id)], lambda it: preprocess_study(it, plans=plans, out=out, code=code),
+                              key=lambda it: it.id, desc="preprocess", execution=config.execution))
         log.info("preprocess: %s", outcome_summary(done))
         for outcome in done:
             if not outcome.ok:

@@ -178,7 +178,8 @@ def report(
             return [*written, out / STUDIES_DIR / f"{name}.json", out / STUDIES_DIR / f"{name}.html"]
 
         outputs: list[Path] = []
-        for outcome in run_batch(sorted(by_study), one, key=lambda s: s, desc="report"):
+        for outcome in run_batch(sorted(by_study), one, key=lambda s: s, desc="report",
+                                  execution=config.execution):
             if outcome.ok and outcome.result is not None:
                 outputs.extend(outcome.result)
                 record.add(StudyStatus(id=outcome.key, status="ok"))

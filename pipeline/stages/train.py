@@ -71,6 +71,10 @@ def train(preprocess_dir: Path, out: Path, *, config: PipelineConfig | None = No
     ``force`` retrains from scratch (checkpoints are discarded).
     """
     config = config or PipelineConfig()
+    if config.task == "classification":  # input: a labelled ingest/import folder (manifest with class_label)
+        from pipeline.classification.trainer import train_classifier
+
+        return train_classifier(Path(preprocess_dir), Path(out), config=config, force=force)
     preprocess_dir, out = Path(preprocess_dir), Path(out)
     inputs = {"plans": preprocess_dir / "plans.json", "dataset": preprocess_dir / "dataset.json",
               "preprocess_record": preprocess_dir / "record.json"}

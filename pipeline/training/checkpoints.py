@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -130,8 +131,10 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike[st
     """Write a plain state_dict atomically (tensors moved to the CPU)."""
     path = Path(path)
     cpu = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+    buffer = io.BytesIO()  # saved to a file, torch names the archive after the (random) temporary file name
+    torch.save(cpu, buffer)
     with atomic_path(path) as tmp:
-        torch.save(cpu, tmp)
+        tmp.write_bytes(buffer.getvalue())
     return path
 
 

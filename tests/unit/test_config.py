@@ -127,3 +127,10 @@ def test_private_pseudonym_key_never_saved(tmp_path: Path) -> None:
     assert config_hash(a) != config_hash(b)  # a new key still reruns ingest
     with pytest.raises(ConfigError, match="give the key itself"):
         load_config(tmp_path / "config.yaml")
+
+
+def test_worker_count_does_not_invalidate_ingest() -> None:
+    one = load_config(None, overrides=["ingest.workers=1"])
+    two = load_config(None, overrides=["ingest.workers=2"])
+    assert stage_config(one, "ingest") == stage_config(two, "ingest")
+    assert stage_config(one, "ingest") != stage_config(load_config(None, overrides=["ingest.split_4d=true"]), "ingest")

@@ -1,0 +1,1 @@
+"""Classification: MedMNIST import, MONAI classifiers, training, calibration, metrics, Grad-CAM, inference."""

@@ -1,0 +1,123 @@
+"""Classification inputs: labelled studies of a manifest as normalised, resized tensors; batch augmentation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import ManifestError
+from pipeline.io.nifti import load_nifti
+from pipeline.manifest import Manifest, load_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelledSet:
+    """Studies as one tensor (N, 1, *input_size) with their ids and integer labels (-1: unknown)."""
+
+    ids: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def subset(self, ids: list[str]) -> LabelledSet:
+        index = {s: i for i, s in enumerate(self.ids)}
+        rows = torch.tensor([index[s] for s in ids], dtype=torch.long)
+        return LabelledSet(list(ids), self.images[rows], self.labels[rows])
+
+
+def normalise(array: np.ndarray, mode: str) -> np.ndarray:
+    """minmax: to [0, 1] per volume; zscore: zero mean, unit std per volume; none: as is (float32)."""
+    array = array.astype(np.float32, copy=False)
+    if mode == "minmax":
+        lo, hi = float(array.min()), float(array.max())
+        return (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+    if mode == "zscore":
+        std = float(array.std())
+        return (array - float(array.mean())) / std if std > 0 else array - float(array.mean())
+    return array
+
+
+def to_input(array: np.ndarray, input_size: tuple[int, ...], normalization: str) -> torch.Tensor:
+    """One volume (X, Y, Z) -> (1, *input_size): a 2D size takes the volume's single slice (Z = 1)."""
+    if array.ndim == 4:
+        array = array[..., 0]
+    if len(input_size) == 2:
+        if array.shape[2] != 1:
+            raise ManifestError(f"a 2D classifier (input_size {list(input_size)}) needs 2D images; got shape "
+                                f"{list(array.shape)}; give a 3-value classify.input_size")
+        array = array[..., 0]
+    tensor = torch.from_numpy(np.ascontiguousarray(normalise(array, normalization)))[None, None]
+    if tuple(tensor.shape[2:]) != tuple(input_size):
+        shrink = all(s >= t for s, t in zip(tensor.shape[2:], input_size, strict=True))
+        mode = "area" if shrink else ("bilinear" if len(input_size) == 2 else "trilinear")
+        kwargs = {} if mode == "area" else {"align_corners": False}
+        tensor = F.interpolate(tensor, size=tuple(input_size), mode=mode, **kwargs)
+    return tensor[0]
+
+
+def load_labelled(folder: str | Path, *, input_size: tuple[int, ...], normalization: str,
+                  require_labels: bool = True) -> tuple[LabelledSet, Manifest]:
+    """Every ok study of the manifest in ``folder`` (an ingest/import folder) as a LabelledSet."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    studies = [s for s in manifest.ok_studies() if s.image]
+    if require_labels:
+        unlabelled = [s.id for s in studies if s.class_label is None]
+        if unlabelled:
+            raise ManifestError(f"{folder / 'manifest.json'}: {len(unlabelled)} stud(ies) have no class_label "
+                                f"(e.g. {unlabelled[0]}); import MedMNIST with 'medpipe import-medmnist' or add "
+                                "labels from a CSV (pipeline.classification.medmnist.apply_label_csv)")
+    if not studies:
+        raise ManifestError(f"{folder / 'manifest.json'}: no ok studies with an image")
+    tensors = [to_input(load_nifti(folder / str(s.image)).array, input_size, normalization) for s in studies]
+    labels = torch.tensor([-1 if s.class_label is None else int(s.class_label) for s in studies], dtype=torch.long)
+    log.info("loaded %d studies from %s at %s", len(studies), folder, list(input_size))
+    return LabelledSet([s.id for s in studies], torch.stack(tensors), labels), manifest
+
+
+def _rotation(angles: torch.Tensor) -> torch.Tensor:
+    """(B, 3) angles in radians -> (B, 3, 3) rotation matrices (x, then y, then z)."""
+    c, s = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
+    rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], 1).view(-1, 3, 3)
+    ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1).view(-1, 3, 3)
+    rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1).view(-1, 3, 3)
+    return rz @ ry @ rx
+
+
+def augment(batch: torch.Tensor, *, generator: torch.Generator | None = None, rotate_deg: float = 10.0,
+            scale: float = 0.1, shift: float = 0.05, intensity: float = 0.1) -> torch.Tensor:
+    """Random flips on every axis, a small rotation/scale/translation and an intensity scale/shift per sample.
+
+    Works on (B, C, *spatial) for 2D and 3D; the draws come from ``generator`` (seeded runs repeat).
+    """
+    b, dims = batch.shape[0], batch.ndim - 2
+    g = generator
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g) * 2 - 1
+
+    out = batch
+    for axis in range(dims):
+        flip = torch.rand(b, generator=g) < 0.5
+        if flip.any():
+            out = torch.where(flip.view(-1, *([1] * (dims + 1))), out.flip(2 + axis), out)
+    angles = uniform(b, 3) * math.radians(rotate_deg)
+    if dims == 2:
+        angles[:, :2] = 0
+    matrix = _rotation(angles) * (1 + uniform(b, 1, 1) * scale)
+    theta = torch.cat([matrix, uniform(b, 3, 1) * shift], dim=2)
+    if dims == 2:
+        theta = theta[:, :2][:, :, [0, 1, 3]]
+    grid = F.affine_grid(theta.to(out.dtype), list(out.shape), align_corners=False)
+    out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gain = 1 + uniform(b, *([1] * (dims + 1))) * intensity
+    offset = uniform(b, *([1] * (dims + 1))) * intensity
+    return out * gain + offset

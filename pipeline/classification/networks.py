@@ -1,0 +1,145 @@
+"""Classification networks from MONAI by name, partial (transfer) weight loading and layer freezing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import CheckpointError
+from pipeline.registry import CLASSIFICATION_NETWORKS
+from pipeline.training.checkpoints import load_checkpoint, load_weights
+
+log = logging.getLogger(__name__)
+
+
+def _resnet(depth: int, spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    from monai.networks import nets
+
+    factory = {10: nets.resnet10, 18: nets.resnet18, 50: nets.resnet50}[depth]
+    options: dict[str, Any] = {"conv1_t_size": 3, "conv1_t_stride": 1, "no_max_pool": False, **kwargs}
+    return factory(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, **options)
+
+
+def build_resnet10(spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    return _resnet(10, spatial_dims, in_channels, num_classes, **kwargs)
+
+
+def build_resnet18(spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    return _resnet(18, spatial_dims, in_channels, num_classes, **kwargs)
+
+
+def build_resnet50(spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    return _resnet(50, spatial_dims, in_channels, num_classes, **kwargs)
+
+
+def build_densenet121(spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    from monai.networks.nets import DenseNet121
+
+    return DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, **kwargs)
+
+
+def build_efficientnet_b0(spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    from monai.networks.nets import EfficientNetBN
+
+    return EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=spatial_dims, in_channels=in_channels,
+                          num_classes=num_classes, **kwargs)
+
+
+def build_seresnet50(spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    from monai.networks.nets import SEResNet50
+
+    return SEResNet50(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
+                      pretrained=False, **kwargs)
+
+
+def build_classifier(name: str, *, spatial_dims: int, in_channels: int, num_classes: int,
+                     kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """The registered network ``name`` (ConfigError with a did-you-mean for unknown names)."""
+    factory = CLASSIFICATION_NETWORKS.get(name, where="classify.network")
+    return factory(spatial_dims, in_channels, num_classes, **(kwargs or {}))
+
+
+# MONAI heads: the final layers whose shape depends on the number of classes
+_HEAD_NAMES = ("fc", "class_layers", "_fc", "last_linear")
+
+
+@dataclass
+class LoadReport:
+    """What a partial load did: keys copied, keys skipped for a shape mismatch, model keys left untouched."""
+
+    source: str
+    matched: list[str] = field(default_factory=list)
+    reshaped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "matched": len(self.matched), "reshaped": self.reshaped,
+                "missing": self.missing, "unexpected": len(self.unexpected)}
+
+
+def _state_dict_from(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict, or the model weights of a medpipe training checkpoint (weights-only loading)."""
+    try:
+        return load_weights(path)
+    except CheckpointError as exc:
+        if exc.code != "checkpoint_incomplete":
+            raise
+        return load_checkpoint(path)["model"]
+
+
+def load_partial(model: nn.Module, path: str | Path) -> LoadReport:
+    """Copy every tensor of ``path`` whose name and shape match ``model``; report the rest.
+
+    Prefixes ``module.`` (DataParallel) and ``model.`` are stripped. Keys whose shape differs
+    (typically the classification head) are skipped and listed as ``reshaped``.
+    """
+    path = Path(path)
+    source = {k.removeprefix("module.").removeprefix("model."): v for k, v in _state_dict_from(path).items()}
+    target = model.state_dict()
+    report = LoadReport(source=path.name)
+    update = {}
+    for key, value in source.items():
+        if key not in target:
+            report.unexpected.append(key)
+        elif tuple(target[key].shape) != tuple(value.shape):
+            report.reshaped.append(key)
+        else:
+            update[key] = value
+            report.matched.append(key)
+    report.missing = [k for k in target if k not in update]
+    model.load_state_dict({**target, **update})
+    log.info("pretrained %s: %d tensors matched, %d skipped for shape (%s), %d model tensors not in the file, "
+             "%d file tensors unused", path.name, len(report.matched), len(report.reshaped),
+             ", ".join(report.reshaped[:4]), len(report.missing), len(report.unexpected))
+    return report
+
+
+def is_head(name: str) -> bool:
+    """True for the classification head (always trained at the full rate, never frozen)."""
+    return name.split(".")[0] in _HEAD_NAMES
+
+
+def pretrained_parameters(model: nn.Module, matched: list[str]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(parameters loaded from the pretrained file outside the head, the others) by name."""
+    loaded = {k for k in matched if not is_head(k)}
+    pre, new = [], []
+    for name, param in model.named_parameters():
+        (pre if name in loaded else new).append(param)
+    return pre, new
+
+
+def set_frozen(model: nn.Module, matched: list[str], frozen: bool) -> int:
+    """Freeze (or unfreeze) the pretrained parameters outside the head; returns how many changed state."""
+    loaded = {k for k in matched if not is_head(k)}
+    count = 0
+    for name, param in model.named_parameters():
+        if name in loaded and param.requires_grad == frozen:
+            param.requires_grad = not frozen
+            count += 1
+    return count
