@@ -1,0 +1,44 @@
+"""The CUDA path (mixed precision training and inference); skipped where no GPU is present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import PipelineConfig
+from pipeline.io.nifti import load_nifti
+from pipeline.stages.infer import infer
+from pipeline.stages.preprocess import preprocess
+from pipeline.stages.train import train
+from tests.stages.test_preprocess import make_ingest
+
+pytestmark = pytest.mark.gpu
+
+
+def test_train_and_infer_on_cuda_with_amp(msd_dataset: Path, tmp_path: Path, tiny_config: PipelineConfig) -> None:
+    make_ingest(msd_dataset, tmp_path / "01_ingest")
+    preprocess(tmp_path / "01_ingest", tmp_path / "02_preprocess", config=PipelineConfig())
+    config = tiny_config.model_copy(update={
+        "train": tiny_config.train.model_copy(update={"device": "cuda", "amp": True, "num_workers": 0}),
+        "infer": tiny_config.infer.model_copy(update={"device": "cuda"}),
+    })
+    record = train(tmp_path / "02_preprocess", tmp_path / "03_train", config=config)
+    assert record["status"] == "complete" and record["device_type"] == "cuda"
+    state = torch.load(tmp_path / "03_train" / "model" / "model.pt", weights_only=True)
+    assert all(t.device.type == "cpu" for t in state.values())  # saved portable, loadable without a GPU
+
+    images = sorted((msd_dataset / "imagesTr").glob("*.nii.gz"))[:2]
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    result = infer(tmp_path / "03_train" / "model", folder, tmp_path / "04_infer", config=config)
+    assert result["status"] == "complete"
+    for image in images:
+        source = load_nifti(image)
+        pred = load_nifti(tmp_path / "04_infer" / "predictions" / image.name)
+        assert pred.shape == source.shape
+        np.testing.assert_allclose(pred.affine, source.affine, atol=1e-5)
