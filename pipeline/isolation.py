@@ -25,6 +25,7 @@ arguments' repr contains ``<text>``; kinds: segfault, abort, exit, sigkill, pani
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import logging.handlers
 import multiprocessing
@@ -153,6 +154,9 @@ def _failure_reply(exc: BaseException, memory_setting: str) -> Reply:
 def _worker_main(conn: Connection, memory_limit_mb: int | None, log_level: int, memory_setting: str) -> None:
     """Run jobs from ``conn`` until it closes or sends None; reply with ("done", index, reply)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # A crashing decoder is reported by the parent with the signal's name; a faulthandler
+    # inherited from the parent (pytest enables one) would only dump the module list to stderr.
+    faulthandler.disable()
     root = logging.getLogger()
     for handler in list(root.handlers):  # inherited through fork: the parent writes the logs
         root.removeHandler(handler)

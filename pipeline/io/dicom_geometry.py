@@ -57,6 +57,16 @@ def _require(value: object, tag: str, name: str) -> None:
                             code="dicom_missing_geometry")
 
 
+def _stack_axes(slices: Sequence[SliceGeometry]) -> tuple[np.ndarray, ...]:
+    """Row and column cosines, slice normal, positions and each slice's distance along the normal."""
+    _check_consistent(slices)
+    first = slices[0]
+    row, col = direction_cosines(first.orientation, name=first.name)  # type: ignore[arg-type]
+    normal = np.cross(row, col)
+    positions = np.asarray([s.position for s in slices], dtype=np.float64)
+    return row, col, normal, positions, positions @ normal
+
+
 def _check_consistent(slices: Sequence[SliceGeometry]) -> None:
     first = slices[0]
     for s in slices:
@@ -136,12 +146,8 @@ def analyse_stack(slices: Sequence[SliceGeometry]) -> StackGeometry:
     """
     if not slices:
         raise GeometryError("empty series", code="dicom_missing_geometry")
-    _check_consistent(slices)
+    row, col, normal, positions, along = _stack_axes(slices)
     first = slices[0]
-    row, col = direction_cosines(first.orientation, name=first.name)  # type: ignore[arg-type]
-    normal = np.cross(row, col)
-    positions = np.asarray([s.position for s in slices], dtype=np.float64)
-    along = positions @ normal
     order = [int(i) for i in np.argsort(along, kind="stable")]
     positions, along = positions[order], along[order]
     row_spacing, col_spacing = (float(v) for v in first.pixel_spacing)  # type: ignore[union-attr]
@@ -207,12 +213,7 @@ def group_volumes(slices: Sequence[SliceGeometry], order_keys: Sequence[tuple]) 
     instance): the t-th frame at every position belongs to volume t. Every position must hold
     the same number of frames.
     """
-    _check_consistent(slices)
-    first = slices[0]
-    row, col = direction_cosines(first.orientation, name=first.name)  # type: ignore[arg-type]
-    normal = np.cross(row, col)
-    positions = np.asarray([s.position for s in slices], dtype=np.float64)
-    along = positions @ normal
+    *_, positions, along = _stack_axes(slices)
     by_position = sorted(range(len(slices)), key=lambda i: (float(along[i]), order_keys[i], i))
     clusters: list[list[int]] = []
     for i in by_position:

@@ -30,8 +30,10 @@ def test_defaults_file_matches_the_models() -> None:
 
 
 def test_every_shipped_config_validates() -> None:
-    for path in sorted((REPO / "configs").glob("*.yaml")):
-        load_config(path)
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"defaults.yaml", "hippocampus.yaml"}
+    for path in paths:
+        assert isinstance(load_config(path), PipelineConfig), path
 
 
 def test_unknown_key_names_path_and_suggests(tmp_path: Path) -> None:
