@@ -23,7 +23,6 @@ DEMO_SETTINGS: tuple[str, ...] = (
     "train.network.strides=[1,2]",
     "train.network.num_res_units=1",
     "train.epochs=40",
-    "train.max_minutes=2.5",
     "train.batch_size=4",
     "train.samples_per_volume=2",
     "train.learning_rate=0.003",
