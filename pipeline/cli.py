@@ -31,7 +31,7 @@ Stages (each usable alone, talking only through files on disk):
   evaluate    Dice, IoU, HD95, ASSD, surface Dice, volumes per study and class; cohort CIs
   report      per-study JSON + HTML pages with pictures, one cohort page
   run         all of the above from one config; up-to-date stages are skipped
-  demo        the whole chain on generated phantoms (a few minutes on a laptop CPU)
+  demo        the whole chain on generated phantoms (about a minute on 2 CPU cores)
 
 Tools: compare (paired test of two evaluations), export-seg (DICOM SEG),
 export-model (TorchScript/ONNX), export-pdf (a report page to PDF).
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate phantoms and run the whole chain on them",
                        description="Write a small synthetic dataset under OUT/data and run every stage on it "
-                       "into OUT/run (a few minutes on 2 CPU cores); prints where the report is.")
+                       "into OUT/run (about a minute on 2 CPU cores); prints where the report is.")
     p.add_argument("--out", "-o", type=Path, required=True)
     p.add_argument("--cases", type=int, default=None, help="number of phantom cases (default 16)")
     _common(p, config_optional=False)
