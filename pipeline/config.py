@@ -117,12 +117,7 @@ class NetworkConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in SEGMENTATION_NETWORKS.names():
-            raise ValueError(
-                f"unknown network '{value}'.{did_you_mean(value, SEGMENTATION_NETWORKS.names())} "
-                f"Choose one of: {', '.join(SEGMENTATION_NETWORKS.names())}"
-            )
-        return value
+        return SEGMENTATION_NETWORKS.validate(value)
 
 
 class TrainConfig(_Section):
@@ -220,12 +215,7 @@ class ClassifyConfig(_Section):
     @field_validator("network")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in CLASSIFICATION_NETWORKS.names():
-            raise ValueError(
-                f"unknown network '{value}'.{did_you_mean(value, CLASSIFICATION_NETWORKS.names())} "
-                f"Choose one of: {', '.join(CLASSIFICATION_NETWORKS.names())}"
-            )
-        return value
+        return CLASSIFICATION_NETWORKS.validate(value)
 
     @field_validator("input_size")
     @classmethod
@@ -403,6 +393,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "infer": ("infer",),
     "evaluate": ("evaluate",),
     "report": ("name", "report"),
+    "compare": ("evaluate",),
 }
 
 

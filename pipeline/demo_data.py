@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +83,3 @@ def write_demo_dataset(
     }
     write_json_atomic(folder / "dataset.json", dataset)
     return folder
-
-
-def read_dataset_json(folder: Path) -> dict:
-    return json.loads((folder / "dataset.json").read_text())

@@ -26,12 +26,19 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def _unknown(self, name: str, *, noun: str = "network") -> str:
+        return (f"unknown {noun} '{name}'.{did_you_mean(name, self._entries)} "
+                f"Choose one of: {', '.join(self.names())}")
+
+    def validate(self, name: str) -> str:
+        """For config validators: ``name`` itself, or ValueError with a did-you-mean."""
+        if name not in self._entries:
+            raise ValueError(self._unknown(name))
+        return name
+
     def check(self, name: str, *, where: str) -> str:
         if name not in self._entries:
-            raise ConfigError(
-                f"{where}: unknown {self.kind} '{name}'.{did_you_mean(name, self._entries)} "
-                f"Choose one of: {', '.join(self.names())}"
-            )
+            raise ConfigError(f"{where}: {self._unknown(name, noun=self.kind)}")
         return name
 
     def get(self, name: str, *, where: str = "config") -> Callable[..., Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, config_hash, save_resolved, stage_config
 from pipeline.fileio import remove_partials
-from pipeline.provenance import StageRecord, StudyStatus, hash_inputs, is_up_to_date, load_record
+from pipeline.provenance import StageRecord, hash_inputs, is_up_to_date, load_record
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,3 @@ def execute_stage(
     outputs = work(record)
     outputs = [*outputs, out / "config.yaml"]
     return record.finish(outputs=outputs)
-
-
-def study_status_from_outcome(study_id: str, ok: bool, code: str | None, message: str | None) -> StudyStatus:
-    return StudyStatus(id=study_id, status="ok" if ok else "failed", code=code, message=message)
-
-
-def resume_hint(command: str) -> str:
-    return f"To resume, run the same command again: {command}"

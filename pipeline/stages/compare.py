@@ -8,13 +8,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig, config_dict, config_hash, save_resolved
+from pipeline.config import PipelineConfig
 from pipeline.errors import ManifestError
-from pipeline.fileio import remove_partials, write_json_atomic, write_text_atomic
+from pipeline.fileio import write_json_atomic, write_text_atomic
 from pipeline.metrics.statistics import CI_METHOD, PAIRED_TEST, paired_comparison
 from pipeline.metrics.table import HIGHER_IS_BETTER, fmt, read_per_study
-from pipeline.provenance import StageRecord, StudyStatus, hash_inputs, is_up_to_date, load_record
+from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.reporting.pages import comparison_page
+from pipeline.stages.common import execute_stage
 from pipeline.stages.evaluate import rounded
 
 log = logging.getLogger(__name__)
@@ -98,39 +99,29 @@ def compare(
     out = Path(out)
     path_a, table_a = _per_study(Path(a))
     path_b, table_b = _per_study(Path(b))
-    section = {"evaluate": config_dict(config)["evaluate"], "names": list(names)}
-    digest = config_hash(section)
-    inputs = hash_inputs({"a:per_study": path_a, "b:per_study": path_b})
-    out.mkdir(parents=True, exist_ok=True)
-    if not force:
-        fresh, why = is_up_to_date(out, config_hash=digest, inputs=inputs)
-        if fresh:
-            log.info("compare: outputs in %s are complete and up to date; skipping", out)
-            return {**(load_record(out) or {}), "skipped": True}
-        log.info("compare: running (%s)", why)
-    remove_partials(out)
-    save_resolved(config, out)
-    record = StageRecord(stage="compare", stage_dir=out, config=section, config_hash=digest,
-                         seed=config.evaluate.bootstrap_seed, inputs=inputs)
-    result = compare_tables(table_a, table_b, config=config)
-    if not result["studies"]:
-        raise ManifestError(f"{path_a} and {path_b} share no study; a paired comparison needs the same studies")
-    for side, ids in (("a", result["only_in_a"]), ("b", result["only_in_b"])):
-        if ids:
-            log.warning("compare: %d studies only in %s are left out: %s", len(ids), side, ", ".join(ids))
-    for sid in result["studies"]:
-        record.add(StudyStatus(id=sid, status="ok"))
-    payload = {"schema_version": 1, "task": "segmentation", "a": names[0], "b": names[1],
-               "difference": "b - a", "test": PAIRED_TEST, "ci": CI_METHOD, "confidence": config.evaluate.confidence,
-               "bootstrap": config.evaluate.bootstrap, "bootstrap_seed": config.evaluate.bootstrap_seed,
-               **rounded(result)}
-    for c, entry in result["classes"].items():  # p-values keep 6 significant digits, not 6 decimals
-        for metric, stats in entry["metrics"].items():
-            if stats["p_value"] is not None:
-                payload["classes"][c]["metrics"][metric]["p_value"] = float(f"{stats['p_value']:.6g}")
-    write_json_atomic(out / COMPARISON_JSON, payload)
-    write_text_atomic(out / COMPARISON_CSV, comparison_csv(payload))
-    write_text_atomic(out / COMPARISON_HTML, comparison_page(title=f"Paired comparison: {names[1]} vs {names[0]}",
-                                                             result=payload))
-    return record.finish(outputs=[out / COMPARISON_JSON, out / COMPARISON_CSV, out / COMPARISON_HTML,
-                                  out / "config.yaml"])
+
+    def work(record: StageRecord) -> list[Path]:
+        result = compare_tables(table_a, table_b, config=config)
+        if not result["studies"]:
+            raise ManifestError(f"{path_a} and {path_b} share no study; a paired comparison needs the same studies")
+        for side, ids in (("a", result["only_in_a"]), ("b", result["only_in_b"])):
+            if ids:
+                log.warning("compare: %d studies only in %s are left out: %s", len(ids), side, ", ".join(ids))
+        for sid in result["studies"]:
+            record.add(StudyStatus(id=sid, status="ok"))
+        payload = {"schema_version": 1, "task": "segmentation", "a": names[0], "b": names[1],
+                   "difference": "b - a", "test": PAIRED_TEST, "ci": CI_METHOD,
+                   "confidence": config.evaluate.confidence, "bootstrap": config.evaluate.bootstrap,
+                   "bootstrap_seed": config.evaluate.bootstrap_seed, **rounded(result)}
+        for c, entry in result["classes"].items():  # p-values keep 6 significant digits, not 6 decimals
+            for metric, stats in entry["metrics"].items():
+                if stats["p_value"] is not None:
+                    payload["classes"][c]["metrics"][metric]["p_value"] = float(f"{stats['p_value']:.6g}")
+        write_json_atomic(out / COMPARISON_JSON, payload)
+        write_text_atomic(out / COMPARISON_CSV, comparison_csv(payload))
+        write_text_atomic(out / COMPARISON_HTML, comparison_page(
+            title=f"Paired comparison: {names[1]} vs {names[0]}", result=payload))
+        return [out / COMPARISON_JSON, out / COMPARISON_CSV, out / COMPARISON_HTML]
+
+    return execute_stage("compare", out, config=config, inputs={"a:per_study": path_a, "b:per_study": path_b},
+                         work=work, force=force, extra_hash={"names": list(names)})
