@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -107,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "model/ (what 'medpipe infer --model' takes). Rerunning a stopped run resumes it.")
     p.add_argument("preprocess_dir", type=Path, metavar="PREPROCESS_DIR")
     p.add_argument("--out", "-o", type=Path, required=True)
+    p.add_argument("--fold", help="cross-validation fold 0..N-1 (into OUT/fold_K) or 'all' (default: config "
+                   "train.fold); folds come from data.split_file or a seeded split")
     _common(p)
 
     p = sub.add_parser("infer", help="predict label maps on the images' own grids",
@@ -141,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", type=Path, required=True, help="run folder")
     p.add_argument("--data", type=Path, help="scan folder (overrides data.root)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of stages to run, in order")
+    p.add_argument("--fold", help="train and evaluate cross-validation fold K (or 'all': every fold, cv.json)")
     _common(p, config_optional=False)
     _batch_options(p)
     p = sub.add_parser("merge", help="assemble the shard-I-of-N folders of a sharded stage into the stage folder",
@@ -254,15 +260,26 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.stages.train import train
 
-    record = train(args.preprocess_dir, args.out, config=_config(args), force=args.force)
-    _summarise("train", record, args.out / "model")
+    config = _config(args)
+    if args.fold is not None:  # classification folds live in the classify section
+        section = "classify" if config.task == "classification" else "train"
+        config = _config(args, extra=[f"{section}.fold={args.fold}"])
+    record = train(args.preprocess_dir, args.out, config=config, force=args.force)
+    fold = config.classify.fold if config.task == "classification" else config.train.fold
+    where = {None: args.out / "model", "all": args.out / "cv.json"}.get(fold, args.out / f"fold_{fold}" / "model")
+    _summarise("train", record, where)
     return _exit_code(record)
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if config.execution.backend == "local" and config.execution.workers > 1:
+        from pipeline.batch import prestart_workers  # workers import torch while the main process does
+
+        prestart_workers(["pipeline.stages.infer"])
     from pipeline.stages.infer import infer
 
-    record = infer(args.model, args.input, args.out, config=_config(args), force=args.force)
+    record = infer(args.model, args.input, args.out, config=config, force=args.force)
     _summarise("infer", record, args.out / "predictions")
     return _exit_code(record)
 
@@ -301,6 +318,9 @@ def _run_and_summarise(config: PipelineConfig, out: Path, *, force: bool, stages
 def _cmd_run(args: argparse.Namespace) -> int:
     extra = [f"data.root={args.data}"] if args.data else []
     config = _config(args, path=args.config, extra=extra)
+    if args.fold is not None:  # classification folds live in the classify section
+        section = "classify" if config.task == "classification" else "train"
+        config = _config(args, path=args.config, extra=[*extra, f"{section}.fold={args.fold}"])
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -411,12 +431,23 @@ def _log_file(args: argparse.Namespace) -> Path | None:
     return Path(out) / ("medpipe.log" if args.command not in ("demo",) else "run/medpipe.log")
 
 
+def _torchrun_follower() -> bool:
+    """True in a torchrun process of rank > 0 (torchrun's RANK/WORLD_SIZE protocol; read without importing torch)."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return world.isdigit() and int(world) > 1 and rank.isdigit() and int(rank) > 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(verbosity=-1 if args.quiet else args.verbose, log_file=_log_file(args))
+    follower = _torchrun_follower()
+    configure_logging(verbosity=-1 if args.quiet or follower else args.verbose,
+                      log_file=None if follower else _log_file(args))
     command_line = "medpipe " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
+        if follower:  # a torchrun rank other than 0 trains alongside rank 0, which writes and prints
+            with contextlib.redirect_stdout(io.StringIO()):
+                return _COMMANDS[args.command](args)
         return _COMMANDS[args.command](args)
     except PipelineError as exc:
         print(f"medpipe {args.command}: error [{exc.code}]: {exc}", file=sys.stderr)

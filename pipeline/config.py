@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
 from pipeline.errors import ConfigError
 from pipeline.fileio import canonical_json, sha256_bytes, write_text_atomic
@@ -18,10 +19,13 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """Where the scans are. Relative paths are taken from the current working directory."""
+    """Where the scans are. Relative paths are taken from the current working directory.
+    ``labels_csv``: a CSV giving each study a class label (columns ``study`` and ``label``,
+    where ``study`` is the scan's path relative to ``root`` or its file stem; classification)."""
 
     root: Path | None = None
     split_file: Path | None = None
+    labels_csv: Path | None = None
 
 
 DEFAULT_PSEUDONYM_KEY = "medpipe"
@@ -68,25 +72,68 @@ class IngestConfig(_Section):
 
 
 class AugmentationConfig(_Section):
+    """On-the-fly training augmentation (nnU-Net's set). ``flip_axes`` are the axes (of the plans'
+    orientation) mirrored in training; mirroring test-time augmentation uses the same axes. A
+    ``*_prob`` of 0 turns that augmentation off; ranges are (low, high) sampled uniformly."""
+
     enabled: bool = True
     flip_prob: float = Field(0.5, ge=0, le=1)
+    flip_axes: tuple[int, ...] = (0, 1, 2)
     rotate_deg: float = Field(15.0, ge=0, le=180)
     rotate_prob: float = Field(0.2, ge=0, le=1)
     scale_range: float = Field(0.1, ge=0, lt=1)
     scale_prob: float = Field(0.2, ge=0, le=1)
+    elastic_prob: float = Field(0.0, ge=0, le=1)
+    elastic_sigma: tuple[float, float] = (9.0, 13.0)
+    elastic_magnitude: tuple[float, float] = (0.0, 900.0)
     intensity_shift: float = Field(0.1, ge=0)
     intensity_scale: float = Field(0.1, ge=0)
     intensity_prob: float = Field(0.3, ge=0, le=1)
     noise_std: float = Field(0.05, ge=0)
     noise_prob: float = Field(0.15, ge=0, le=1)
+    blur_prob: float = Field(0.2, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    contrast_prob: float = Field(0.15, ge=0, le=1)
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    gamma_prob: float = Field(0.3, ge=0, le=1)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    lowres_prob: float = Field(0.25, ge=0, le=1)
+    lowres_zoom: tuple[float, float] = (0.5, 1.0)
+
+    @field_validator("flip_axes")
+    @classmethod
+    def _axes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(a not in (0, 1, 2) for a in value) or len(set(value)) != len(value):
+            raise ValueError("flip_axes lists distinct spatial axes among 0, 1, 2")
+        return tuple(sorted(value))
+
+    @field_validator("elastic_sigma", "elastic_magnitude", "blur_sigma", "contrast_range", "gamma_range",
+                     "lowres_zoom")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1] or value[0] < 0:
+            raise ValueError("a range is (low, high) with 0 <= low <= high")
+        return value
 
 
 class PreprocessConfig(_Section):
+    """Plans and preprocessing. ``null`` means planned from the dataset fingerprint: ``spacing``
+    (median spacing; for anisotropic data the low-resolution axis gets its 10th percentile),
+    ``patch_size`` (and ``train.batch_size``) from ``memory_budget_mb`` of estimated training
+    memory. ``normalization: auto`` clips CT to the foreground 0.5-99.5 percentiles and z-scores
+    with the foreground statistics; other modalities get a per-image z-score. ``cache_dir`` is a
+    folder shared between runs holding preprocessed arrays keyed by content hash and settings.
+    ``plans_file``: a plans.json edited by hand; its values replace the planned ones."""
+
     orientation: str = "RAS"
     spacing: tuple[float, float, float] | None = None
-    normalization: Literal["zscore", "ct", "none"] = "zscore"
+    normalization: Literal["auto", "zscore", "ct", "none"] = "auto"
     crop_foreground: bool = True
-    patch_size: tuple[int, int, int] = (32, 48, 32)
+    patch_size: tuple[int, int, int] | None = None
+    memory_budget_mb: float = Field(8000.0, gt=0)
+    anisotropy_threshold: float = Field(3.0, gt=1)
+    cache_dir: Path | None = None
+    plans_file: Path | None = None
     augmentation: AugmentationConfig = AugmentationConfig()
 
     @field_validator("orientation")
@@ -105,12 +152,25 @@ class PreprocessConfig(_Section):
             raise ValueError("spacing values must be positive (mm)")
         return value
 
+    @field_validator("patch_size")
+    @classmethod
+    def _patch(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and any(v < 4 for v in value):
+            raise ValueError("patch sizes are at least 4 voxels per axis (or null to plan them)")
+        return value
+
 
 class NetworkConfig(_Section):
-    name: str = "unet"
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    strides: tuple[int, ...] = (2, 2, 2)
+    """The segmentation network, by name. ``channels``/``strides`` ``null``: the plans' topology
+    (levels and per-axis strides from the patch size, filters 32 doubling to 320).
+    ``deep_supervision`` (dynunet only; ``null``: on where supported) adds a loss at each decoder level."""
+
+    name: str = "dynunet"
+    channels: tuple[int, ...] | None = None
+    strides: tuple[int, ...] | None = None
     num_res_units: int = Field(2, ge=0)
+    res_block: bool = False
+    deep_supervision: bool | None = None
     dropout: float = Field(0.0, ge=0, lt=1)
     norm: Literal["instance", "batch"] = "instance"
 
@@ -121,28 +181,69 @@ class NetworkConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """Training. ``null`` values come from the plans (``batch_size``) or the optimiser
+    (``learning_rate``: 0.01 for SGD, 1e-3 for AdamW); ``scheduler: auto`` is poly for SGD
+    (nnU-Net's recipe) and cosine for AdamW. ``fold``: ``null`` trains one split held out by
+    ``val_fraction`` (or ``data.split_file``); ``k`` trains fold k of ``num_folds`` into
+    ``OUT/fold_k``; ``all`` trains every fold in turn. ``foreground_fraction`` of the patches
+    are centred on a foreground voxel (the rest anywhere); ``sampling: classes`` centres them on
+    each class equally instead. ``num_workers`` ``null``: chosen from the CPU count. On CUDA:
+    ``amp``, ``channels_last`` and (optional) ``compile``."""
+
     network: NetworkConfig = NetworkConfig()
     epochs: int = Field(100, ge=1)
     max_minutes: float | None = Field(None, gt=0)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int | None = Field(None, ge=1)
     samples_per_volume: int = Field(2, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    learning_rate: float | None = Field(None, gt=0)
+    weight_decay: float = Field(3e-5, ge=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    scheduler: Literal["auto", "poly", "cosine"] = "auto"
+    sampling: Literal["foreground", "classes"] = "foreground"
+    foreground_fraction: float = Field(0.33, ge=0, le=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     val_every: int = Field(1, ge=1)
-    num_workers: int = Field(0, ge=0)
+    fold: int | Literal["all"] | None = None
+    num_folds: int = Field(5, ge=2)
+    num_workers: int | None = Field(None, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    tensorboard: bool = True
     threads: int | None = Field(None, ge=1)
+
+    @field_validator("fold")
+    @classmethod
+    def _fold(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("fold is a fold index 0..num_folds-1, 'all', or null")
+        return value
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> TrainConfig:
+        if isinstance(self.fold, int) and self.fold >= self.num_folds:
+            raise ValueError(f"fold {self.fold} does not exist with num_folds {self.num_folds}; "
+                             f"use 0..{self.num_folds - 1} or 'all'")
+        return self
 
 
 class InferConfig(_Section):
+    """Sliding-window inference (Gaussian-weighted windows overlapping by ``overlap``). ``tta``
+    averages the mirrorings the model was trained with. A model folder with several folds is an
+    ensemble (``folds``: which ones; ``null``: all). ``postprocess: auto`` keeps the largest
+    connected component of the classes where cross-validation showed it helps (``none``:
+    never; ``largest_component``: every class). ``save_probabilities`` also writes the class
+    probability maps on each input's grid."""
+
     overlap: float = Field(0.5, ge=0, lt=1)
     sw_batch_size: int = Field(4, ge=1)
     mode: Literal["gaussian", "constant"] = "gaussian"
     tta: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    folds: tuple[int, ...] | None = None
+    postprocess: Literal["auto", "none", "largest_component"] = "auto"
+    save_probabilities: bool = False
 
 
 class EvaluateConfig(_Section):
@@ -186,7 +287,8 @@ class ClassifyConfig(_Section):
     partially; its layers stay frozen for ``freeze_epochs`` and then train at
     ``pretrained_lr_factor`` times ``learning_rate``. ``operating_point`` is the positive-class
     probability threshold for sensitivity/specificity (binary tasks); ``temperature_scaling``
-    fits one temperature on the validation logits."""
+    fits one temperature on the validation logits. ``fold``: as train.fold (k of ``num_folds``, stratified; ``all``:
+    every fold, then the cross-validated metrics)."""
 
     network: str = "resnet18"
     network_kwargs: dict[str, Any] = {}
@@ -208,6 +310,8 @@ class ClassifyConfig(_Section):
     temperature_scaling: bool = True
     operating_point: float = Field(0.5, gt=0, lt=1)
     gradcam_slices: int = Field(3, ge=1)
+    fold: int | Literal["all"] | None = None
+    num_folds: int = Field(5, ge=2)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     threads: int | None = Field(None, ge=1)
@@ -234,7 +338,12 @@ class ExecutionConfig(_Section):
     started on demand) with the per-task resources below. A task whose worker is lost is retried
     ``max_retries`` times, then recorded as a failed study. ``shard: "i/n"`` (normally given
     with ``--shard``) processes only the studies whose id hashes to shard ``i`` of ``n``, into
-    ``OUT/shard-i-of-n``; ``medpipe merge OUT`` assembles the shards."""
+    ``OUT/shard-i-of-n``; ``medpipe merge OUT`` assembles the shards. ``threads_per_worker``: torch
+    intra-op threads of each worker (local worker process, Ray task or actor); ``null``: the CPUs
+    shared out, floor(cpus / workers), at least 1 (Ray: ``num_cpus_per_task``); with one local
+    worker (in-process) ``null`` leaves torch's default. ``chunk_size``: studies per Ray task or
+    actor call; ``null``: sized from the measured study time so each takes about 0.2 s (failures
+    and retries stay per study)."""
 
     backend: Literal["local", "ray"] = "local"
     address: str | None = None
@@ -243,6 +352,8 @@ class ExecutionConfig(_Section):
     num_gpus_per_task: float = Field(0.0, ge=0)
     memory_mb_per_task: int | None = Field(None, ge=1)
     max_retries: int = Field(2, ge=0)
+    threads_per_worker: int | None = Field(None, ge=1)
+    chunk_size: int | None = Field(None, ge=1)
     shard: str | None = None
 
     @field_validator("shard")
@@ -403,6 +514,8 @@ def stage_config(config: PipelineConfig, stage: str) -> dict[str, Any]:
     section = {key: full[key] for key in STAGE_SECTIONS[stage]}
     if "ingest" in section:  # how many workers convert the studies does not change what they produce
         section["ingest"] = {k: v for k, v in section["ingest"].items() if k != "workers"}
+    if "preprocess" in section:  # where the shared cache lives does not change a voxel
+        section["preprocess"] = {k: v for k, v in section["preprocess"].items() if k != "cache_dir"}
     return section
 
 

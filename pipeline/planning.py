@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,11 +13,19 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.config import PreprocessConfig
-from pipeline.errors import GeometryError, StageError
+from pipeline.errors import ConfigError, GeometryError, StageError
 from pipeline.io.volume import Volume
+from pipeline.topology import Topology, check_patch, estimate_training_memory_mb, plan_patch_and_batch
+
+__all__ = ["StudyFingerprint", "dataset_fingerprint", "estimate_training_memory_mb", "make_plans", "planned_spacing",
+           "resolve_normalization", "study_fingerprint"]
+
+log = logging.getLogger(__name__)
 
 PLANS_SCHEMA_VERSION = 1
 MAX_SAMPLES_PER_STUDY = 10_000
+INTENSITY_PERCENTILES = (0.5, 99.5)  # the clipping range of CT normalisation (p005, p995)
+SPACING_PERCENTILE = 10  # the low-resolution axis of anisotropic data takes this percentile of its spacings
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
@@ -29,6 +39,7 @@ class StudyFingerprint:
     foreground: np.ndarray
     class_counts: dict[int, int]
     modality: str | None = None
+    cropped_shape: tuple[int, int, int] | None = None  # bounding box of image > 0 (what crop_foreground keeps)
 
 
 def axis_order(affine: np.ndarray, orientation: str) -> list[int]:
@@ -90,7 +101,19 @@ def study_fingerprint(
         foreground=foreground_samples(img[classes > 0], max_samples=max_samples),
         class_counts={int(c): int(n) for c, n in enumerate(counts) if n},
         modality=modality,
+        cropped_shape=tuple(int(s) for s in _reoriented(_positive_extent(img), order)),  # type: ignore[arg-type]
     )
+
+
+def _positive_extent(image: np.ndarray) -> list[int]:
+    """Extent of the bounding box of voxels > 0 (CropForeground's default selection); the full shape when none."""
+    if image.ndim != 3 or not np.any(image > 0):
+        return [int(s) for s in image.shape[:3]]
+    extent = []
+    for axis in range(3):
+        hit = np.flatnonzero(np.any(image > 0, axis=tuple(a for a in range(3) if a != axis)))
+        extent.append(int(hit[-1] - hit[0] + 1))
+    return extent
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:
@@ -99,8 +122,8 @@ def _stats(values: np.ndarray) -> dict[str, float]:
     return {
         "mean": float(np.mean(values)),
         "std": float(np.std(values)),
-        "p005": float(np.percentile(values, 0.5)),
-        "p995": float(np.percentile(values, 99.5)),
+        "p005": float(np.percentile(values, INTENSITY_PERCENTILES[0])),
+        "p995": float(np.percentile(values, INTENSITY_PERCENTILES[1])),
         "min": float(np.min(values)),
         "max": float(np.max(values)),
         "median": float(np.median(values)),
@@ -108,12 +131,19 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 
 
 def dataset_fingerprint(studies: Sequence[StudyFingerprint]) -> dict[str, Any]:
-    """Median spacing and shape, pooled foreground intensity statistics, class voxel fractions, modality."""
+    """Spacing and shape statistics, pooled foreground intensity statistics, class voxel fractions, modality.
+
+    Shapes are also measured after foreground cropping (``median_cropped_shape``) and the
+    dataset's physical volume is summed (``total_volume_mm3``, ``total_cropped_volume_mm3``) so
+    planning can count the voxels of the resampled dataset.
+    """
     if not studies:
         raise StageError("no studies to fingerprint; the training set is empty", code="empty_training_set")
     studies = sorted(studies, key=lambda s: s.id)
     spacings = np.array([s.spacing for s in studies], dtype=np.float64)
     shapes = np.array([s.shape for s in studies], dtype=np.float64)
+    cropped = np.array([s.cropped_shape or s.shape for s in studies], dtype=np.float64)
+    voxel_mm3 = np.prod(spacings, axis=1)
     totals: Counter[int] = Counter()
     for s in studies:
         totals.update(s.class_counts)
@@ -123,16 +153,65 @@ def dataset_fingerprint(studies: Sequence[StudyFingerprint]) -> dict[str, Any]:
     return {
         "n_studies": len(studies),
         "median_spacing": [round(float(v), 6) for v in np.median(spacings, axis=0)],
+        "spacing_p10": [round(float(v), 6) for v in np.percentile(spacings, SPACING_PERCENTILE, axis=0)],
         "min_spacing": [round(float(v), 6) for v in spacings.min(axis=0)],
         "max_spacing": [round(float(v), 6) for v in spacings.max(axis=0)],
         "median_shape": [float(v) for v in np.median(shapes, axis=0)],
+        "median_cropped_shape": [float(v) for v in np.median(cropped, axis=0)],
         "min_shape": [int(v) for v in shapes.min(axis=0)],
         "max_shape": [int(v) for v in shapes.max(axis=0)],
+        "total_volume_mm3": round(float(np.sum(np.prod(shapes, axis=1) * voxel_mm3)), 3),
+        "total_cropped_volume_mm3": round(float(np.sum(np.prod(cropped, axis=1) * voxel_mm3)), 3),
         "intensity": _stats(pooled),
+        "intensity_percentiles": list(INTENSITY_PERCENTILES),
         "foreground_samples": int(pooled.size),
         "class_fractions": {str(c): totals[c] / voxels for c in sorted(totals)} if voxels else {},
         "modality": modalities.most_common(1)[0][0] if modalities else None,
     }
+
+
+def planned_spacing(
+    fingerprint: dict[str, Any], *, anisotropy_threshold: float = 3.0
+) -> tuple[list[float], int | None]:
+    """The target spacing (nnU-Net's rule) and the anisotropic axis it changed (None when isotropic enough).
+
+    The target is the median spacing per axis. The axis with the coarsest median spacing counts
+    as anisotropic when both (a) its median spacing is at least ``anisotropy_threshold`` times the
+    finest median spacing (max/min of the target), and (b) its median size in voxels times the
+    threshold is less than the smallest median size of the other axes (few thick slices, not just
+    a coarse axis with many voxels). That axis then takes the 10th percentile of its spacings
+    (``spacing_p10``), but never finer than the other axes' coarsest target: resampling thick
+    slices to the median would interpolate most studies, while the finer percentile keeps the
+    thinner-sliced studies' detail.
+    """
+    target = [float(v) for v in fingerprint["median_spacing"]]
+    sizes = [float(v) for v in fingerprint["median_shape"]]
+    coarse = int(np.argmax(target))
+    others = [a for a in range(3) if a != coarse]
+    thick = target[coarse] >= anisotropy_threshold * min(target)
+    few = sizes[coarse] * anisotropy_threshold < min(sizes[a] for a in others)
+    if not (thick and few):
+        return target, None
+    p10 = float(fingerprint.get("spacing_p10", target)[coarse])
+    target[coarse] = max(p10, max(target[a] for a in others))
+    return target, coarse
+
+
+def resolve_normalization(requested: str, modality: str | None) -> str:
+    """``auto`` -> ``ct`` for CT (fixed clip and dataset z-score suit calibrated HU), else per-image ``zscore``."""
+    if requested != "auto":
+        return requested
+    return "ct" if modality is not None and modality.strip().upper() == "CT" else "zscore"
+
+
+def _class_names(fingerprint: dict[str, Any], labels: dict[str, str] | None) -> tuple[int, dict[str, str]]:
+    present = [int(c) for c in fingerprint.get("class_fractions", {})]
+    declared = [int(k) for k in (labels or {})]
+    num_classes = max([*present, *declared, 1]) + 1
+    names = {str(k): v for k, v in sorted(((int(k), v) for k, v in (labels or {}).items()))}
+    for c in range(num_classes):
+        names.setdefault(str(c), "background" if c == 0 else f"class_{c}")
+    return num_classes, {str(c): names[str(c)] for c in range(num_classes)}
 
 
 def make_plans(
@@ -140,30 +219,77 @@ def make_plans(
     *,
     config: PreprocessConfig,
     labels: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    overrides_source: str = "plans_file",
 ) -> dict[str, Any]:
-    """The plans: target grid, normalisation, patch size and classes (what preprocessing and training follow)."""
-    present = [int(c) for c in fingerprint.get("class_fractions", {})]
-    declared = [int(k) for k in (labels or {})]
-    num_classes = max([*present, *declared, 1]) + 1
-    names = {str(k): v for k, v in sorted(((int(k), v) for k, v in (labels or {}).items()))}
-    for c in range(num_classes):
-        names.setdefault(str(c), "background" if c == 0 else f"class_{c}")
-    names = {str(c): names[str(c)] for c in range(num_classes)}
-    spacing = config.spacing if config.spacing is not None else fingerprint["median_spacing"]
+    """The plans: target grid, normalisation, patch and batch size, network topology and classes.
+
+    Each value comes from (first wins) ``overrides`` (a validated plans file, see
+    :mod:`pipeline.plans_file`), the config, or the fingerprint: spacing by
+    :func:`planned_spacing`, normalisation by :func:`resolve_normalization`, patch/batch/topology
+    by :func:`pipeline.topology.plan_patch_and_batch` for ``config.memory_budget_mb`` on the
+    resampled median shape (after foreground cropping when ``crop_foreground``).
+    """
+    ov = dict(overrides or {})
+    num_classes, names = _class_names(fingerprint, labels)
+    num_classes = int(ov.get("num_classes", num_classes))
+    if "labels" in ov:
+        names = {str(k): str(v) for k, v in sorted((int(k), v) for k, v in ov["labels"].items())}
+    anisotropic_axis = None
+    if "target_spacing" in ov:
+        spacing = [float(v) for v in ov["target_spacing"]]
+    elif config.spacing is not None:
+        spacing = [float(v) for v in config.spacing]
+    else:
+        spacing, anisotropic_axis = planned_spacing(fingerprint, anisotropy_threshold=config.anisotropy_threshold)
+    crop = bool(ov.get("crop_foreground", config.crop_foreground))
+    modality = ov.get("modality", fingerprint.get("modality"))
     stats = fingerprint["intensity"]
-    median_shape = np.array(fingerprint["median_shape"], dtype=np.float64)
-    resampled = median_shape * np.array(fingerprint["median_spacing"]) / np.array(spacing, dtype=np.float64)
-    fingerprint = {**fingerprint, "median_shape_resampled": [round(float(v), 3) for v in resampled]}
+    median_spacing = np.array(fingerprint["median_spacing"], dtype=np.float64)
+    scale = median_spacing / np.array(spacing, dtype=np.float64)
+    resampled = np.array(fingerprint["median_shape"], dtype=np.float64) * scale
+    cropped = np.array(fingerprint.get("median_cropped_shape", fingerprint["median_shape"]), dtype=np.float64) * scale
+    volume = fingerprint.get("total_cropped_volume_mm3" if crop else "total_volume_mm3")
+    voxels = float(volume) / math.prod(spacing) if volume is not None else fingerprint["n_studies"] * float(
+        np.prod(cropped if crop else resampled))
+    patch = ov.get("patch_size", config.patch_size)
+    topology = Topology.from_dict(ov["network"]) if "network" in ov else None
+    if patch is not None and topology is not None:
+        try:
+            check_patch(patch, topology)
+        except ValueError as exc:
+            source = overrides_source if "patch_size" in ov else f"preprocess.patch_size and {overrides_source}"
+            raise ConfigError(f"{source}: plans key 'network': {exc}; make each patch axis a multiple of its "
+                              "stride product or drop 'network' to plan it") from None
+    plan = plan_patch_and_batch(shape=cropped if crop else resampled, spacing=spacing,
+                                budget_mb=config.memory_budget_mb, dataset_voxels=voxels, num_classes=num_classes,
+                                patch_size=patch, topology=topology, batch_size=ov.get("batch_size"))
+    if plan.topology.levels < 3:
+        log.warning("planning: patch %s allows only %d network level(s); a U-Net needs 3 or more, so give "
+                    "preprocess.patch_size of at least 16 voxels on some axis", plan.patch_size, plan.topology.levels)
+    fingerprint = {
+        **fingerprint,
+        "median_shape_resampled": [round(float(v), 3) for v in resampled],
+        "planning_shape": [round(float(v), 3) for v in (cropped if crop else resampled)],
+        "anisotropic_axis": anisotropic_axis,
+        "dataset_voxels": round(voxels, 1),
+        "batch_cap": plan.batch_cap,
+        "estimated_memory_mb": plan.memory_mb,
+        "memory_budget_mb": float(config.memory_budget_mb),
+    }
+    intensity = ov.get("intensity", stats)
     return {
         "schema_version": PLANS_SCHEMA_VERSION,
-        "orientation": config.orientation,
+        "orientation": ov.get("orientation", config.orientation),
         "target_spacing": [float(v) for v in spacing],
-        "normalization": config.normalization,
-        "crop_foreground": bool(config.crop_foreground),
-        "patch_size": [int(v) for v in config.patch_size],
-        "num_classes": int(num_classes),
+        "normalization": resolve_normalization(ov.get("normalization", config.normalization), modality),
+        "crop_foreground": crop,
+        "patch_size": [int(v) for v in plan.patch_size],
+        "batch_size": int(plan.batch_size),
+        "num_classes": num_classes,
         "labels": names,
-        "modality": fingerprint.get("modality"),
-        "intensity": {k: float(stats[k]) for k in ("mean", "std", "p005", "p995")},
+        "modality": modality,
+        "intensity": {k: float(intensity[k]) for k in ("mean", "std", "p005", "p995")},
+        "network": plan.topology.as_dict(),
         "fingerprint": fingerprint,
     }

@@ -1,13 +1,26 @@
-"""The Ray backend of run_batch: per-study tasks (or model-holding actors) with bounded retries on lost workers."""
+"""The Ray backend of run_batch: studies in chunks on Ray tasks (or model-holding actors), retried per study.
+
+Why chunks: a Ray task costs about a millisecond of scheduling and (object store, worker
+wake-up) latency, and a small study converts in about ten; one study per task spends a
+tenth of the cluster on overhead. A chunk of studies per task (``execution.chunk_size``,
+or sized automatically so that a task takes about ``CHUNK_SECONDS``) makes that negligible,
+and every worker slot keeps ``IN_FLIGHT`` chunks queued so that it never waits for the
+driver between them. Failures stay per study: a study's own error comes back as its failed
+outcome inside the chunk; a chunk whose worker is lost is split and each of its studies
+runs alone, so only a study that kills its worker again and again is given up on.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import statistics
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageError
 
 if TYPE_CHECKING:
     from pipeline.batch import Outcome
@@ -15,27 +28,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ensure_ray", "run_on_ray"]
+__all__ = ["CHUNK_SECONDS", "ensure_ray", "run_on_ray"]
 
 LOST = "worker_lost"
+CHUNK_SECONDS = 0.2  # automatic chunks hold about this much work
+IN_FLIGHT = 2  # chunks queued per worker slot (task slot or actor)
+_SAMPLES = 64  # study durations the automatic chunk size is taken from (the latest)
 
 
 def ensure_ray(execution: ExecutionConfig) -> Any:
-    """The ``ray`` module, connected to ``execution.address`` (or a local Ray started now)."""
+    """The ``ray`` module, connected to ``execution.address`` (else ``$RAY_ADDRESS``, else a local Ray started now).
+
+    A local Ray is a new one: an unrelated cluster that happens to run on this machine
+    (``ray start`` without ``--address``) is never joined by accident.
+    """
     try:
         import ray
     except ImportError:
         raise ConfigError("execution.backend is 'ray' but Ray is not installed; pip install 'medpipe[ray]' "
                           "or use --backend local") from None
     if not ray.is_initialized():
-        where = execution.address or "a new local Ray"
+        address = execution.address or os.environ.get("RAY_ADDRESS") or "local"
+        where = "a new local Ray" if address == "local" else address
         log.info("connecting to %s", where)
+        started = time.perf_counter()
         try:
-            ray.init(address=execution.address, include_dashboard=False, log_to_driver=False,
-                     ignore_reinit_error=True)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"cannot connect to the Ray cluster at {where} ({exc}); start it with "
                               "'ray start --head' or give the right --address") from None
+        log.info("connected to %s in %.1f s", where, time.perf_counter() - started)
     return ray
 
 
@@ -47,7 +69,7 @@ def _options(execution: ExecutionConfig) -> dict[str, Any]:
 
 
 def _slots(ray: Any, execution: ExecutionConfig, count: int) -> int:
-    """How many actors fit the cluster at once (by CPUs, and GPUs when asked for), at most ``count``."""
+    """How many tasks or actors fit the cluster at once (by CPUs, and GPUs when asked for), at most ``count``."""
     total = ray.cluster_resources()
     fits = [total.get("CPU", 1) / execution.num_cpus_per_task] if execution.num_cpus_per_task else []
     if execution.num_gpus_per_task:
@@ -55,83 +77,232 @@ def _slots(ray: Any, execution: ExecutionConfig, count: int) -> int:
     return max(1, min(count, int(min(fits)) if fits else count))
 
 
+# ---- the worker side -------------------------------------------------------------------------
+
+
+def _run_chunk(call: Callable[..., Any], fn: Callable[[Any], Any], threads: int | None, items: list[Any],
+               keys: list[str]) -> tuple[list[Any], list[float]]:
+    """In a Ray worker: every study's outcome (its own errors included) and how long each took."""
+    from pipeline.batch import set_worker_threads
+
+    set_worker_threads(threads)
+    outcomes, seconds = [], []
+    for item, key in zip(items, keys, strict=True):
+        started = time.perf_counter()
+        outcomes.append(call(fn, item, key))
+        seconds.append(time.perf_counter() - started)
+    return outcomes, seconds
+
+
 class _StudyActor:
-    """Holds a Loaded recipe; its first call loads the model, which then stays for every later study."""
+    """Holds a Loaded recipe; its first call loads the model, which then stays for every later chunk."""
 
-    def __init__(self, fn: Callable[[Any], Any], call: Callable[..., Any]) -> None:
-        self.fn, self.call = fn, call
+    def __init__(self, call: Callable[..., Any], fn: Callable[[Any], Any], threads: int | None) -> None:
+        self.call, self.fn, self.threads = call, fn, threads
 
-    def run(self, item: Any, key: str) -> Any:
-        return self.call(self.fn, item, key)
+    def run(self, items: list[Any], keys: list[str]) -> tuple[list[Any], list[float]]:
+        return _run_chunk(self.call, self.fn, self.threads, items, keys)
 
 
-def _lost(item: Any, key: str, exc: BaseException, tries: int) -> Outcome[Any, Any]:
+# ---- the driver side -------------------------------------------------------------------------
+
+
+class _Chunks:
+    """Chunk sizes: ``fixed``, or from the median study time so that a chunk takes about CHUNK_SECONDS.
+
+    Until a study has been timed, chunks hold one study (the first ones also load models or
+    import modules, which the median soon leaves out). An automatic chunk never holds more
+    than an equal share of what is left per queued chunk, so the last chunks end together.
+    """
+
+    def __init__(self, fixed: int | None, slots: int) -> None:
+        self.fixed, self.slots = fixed, slots
+        self.seconds: deque[float] = deque(maxlen=_SAMPLES)
+
+    def observe(self, seconds: list[float]) -> None:
+        self.seconds.extend(seconds)
+
+    def size(self, remaining: int) -> int:
+        if self.fixed:
+            return self.fixed
+        if not self.seconds:
+            return 1
+        per_study = statistics.median(self.seconds)
+        wanted = int(CHUNK_SECONDS / per_study) if per_study > 0 else remaining
+        share = -(-remaining // (IN_FLIGHT * self.slots))
+        return max(1, min(wanted, share))
+
+
+class _Tasks:
+    """Plain Ray tasks; at most IN_FLIGHT chunks per slot submitted (Ray queues them on free CPUs)."""
+
+    def __init__(self, ray: Any, fn: Callable[[Any], Any], call: Callable[..., Any], threads: int | None,
+                 execution: ExecutionConfig, slots: int) -> None:
+        self.ray, self.call, self.threads, self.limit = ray, call, threads, IN_FLIGHT * slots
+        self.remote = ray.remote(_run_chunk).options(**_options(execution), max_retries=0)
+        self.fn = ray.put(fn)  # sent once, not with every task
+        self.running: set[Any] = set()
+
+    def has_room(self) -> bool:
+        return len(self.running) < self.limit
+
+    def submit(self, items: list[Any], keys: list[str]) -> Any:
+        ref = self.remote.remote(self.call, self.fn, self.threads, items, keys)
+        self.running.add(ref)
+        return ref
+
+    def finished(self, ref: Any, *, lost: bool) -> None:
+        self.running.discard(ref)
+
+    def close(self) -> None:
+        for ref in self.running:  # only when the batch was abandoned (an exception, Ctrl-C)
+            self.ray.cancel(ref, force=True)
+
+
+class _Actors:
+    """One actor per slot, each loading the recipe once; a lost actor is replaced by a fresh one."""
+
+    def __init__(self, ray: Any, fn: Callable[[Any], Any], call: Callable[..., Any], threads: int | None,
+                 execution: ExecutionConfig, slots: int) -> None:
+        self.ray, self.fn, self.call, self.threads = ray, fn, call, threads
+        self.actor_class = ray.remote(_StudyActor).options(**_options(execution), max_restarts=0,
+                                                           max_task_retries=0)
+        self.actors = [self._new() for _ in range(slots)]
+        self.busy = [0] * slots
+        self.owner: dict[Any, tuple[int, Any]] = {}
+
+    def _new(self) -> Any:
+        return self.actor_class.remote(self.call, self.fn, self.threads)
+
+    def has_room(self) -> bool:
+        return min(self.busy) < IN_FLIGHT
+
+    def submit(self, items: list[Any], keys: list[str]) -> Any:
+        slot = self.busy.index(min(self.busy))
+        ref = self.actors[slot].run.remote(items, keys)
+        self.busy[slot] += 1
+        self.owner[ref] = (slot, self.actors[slot])
+        return ref
+
+    def finished(self, ref: Any, *, lost: bool) -> None:
+        slot, actor = self.owner.pop(ref)
+        self.busy[slot] -= 1
+        if lost and self.actors[slot] is actor:  # the first of its lost calls replaces it
+            self.ray.kill(actor)
+            self.actors[slot] = self._new()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+
+
+def _lost(item: Any, key: str, exc: BaseException, times: int) -> Outcome[Any, Any]:
     from pipeline.batch import Outcome
 
     return Outcome(item=item, key=key, code=LOST,
-                   message=f"its Ray worker was lost {tries} time(s) ({type(exc).__name__}); gave up after "
-                           "execution.max_retries retries. The other studies were not affected")
+                   message=f"its Ray worker was lost {times} time(s) ({type(exc).__name__}); gave up after "
+                           "execution.max_retries retries of it alone. The other studies were not affected")
+
+
+def _task_error(item: Any, key: str, exc: BaseException) -> Outcome[Any, Any]:
+    from pipeline.batch import Outcome
+
+    cause = getattr(exc, "cause", None) or exc
+    return Outcome(item=item, key=key, code="fatal_error",
+                   message=f"{type(cause).__name__}: {str(cause)[:300]} (raised in its Ray worker outside the "
+                           "study's own error handling; the study was abandoned)")
 
 
 def run_on_ray(items: Sequence[Any], fn: Callable[[Any], Any], keys: Sequence[str], *,
-               execution: ExecutionConfig, call: Callable[..., Outcome[Any, Any]]) -> Iterator[Outcome[Any, Any]]:
-    """Outcomes of ``call(fn, item, key)`` for every item, in input order, computed on Ray.
+               execution: ExecutionConfig, call: Callable[..., Outcome[Any, Any]],
+               threads: int | None = None,
+               arrived: Callable[[int], None] | None = None) -> Iterator[Outcome[Any, Any]]:
+    """Outcomes of ``call(fn, item, key)`` for every item, in input order, computed on Ray in chunks.
 
-    A study's own exception comes back as a failed outcome (not retried: it would fail again);
-    a worker or actor that dies is retried ``execution.max_retries`` times, then the study is
-    recorded as failed with code ``worker_lost``.
+    A study's own exception comes back as a failed outcome (not retried: it would fail again).
+    A chunk whose worker or actor is lost is split: each of its studies runs alone, and one
+    that is lost alone ``execution.max_retries + 1`` times is recorded as failed with code
+    ``worker_lost``. ``threads``: torch threads in each task or actor; ``arrived(count)`` is called
+    as outcomes arrive (before they are yielded in order).
     """
     if not items:
         return
     from pipeline.batch import Loaded
 
     ray = ensure_ray(execution)
-    if isinstance(fn, Loaded):
-        yield from _on_actors(ray, items, fn, keys, execution=execution, call=call)
-        return
-    task = ray.remote(call).options(**_options(execution), max_retries=execution.max_retries,
-                                    retry_exceptions=False)
-    refs = [task.remote(fn, item, key) for item, key in zip(items, keys, strict=True)]
-    for ref, item, key in zip(refs, items, keys, strict=True):
-        try:
-            yield ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            yield _lost(item, key, exc, execution.max_retries + 1)
-
-
-def _on_actors(ray: Any, items: Sequence[Any], fn: Any, keys: Sequence[str], *, execution: ExecutionConfig,
-               call: Callable[..., Any]) -> Iterator[Outcome[Any, Any]]:
-    """One study at a time per actor; an actor that dies is replaced and only its study retried."""
-    actor_class = ray.remote(_StudyActor).options(**_options(execution), max_restarts=0)
-    idle = [actor_class.remote(fn, call) for _ in range(_slots(ray, execution, len(items)))]
+    slots = _slots(ray, execution, len(items))
+    runner_class = _Actors if isinstance(fn, Loaded) else _Tasks
+    runner = runner_class(ray, fn, call, threads, execution, slots)
+    chunks = _Chunks(getattr(execution, "chunk_size", None), slots)
     pending = deque(range(len(items)))
-    tries = [0] * len(items)
-    running: dict[Any, tuple[int, Any]] = {}
+    alone: deque[int] = deque()  # studies of a lost chunk: each runs in a task of its own
+    losses, solo = [0] * len(items), [0] * len(items)
+    running: dict[Any, list[int]] = {}
     done: dict[int, Any] = {}
     emitted = 0
-    while emitted < len(items):
-        while pending and idle:
-            index = pending.popleft()
-            actor = idle.pop()
-            tries[index] += 1
-            running[actor.run.remote(items[index], keys[index])] = (index, actor)
-        ready, _ = ray.wait(list(running), num_returns=1)
-        for ref in ready:
-            index, actor = running.pop(ref)
-            try:
-                done[index] = ray.get(ref)
-                idle.append(actor)
-            except ray.exceptions.RayError as exc:
-                log.warning("study %s: Ray worker lost (try %d of %d): %s", keys[index], tries[index],
-                            execution.max_retries + 1, type(exc).__name__)
-                ray.kill(actor)
-                idle.append(actor_class.remote(fn, call))
-                if tries[index] <= execution.max_retries:
-                    pending.appendleft(index)
+    try:
+        while emitted < len(items):
+            while (alone or pending) and runner.has_room():
+                if alone:
+                    chunk = [alone.popleft()]
                 else:
-                    done[index] = _lost(items[index], keys[index], exc, tries[index])
-        while emitted in done:
-            yield done.pop(emitted)
-            emitted += 1
-    for actor in idle:
-        ray.kill(actor)
+                    chunk = [pending.popleft() for _ in range(min(chunks.size(len(pending)), len(pending)))]
+                running[runner.submit([items[i] for i in chunk], [keys[i] for i in chunk])] = chunk
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                chunk = running.pop(ref)
+                try:
+                    outcomes, seconds = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # raised outside `call`: not the worker's loss
+                    runner.finished(ref, lost=False)
+                    if len(chunk) > 1:
+                        alone.extend(chunk)
+                    else:
+                        done[chunk[0]] = _task_error(items[chunk[0]], keys[chunk[0]], exc)
+                        _count(arrived, 1)
+                    continue
+                except ray.exceptions.RayError as exc:
+                    if getattr(exc, "actor_init_failed", False):  # no study's fault: every actor would fail
+                        raise StageError(f"a Ray actor could not start ({str(exc)[:500]}); check that every "
+                                         "Ray worker can import medpipe and read the model folder",
+                                         code="worker_start_failed") from None
+                    runner.finished(ref, lost=True)
+                    before = len(done)
+                    _after_loss(chunk, exc, losses=losses, solo=solo, alone=alone, done=done, items=items,
+                                keys=keys, max_retries=execution.max_retries)
+                    _count(arrived, len(done) - before)
+                    continue
+                runner.finished(ref, lost=False)
+                chunks.observe(seconds)
+                done.update(zip(chunk, outcomes, strict=True))
+                _count(arrived, len(chunk))
+            while emitted in done:
+                yield done.pop(emitted)
+                emitted += 1
+    finally:
+        runner.close()
+
+
+def _count(arrived: Callable[[int], None] | None, count: int) -> None:
+    if arrived is not None and count:
+        arrived(count)
+
+
+def _after_loss(chunk: list[int], exc: BaseException, *, losses: list[int], solo: list[int], alone: deque[int],
+                done: dict[int, Any], items: Sequence[Any], keys: Sequence[str], max_retries: int) -> None:
+    """A chunk's worker was lost: split a chunk of several; retry a lone study, or give it up."""
+    for index in chunk:
+        losses[index] += 1
+    if len(chunk) > 1:
+        log.warning("a Ray worker holding %d studies was lost (%s); running each of them alone", len(chunk),
+                    type(exc).__name__)
+        alone.extend(chunk)
+        return
+    index = chunk[0]
+    solo[index] += 1
+    log.warning("study %s: Ray worker lost (try %d of %d alone): %s", keys[index], solo[index], max_retries + 1,
+                type(exc).__name__)
+    if solo[index] <= max_retries:
+        alone.appendleft(index)
+    else:
+        done[index] = _lost(items[index], keys[index], exc, losses[index])

@@ -50,8 +50,12 @@ class Registry:
 SEGMENTATION_NETWORKS = Registry(
     "segmentation network",
     {
+        "dynunet": "pipeline.models.segmenters:build_dynunet",
         "unet": "pipeline.models.segmenters:build_unet",
         "basic_unet": "pipeline.models.segmenters:build_basic_unet",
+        "segresnet": "pipeline.models.segmenters:build_segresnet",
+        "attention_unet": "pipeline.models.segmenters:build_attention_unet",
+        "swin_unetr": "pipeline.models.segmenters:build_swin_unetr",
     },
 )
 

@@ -15,16 +15,33 @@ from pipeline.manifest import load_manifest
 log = logging.getLogger(__name__)
 
 
-def _inference_studies(layout: RunLayout) -> list[str]:
-    """The studies a run predicts: the validation split plus every ok study without a label."""
-    split = read_json(layout.train / "split.json")
+def _train_output(config: PipelineConfig, layout: RunLayout) -> Path:
+    """The train folder whose split and model the run predicts with: 03_train, or 03_train/fold_k for one fold."""
+    fold = config.train.fold
+    return layout.train / f"fold_{fold}" if isinstance(fold, int) else layout.train
+
+
+def _inference_studies(config: PipelineConfig, layout: RunLayout) -> list[str]:
+    """The studies a run predicts: the validation split plus every ok study without a label.
+
+    A cross-validation of every fold (``train.fold: all``) predicts only the unlabelled studies
+    (with the fold ensemble); its validation figures are in 03_train/cv.json, each study
+    predicted by the fold that held it out.
+    """
     manifest = load_manifest(layout.ingest)
-    unlabeled = [s.id for s in manifest.ok_studies() if s.label is None]
-    return sorted(set(split.get("validation", [])) | set(unlabeled))
+    unlabeled = {s.id for s in manifest.ok_studies() if s.label is None}
+    if config.train.fold == "all":
+        return sorted(unlabeled)
+    split = read_json(_train_output(config, layout) / "split.json")
+    return sorted(set(split.get("validation", [])) | unlabeled)
 
 
 def run_stage(stage: str, config: PipelineConfig, layout: RunLayout, *, force: bool = False) -> dict[str, Any]:
     """Run one stage of a run folder (the CLI's per-stage commands call the same functions)."""
+    if config.task == "classification":
+        from pipeline.classification.run import run_classification_stage
+
+        return run_classification_stage(stage, config, layout, force=force)
     if stage == "ingest":
         if config.data.root is None:
             raise ConfigError("data.root is not set: give the scan folder in the config or with --data PATH")
@@ -42,8 +59,8 @@ def run_stage(stage: str, config: PipelineConfig, layout: RunLayout, *, force: b
     if stage == "infer":
         from pipeline.stages.infer import infer
 
-        return infer(layout.model, layout.ingest, layout.infer, config=config, force=force,
-                     studies=_inference_studies(layout))
+        return infer(_train_output(config, layout), layout.ingest, layout.infer, config=config, force=force,
+                     studies=_inference_studies(config, layout))
     if stage == "evaluate":
         from pipeline.stages.evaluate import evaluate
 
@@ -52,7 +69,8 @@ def run_stage(stage: str, config: PipelineConfig, layout: RunLayout, *, force: b
         from pipeline.stages.report import report
 
         return report(layout.evaluate, layout.report, predictions=layout.infer, ingest=layout.ingest, config=config,
-                      force=force, provenance=[layout.stage_dir(s) for s in STAGES[:-1]])
+                      force=force, provenance=[_train_output(config, layout) if s == "train" else layout.stage_dir(s)
+                                             for s in STAGES[:-1]])
     raise ConfigError(f"unknown stage '{stage}'; stages are {', '.join(STAGES)}")
 
 
@@ -80,6 +98,14 @@ def run_pipeline(
     save_resolved(config, layout.root)
     records: dict[str, dict[str, Any]] = {}
     for stage in stages:
+        if config.task == "classification" and stage == "preprocess":
+            log.info("=== preprocess: not used by classification (volumes are resized when loaded) ===")
+            continue
+        if config.train.fold == "all" and stage in ("infer", "evaluate", "report") \
+                and not _inference_studies(config, layout):
+            log.info("=== %s: nothing to predict (every study is labelled); the cross-validation figures are in "
+                     "%s ===", stage, layout.train / "cv.json")
+            continue
         log.info("=== %s ===", stage)
         record = run_stage(stage, config, layout, force=force)
         records[stage] = record

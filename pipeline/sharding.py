@@ -179,7 +179,8 @@ def _merge_ingest(out: Path, shards: list[tuple[Shard, Path]]) -> list[Path]:
                 if rel and study.status == "ok":
                     outputs.append(_place(folder / rel, out / rel))
     studies.sort(key=lambda s: (s.source, s.id))
-    merged = Manifest(dataset=manifests[0].dataset, labels=manifests[0].labels, studies=studies)
+    merged = Manifest(dataset=manifests[0].dataset, labels=manifests[0].labels, classes=manifests[0].classes,
+                      studies=studies)
     return [save_manifest(merged, out), *outputs]
 
 

@@ -63,17 +63,27 @@ def to_input(array: np.ndarray, input_size: tuple[int, ...], normalization: str)
 
 
 def load_labelled(folder: str | Path, *, input_size: tuple[int, ...], normalization: str,
-                  require_labels: bool = True) -> tuple[LabelledSet, Manifest]:
-    """Every ok study of the manifest in ``folder`` (an ingest/import folder) as a LabelledSet."""
+                  require_labels: bool = True, labelled_only: bool = False) -> tuple[LabelledSet, Manifest]:
+    """Every ok study of the manifest in ``folder`` (an ingest/import folder) as a LabelledSet.
+
+    ``require_labels``: every study must have a class label; ``labelled_only``: unlabelled
+    studies are left out (and at least one labelled study is needed).
+    """
     folder = Path(folder)
     manifest = load_manifest(folder)
     studies = [s for s in manifest.ok_studies() if s.image]
-    if require_labels:
-        unlabelled = [s.id for s in studies if s.class_label is None]
+    unlabelled = [s.id for s in studies if s.class_label is None]
+    fix = ("set data.labels_csv to a CSV of study,label rows and run ingest again, or import MedMNIST with "
+           "'medpipe import-medmnist'")
+    if require_labels and unlabelled:
+        raise ManifestError(f"{folder / 'manifest.json'}: {len(unlabelled)} stud(ies) have no class_label "
+                            f"(e.g. {unlabelled[0]}); {fix}")
+    if labelled_only:
+        studies = [s for s in studies if s.class_label is not None]
+        if not studies:
+            raise ManifestError(f"{folder / 'manifest.json'}: no ok study has a class_label; {fix}")
         if unlabelled:
-            raise ManifestError(f"{folder / 'manifest.json'}: {len(unlabelled)} stud(ies) have no class_label "
-                                f"(e.g. {unlabelled[0]}); import MedMNIST with 'medpipe import-medmnist' or add "
-                                "labels from a CSV (pipeline.classification.medmnist.apply_label_csv)")
+            log.info("%d unlabelled stud(ies) left out of training (inference only)", len(unlabelled))
     if not studies:
         raise ManifestError(f"{folder / 'manifest.json'}: no ok studies with an image")
     tensors = [to_input(load_nifti(folder / str(s.image)).array, input_size, normalization) for s in studies]

@@ -1,4 +1,4 @@
-"""Classification inference: per-study class probabilities (predictions.csv), Grad-CAM PNGs, metrics when labelled."""
+"""Classification inference: per-study class probabilities (predictions.csv), Grad-CAM PNGs, fold ensembles."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from pipeline.batch import run_batch
 from pipeline.classification.data import to_input
 from pipeline.classification.explain import gradcam_map, save_gradcam_png
-from pipeline.classification.metrics import classification_metrics, predict, reliability_diagram, softmax
+from pipeline.classification.metrics import predict, probability_metrics, reliability_diagram, softmax
 from pipeline.classification.networks import build_classifier
 from pipeline.config import PipelineConfig, config_dict
 from pipeline.errors import CheckpointError, StageError
@@ -26,10 +26,13 @@ from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.runtime import device_description, resolve_device
 from pipeline.stages.common import execute_stage
 from pipeline.training.checkpoints import load_weights
+from pipeline.training.split import SPLIT_NAME
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_CSV = "predictions.csv"
+CLASSIFICATION_JSON = "classification.json"  # classes, operating point and models of predictions.csv
+METRICS_JSON = "metrics.json"
 EXPLANATIONS = "explanations"
 
 
@@ -53,18 +56,71 @@ def is_classification_model(model_dir: str | Path) -> bool:
 
 
 def _model_folder(model_dir: Path) -> Path:
+    """The folder of model.json: with model.pt (one network) or an ``ensemble`` list (cross-validation folds)."""
     for folder in (model_dir, model_dir / "model"):
-        if (folder / "model.json").is_file() and (folder / "model.pt").is_file():
+        meta = folder / "model.json"
+        if meta.is_file() and ((folder / "model.pt").is_file() or "ensemble" in _read_meta(meta)):
             return folder
     raise CheckpointError(f"no model.json and model.pt in {model_dir} or {model_dir / 'model'}; pass the trained "
                           "model folder (RUN/03_train/model)", code="model_missing")
 
 
-def _items(input: Path) -> list[_Item]:
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = read_json(path)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a model description (JSON object); retrain the model",
+                              code="model_invalid")
+    return meta
+
+
+def model_members(model_dir: str | Path) -> list[Path]:
+    """The network folders (model.json + model.pt) of a model: itself, or the folds its ``ensemble`` lists."""
+    folder = _model_folder(Path(model_dir))
+    meta = _read_meta(folder / "model.json")
+    if "ensemble" not in meta:
+        return [folder]
+    base = folder.parent.resolve()
+    members = []
+    for rel in meta["ensemble"]:
+        member = (folder / str(rel)).resolve()
+        if not member.is_relative_to(base) or not (member / "model.pt").is_file():
+            raise CheckpointError(f"{folder / 'model.json'}: ensemble member {rel} is not a trained model folder "
+                                  f"inside {base}; train the folds again", code="model_missing")
+        members.append(member)
+    if not members:
+        raise CheckpointError(f"{folder / 'model.json'}: an empty ensemble; train the folds again",
+                              code="model_missing")
+    return members
+
+
+def _held_out(members: list[Path]) -> dict[str, int]:
+    """{study id: member index} for the studies each fold model held out for validation (its split.json)."""
+    held: dict[str, int] = {}
+    for i, member in enumerate(members):
+        split = member.parent / SPLIT_NAME
+        if split.is_file():
+            held.update({str(sid): i for sid in read_json(split).get("validation", [])})
+    return held
+
+
+def _items(input: Path, studies: list[str] | None = None) -> list[_Item]:
     if input.is_dir() and (input / MANIFEST_NAME).is_file():
         manifest = load_manifest(input)
-        return [_Item(s.id, input / str(s.image), s.class_label)
-                for s in sorted(manifest.ok_studies(), key=lambda s: s.id) if s.image]
+        ok = [s for s in sorted(manifest.ok_studies(), key=lambda s: s.id) if s.image]
+        if studies is not None:
+            unknown = sorted(set(studies) - {s.id for s in ok})
+            if unknown:
+                raise StageError(f"{input / MANIFEST_NAME}: no ok study with id(s) {', '.join(unknown[:5])}; check "
+                                 "the ids in the manifest", code="unknown_study")
+            wanted = set(studies)
+            ok = [s for s in ok if s.id in wanted]
+        return [_Item(s.id, input / str(s.image), s.class_label) for s in ok]
+    if studies is not None:
+        raise StageError(f"{input}: choosing studies needs an ingest folder holding {MANIFEST_NAME}",
+                         code="bad_arguments")
     if input.is_file() and is_nifti(input):
         return [_Item(nifti_stem(input), input)]
     if input.is_dir():
@@ -75,9 +131,9 @@ def _items(input: Path) -> list[_Item]:
 
 
 def load_classifier(model_dir: str | Path, *, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained network (eval mode, on ``device``) and its model.json."""
+    """The trained network (eval mode, on ``device``) and its model.json (one network, not an ensemble)."""
     folder = _model_folder(Path(model_dir))
-    meta = read_json(folder / "model.json")
+    meta = _read_meta(folder / "model.json")
     model = build_classifier(meta["network"], spatial_dims=len(meta["input_size"]), in_channels=meta["in_channels"],
                              num_classes=meta["num_classes"], kwargs=meta.get("network_kwargs") or {})
     model.load_state_dict(load_weights(folder / "model.pt"))
@@ -93,14 +149,32 @@ def _csv_text(rows: list[dict[str, Any]], classes: list[str]) -> str:
     return buffer.getvalue()
 
 
+def _remove_stale(out: Path, keep: set[Path]) -> None:
+    for path in [*sorted((out / EXPLANATIONS).glob("*.png")), out / METRICS_JSON, out / "reliability.png"]:
+        if path.is_file() and path not in keep:
+            path.unlink()
+
+
 def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: PipelineConfig | None = None,
-                     force: bool = False, explain: bool = True) -> dict[str, Any]:
-    """Classify every study of ``input``: predictions.csv, explanations/<id>.png, metrics.json when labelled."""
+                     force: bool = False, explain: bool = True, studies: list[str] | None = None,
+                     out_of_fold: bool = False) -> dict[str, Any]:
+    """Classify the studies of ``input`` (``studies``: these ids of an ingest folder only).
+
+    Writes predictions.csv (study, probability per class, predicted class), classification.json
+    (classes, operating point, models), explanations/<id>.png (Grad-CAM) and, when every study
+    is labelled, metrics.json. A cross-validated model averages its folds' probabilities;
+    ``out_of_fold`` predicts a study a fold held out for validation with that fold only.
+    """
     config = config or PipelineConfig()
     model_dir, input, out = Path(model_dir), Path(input), Path(out)
     folder = _model_folder(model_dir)
-    items = _items(input)
-    inputs = {"model.json": folder / "model.json", "model.pt": folder / "model.pt"}
+    members = model_members(folder)
+    items = _items(input, studies)
+    inputs = {"model.json": folder / "model.json"}
+    for i, member in enumerate(members):
+        inputs.update({f"member{i}/model.json": member / "model.json", f"member{i}/model.pt": member / "model.pt"})
+        if out_of_fold and (member.parent / SPLIT_NAME).is_file():
+            inputs[f"member{i}/split.json"] = member.parent / SPLIT_NAME
     if (input / MANIFEST_NAME).is_file():
         inputs["manifest"] = input / MANIFEST_NAME
     else:
@@ -109,25 +183,32 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
     def work(record: StageRecord) -> list[Path]:
         device = resolve_device(config.infer.device)
         record.device = device_description(device)
-        model, meta = load_classifier(folder, device=device)
+        loaded = [load_classifier(member, device=device) for member in members]
+        meta = loaded[0][1]
         classes = [meta["classes"].get(str(i), str(i)) for i in range(meta["num_classes"])]
-        size, temperature = tuple(meta["input_size"]), float(meta.get("temperature", 1.0))
+        size, operating_point = tuple(meta["input_size"]), float(meta["operating_point"])
+        held = _held_out(members) if out_of_fold and len(members) > 1 else {}
 
         def classify(item: _Item) -> dict[str, Any]:
             volume = to_input(load_nifti(item.path).array, size, meta["normalization"])
-            with torch.no_grad():
-                logits = model(volume[None].to(device)).float().cpu().numpy().astype(np.float64)
-            probs = softmax(logits, temperature)[0]
-            predicted = int(predict(probs[None], float(meta["operating_point"]))[0])
+            chosen = [held[item.id]] if item.id in held else list(range(len(loaded)))
+            probs = np.zeros(len(classes))
+            for i in chosen:
+                model, info = loaded[i]
+                with torch.no_grad():
+                    logits = model(volume[None].to(device)).float().cpu().numpy().astype(np.float64)
+                probs += softmax(logits, float(info.get("temperature", 1.0)))[0] / len(chosen)
+            predicted = int(predict(probs[None], operating_point)[0])
             if explain:
-                cam = gradcam_map(model, volume.to(device), class_index=predicted)
+                cam = np.mean([gradcam_map(loaded[i][0], volume.to(device), class_index=predicted) for i in chosen],
+                              axis=0)
                 save_gradcam_png(volume[0].numpy(), cam, out / EXPLANATIONS / f"{item.id}.png",
                                  count=int(meta.get("gradcam_slices", 3)),
                                  title=f"{item.id}: {classes[predicted]} (p = {probs[predicted]:.2f})")
-            return {"id": item.id, "logits": logits[0], "probs": probs, "predicted": classes[predicted],
-                    "index": predicted, "label": item.label}
+            return {"id": item.id, "probs": probs, "predicted": classes[predicted], "index": predicted,
+                    "label": item.label, "members": chosen}
 
-        rows, files = [], []
+        rows, files, failed = [], [], []
         for outcome in run_batch(items, classify, key=lambda it: it.id, desc="classify"):
             if outcome.ok and outcome.result is not None:
                 rows.append(outcome.result)
@@ -136,6 +217,7 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
                     files.append(out / EXPLANATIONS / f"{outcome.key}.png")
             else:
                 log.warning("infer: %s failed: %s", outcome.key, outcome.message)
+                failed.append({"id": outcome.key, "code": outcome.code, "message": outcome.message})
                 record.add(StudyStatus(id=outcome.key, status="failed", code=outcome.code, message=outcome.message))
         rows.sort(key=lambda r: r["id"])
         with atomic_path(out / PREDICTIONS_CSV) as tmp:
@@ -144,18 +226,28 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
         labelled = [r for r in rows if r["label"] is not None]
         if labelled and len(labelled) == len(rows):
             ev = config.evaluate
-            result = classification_metrics(np.array([r["label"] for r in rows]),
-                                            np.stack([r["logits"] for r in rows]), temperature=temperature,
-                                            operating_point=float(meta["operating_point"]),
-                                            bootstrap=ev.bootstrap, confidence=ev.confidence,
-                                            seed=ev.bootstrap_seed)
-            write_json_atomic(out / "metrics.json", result)
+            result = probability_metrics(np.array([r["label"] for r in rows]), np.stack([r["probs"] for r in rows]),
+                                         operating_point=operating_point, bootstrap=ev.bootstrap,
+                                         confidence=ev.confidence, seed=ev.bootstrap_seed)
+            write_json_atomic(out / METRICS_JSON, result)
             reliability_diagram(result["reliability"], out / "reliability.png")
-            files += [out / "metrics.json", out / "reliability.png"]
+            files += [out / METRICS_JSON, out / "reliability.png"]
             record.extra["metrics"] = {k: result[k] for k in ("auc", "accuracy", "balanced_accuracy", "ece")}
-        record.extra["model"] = {"sha256": meta.get("sha256"), "config_hash": meta.get("config_hash")}
+        names = [m.parent.name if len(members) > 1 else "model" for m in members]
+        write_json_atomic(out / CLASSIFICATION_JSON, {
+            "schema_version": 1, "task": "classification",
+            "classes": {str(i): c for i, c in enumerate(classes)}, "operating_point": operating_point,
+            "models": [{"name": n, "sha256": info.get("sha256"), "temperature": info.get("temperature", 1.0),
+                        "fold": info.get("fold")} for n, (_, info) in zip(names, loaded, strict=True)],
+            "out_of_fold": bool(held),
+            "predicted_by": {r["id"]: [names[i] for i in r["members"]] for r in rows} if len(members) > 1 else None,
+            "failed": failed})
+        files.append(out / CLASSIFICATION_JSON)
+        _remove_stale(out, set(files))
+        record.extra["model"] = {"sha256": [info.get("sha256") for _, info in loaded],
+                                 "config_hash": meta.get("config_hash")}
         return files
 
-    call = {"task": "classification", "model": str(folder), "explain": explain,
-            "evaluate": config_dict(config.evaluate)}
+    call = {"task": "classification", "model": str(folder), "explain": explain, "out_of_fold": out_of_fold,
+            "studies": sorted(studies) if studies is not None else None, "evaluate": config_dict(config.evaluate)}
     return execute_stage("infer", out, config=config, inputs=inputs, work=work, force=force, extra_hash=call)

@@ -1,18 +1,22 @@
-"""Class-labelled inputs: MedMNIST ``.npz`` import (NIfTI volumes + manifest + split) and a study-to-label CSV."""
+"""Class-labelled inputs: MedMNIST ``.npz`` import (NIfTI volumes + manifest + split), also as a run's ingest stage."""
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pipeline.errors import IngestError, ManifestError
+from pipeline.classification.labels_csv import apply_class_labels
+from pipeline.config import PipelineConfig
+from pipeline.errors import IngestError
 from pipeline.fileio import sha256_file, write_json_atomic
 from pipeline.io.nifti import save_nifti
 from pipeline.io.volume import Volume
-from pipeline.manifest import Manifest, Problem, Study, load_manifest, save_manifest
+from pipeline.manifest import MANIFEST_NAME, Manifest, Problem, Study, load_manifest, save_manifest
+from pipeline.provenance import StageRecord, StudyStatus
+from pipeline.stages.common import execute_stage
 from pipeline.training.split import SPLIT_NAME
 
 log = logging.getLogger(__name__)
@@ -91,40 +95,50 @@ def import_medmnist(npz: str | Path, out: str | Path, *, classes: dict[str, str]
     return manifest
 
 
-def apply_label_csv(ingest_dir: str | Path, csv_path: str | Path, *, id_column: str = "study",
-                    label_column: str = "label") -> Manifest:
-    """Set ``class_label`` of the manifest's studies from a CSV (``study,label``); labels may be names or ints.
+def apply_label_csv(ingest_dir: str | Path, csv_path: str | Path) -> Manifest:
+    """Set ``class_label`` (and ``classes``) of the manifest in ``ingest_dir`` from a labels CSV and save it.
 
-    Every ok study must get a label; names are numbered in sorted order into ``classes``.
+    See ``pipeline.classification.labels_csv``: rows name studies by source path, id or file
+    stem; labels are integers or class names; studies without a row stay unlabelled.
     """
-    ingest_dir, csv_path = Path(ingest_dir), Path(csv_path)
-    manifest = load_manifest(ingest_dir)
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or id_column not in rows[0] or label_column not in rows[0]:
-        raise ManifestError(f"{csv_path}: needs a header with columns '{id_column}' and '{label_column}'")
-    raw = {row[id_column].strip(): row[label_column].strip() for row in rows}
-    values = sorted(set(raw.values()))
-    if all(v.lstrip("-").isdigit() for v in values):
-        index = {v: int(v) for v in values}
-        classes = {str(int(v)): f"class_{int(v)}" for v in values}
-    else:
-        index = {v: i for i, v in enumerate(values)}
-        classes = {str(i): v for v, i in index.items()}
-    studies = []
-    missing = []
-    for study in manifest.studies:
-        if study.id in raw:
-            study = study.model_copy(update={"class_label": index[raw[study.id]]})
-        elif study.status == "ok":
-            missing.append(study.id)
-        studies.append(study)
-    if missing:
-        raise ManifestError(f"{csv_path}: no label for {len(missing)} ok stud(ies) of {ingest_dir} "
-                            f"(e.g. {missing[0]}); add a row per study id")
-    unknown = sorted(set(raw) - {s.id for s in manifest.studies})
-    if unknown:
-        log.warning("%s: %d id(s) are not in the manifest (e.g. %s); ignored", csv_path, len(unknown), unknown[0])
-    manifest = manifest.model_copy(update={"studies": studies, "classes": classes})
+    ingest_dir = Path(ingest_dir)
+    manifest = apply_class_labels(load_manifest(ingest_dir), csv_path)
     save_manifest(manifest, ingest_dir)
     return manifest
+
+
+def is_medmnist_file(path: str | Path | None) -> bool:
+    """True for a ``.npz`` file (what ``data.root`` names when a run starts from MedMNIST)."""
+    return path is not None and Path(path).suffix.lower() == ".npz" and Path(path).is_file()
+
+
+def import_medmnist_stage(npz: str | Path, out: str | Path, *, config: PipelineConfig | None = None,
+                          force: bool = False) -> dict[str, Any]:
+    """The ingest stage of a run whose ``data.root`` is a MedMNIST ``.npz``: import_medmnist with a stage record.
+
+    ``data.labels_csv``, when given, replaces the file's labels. Skipped when the file, the
+    labels CSV and the settings are unchanged.
+    """
+    config = config or PipelineConfig()
+    npz, out = Path(npz), Path(out)
+    inputs = {"npz": npz}
+    if config.data.labels_csv is not None:
+        inputs["labels_csv"] = Path(config.data.labels_csv)
+
+    def work(record: StageRecord) -> list[Path]:
+        manifest = import_medmnist(npz, out)
+        if config.data.labels_csv is not None:
+            manifest = apply_class_labels(manifest, config.data.labels_csv)
+            save_manifest(manifest, out)
+        keep = {s.image for s in manifest.studies if s.image}
+        for path in sorted((out / "images").glob("*.nii.gz")):
+            if f"images/{path.name}" not in keep:
+                log.info("removing images/%s: no longer in %s", path.name, npz.name)
+                path.unlink()
+        for study in manifest.studies:
+            record.add(StudyStatus(id=study.id, status="ok"))
+        record.extra["source"] = "medmnist"
+        return [out / MANIFEST_NAME, out / SPLIT_NAME, *(out / str(s) for s in sorted(keep))]
+
+    return execute_stage("ingest", out, config=config, inputs=inputs, work=work, force=force,
+                         extra_hash={"importer": "medmnist"})

@@ -35,6 +35,30 @@ def auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return float(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
 
 
+def _binary_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """ROC AUC as the Mann-Whitney statistic over mid-ranks (ties count one half): scikit-learn's value, faster."""
+    from scipy.stats import rankdata
+
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fast_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """``auc`` by ranks (for bootstrap resamples): equal to it, without scikit-learn's per-call overhead."""
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    if probs.shape[1] == 2:
+        return _binary_auc(labels == 1, probs[:, 1])
+    values = [_binary_auc(labels == c, probs[:, c]) for c in present]
+    return float(np.mean([v for v in values if v is not None]))
+
+
 def predict(probs: np.ndarray, operating_point: float = 0.5) -> np.ndarray:
     """Predicted classes: positive when p(1) >= operating_point for 2 classes, else the argmax."""
     if probs.shape[1] == 2:
@@ -103,33 +127,74 @@ def _point_metrics(labels: np.ndarray, probs: np.ndarray, operating_point: float
     return out
 
 
-def classification_metrics(labels: np.ndarray, logits: np.ndarray, *, temperature: float = 1.0,
-                           operating_point: float = 0.5, bootstrap: int = 1000, confidence: float = 0.95,
-                           seed: int = 0) -> dict[str, Any]:
-    """AUC, accuracy, balanced accuracy, F1, sensitivity/specificity, confusion matrix, ECE, NLL; bootstrap CIs.
+def _rates(labels: np.ndarray, pred: np.ndarray, k: int) -> dict[str, float | None]:
+    """Balanced accuracy, F1 (binary; macro over the classes present otherwise) and, for 2 classes, sensitivity
+    and specificity, from one confusion matrix (numpy: fast enough for bootstrap resamples; equals scikit-learn)."""
+    cm = np.bincount(labels * k + pred, minlength=k * k).reshape(k, k).astype(np.float64)
+    support, predicted, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
+    present = support > 0
+    out: dict[str, float | None] = {
+        "balanced_accuracy": float(np.mean(tp[present] / support[present])) if present.sum() > 1 else None}
+    f1 = np.divide(2 * tp, support + predicted, out=np.zeros(k), where=(support + predicted) > 0)
+    out["f1"] = float(f1[1]) if k == 2 else float(np.mean(f1[(support + predicted) > 0]))
+    if k == 2:
+        out["sensitivity"] = float(tp[1] / support[1]) if support[1] else None
+        out["specificity"] = float(tp[0] / support[0]) if support[0] else None
+    return out
 
-    CIs are seeded percentile bootstrap intervals over studies (resampled indices fed to the
-    metric; ``bootstrap_ci`` of per-study 0/1 correctness for accuracy).
+
+def _interval(draws: list[float], confidence: float) -> list[float] | None:
+    if not draws:
+        return None
+    alpha = (1 - confidence) / 2
+    return [float(np.quantile(draws, alpha)), float(np.quantile(draws, 1 - alpha))]
+
+
+def probability_metrics(labels: np.ndarray, probs: np.ndarray, *, operating_point: float = 0.5,
+                        bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """AUC, accuracy, balanced accuracy, F1, sensitivity/specificity, confusion matrix and ECE of class
+    probabilities (N, K), with percentile bootstrap CIs over studies (``bootstrap`` resamples, seeded).
+
+    Point values come from scikit-learn. ``accuracy_ci`` is ``bootstrap_ci`` of per-study 0/1
+    correctness; the other CIs feed the same resampled indices to each metric (resamples where
+    a metric is undefined, e.g. one class only for AUC, are left out).
     """
     labels = np.asarray(labels, dtype=np.int64)
-    probs = softmax(logits, temperature)
+    probs = np.asarray(probs, dtype=np.float64)
     out = _point_metrics(labels, probs, operating_point)
     out["ece"], out["reliability"] = expected_calibration_error(labels, probs)
-    out.update({"nll": nll(logits, labels, temperature), "n": int(len(labels)), "temperature": float(temperature),
-                "operating_point": float(operating_point)})
+    out.update({"n": int(len(labels)), "operating_point": float(operating_point)})
     if bootstrap > 0 and len(labels) > 1:
-        correct = (predict(probs, operating_point) == labels).astype(np.float64)
+        pred = predict(probs, operating_point)
+        correct = (pred == labels).astype(np.float64)
         lo, hi = bootstrap_ci(correct, samples=bootstrap, confidence=confidence, seed=seed, key=("accuracy",))
         out["accuracy_ci"] = [lo, hi]
         rng = np.random.default_rng(seed)
-        draws = []
+        k = probs.shape[1]
+        names = ["balanced_accuracy", "f1", *(["sensitivity", "specificity"] if k == 2 else [])]
+        draws: dict[str, list[float]] = {name: [] for name in ["auc", *names]}
         for _ in range(bootstrap):
             idx = rng.integers(0, len(labels), len(labels))
-            value = auc(labels[idx], probs[idx])
+            value = fast_auc(labels[idx], probs[idx])
             if value is not None:
-                draws.append(value)
-        alpha = (1 - confidence) / 2
-        out["auc_ci"] = [float(np.quantile(draws, alpha)), float(np.quantile(draws, 1 - alpha))] if draws else None
+                draws["auc"].append(value)
+            rates = _rates(labels[idx], pred[idx], k)
+            for name in names:
+                if rates[name] is not None:
+                    draws[name].append(rates[name])
+        for name, values in draws.items():
+            out[f"{name}_ci"] = _interval(values, confidence)
+    return out
+
+
+def classification_metrics(labels: np.ndarray, logits: np.ndarray, *, temperature: float = 1.0,
+                           operating_point: float = 0.5, bootstrap: int = 1000, confidence: float = 0.95,
+                           seed: int = 0) -> dict[str, Any]:
+    """probability_metrics of softmax(logits / temperature), plus the NLL and the temperature."""
+    labels = np.asarray(labels, dtype=np.int64)
+    out = probability_metrics(labels, softmax(logits, temperature), operating_point=operating_point,
+                              bootstrap=bootstrap, confidence=confidence, seed=seed)
+    out.update({"nll": nll(logits, labels, temperature), "temperature": float(temperature)})
     return out
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.classification.cv import VALIDATION_PREDICTIONS, stratified_split, train_folds
 from pipeline.classification.data import LabelledSet, augment, load_labelled
 from pipeline.classification.metrics import auc, classification_metrics, fit_temperature, reliability_diagram, softmax
 from pipeline.classification.networks import (
@@ -25,6 +26,7 @@ from pipeline.classification.networks import (
 from pipeline.config import PipelineConfig, config_dict, config_hash
 from pipeline.errors import StageError
 from pipeline.fileio import atomic_path, sha256_file, write_json_atomic
+from pipeline.manifest import Manifest
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.runtime import device_description, resolve_device, seed_everything, set_threads
 from pipeline.stages.common import execute_stage
@@ -38,7 +40,7 @@ from pipeline.training.checkpoints import (
     save_checkpoint,
     save_weights,
 )
-from pipeline.training.split import SPLIT_NAME, make_split, read_split, write_split
+from pipeline.training.split import SPLIT_NAME, check_split, read_split, write_split
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ HISTORY = "history.csv"
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "frozen", "seconds")
 _RUNTIME_ONLY = ("epochs", "max_minutes", "device", "amp", "threads", "gradcam_slices", "temperature_scaling",
                  "operating_point")
+_FOLD_ONLY = ("fold", "num_folds")  # which fold to train; a fold's own split says what it trains on
 
 
 def _write_history(rows: list[dict[str, Any]], path: Path) -> None:
@@ -171,40 +174,78 @@ def _split(config: PipelineConfig, folder: Path, data: LabelledSet) -> dict[str,
     if (folder / SPLIT_NAME).is_file():
         log.info("train: using the split of %s", folder / SPLIT_NAME)
         return read_split(folder / SPLIT_NAME, data.ids)
-    return make_split(data.ids, val_fraction=config.classify.val_fraction, seed=config.seed)
+    return stratified_split(data.ids, data.labels.tolist(), val_fraction=config.classify.val_fraction,
+                            seed=config.seed)
+
+
+def _load(input_dir: Path, config: PipelineConfig) -> tuple[LabelledSet, Manifest]:
+    """The labelled studies (unlabelled ones are for inference only)."""
+    c = config.classify
+    data, manifest = load_labelled(input_dir, input_size=tuple(c.input_size), normalization=c.normalization,
+                                   require_labels=False, labelled_only=True)
+    return data, manifest
+
+
+def write_validation_predictions(ids: list[str], labels: np.ndarray, logits: np.ndarray, path: Path) -> Path:
+    """``validation_predictions.csv``: study, label and the (uncalibrated) logits, for cross-validated metrics."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["study", "label", *(f"logit_{i}" for i in range(logits.shape[1]))])
+    for sid, label, row in zip(ids, labels, logits, strict=True):
+        writer.writerow([sid, int(label), *(repr(float(v)) for v in row)])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    return path
 
 
 def train_classifier(input_dir: Path, out: Path, *, config: PipelineConfig | None = None,
                      force: bool = False) -> dict[str, Any]:
     """Train ``config.classify.network`` on the labelled manifest in ``input_dir``; write ``out/model/``.
 
-    The split is ``data.split_file``, else ``input_dir/split.json`` (MedMNIST import), else a
-    seeded random split. A stopped run resumes from ``checkpoints/last.pt``.
+    ``classify.fold`` null: one split, ``data.split_file``, else ``input_dir/split.json``
+    (MedMNIST import), else a seeded stratified hold-out of ``val_fraction``. Unlabelled
+    studies are left out (inference only). ``k``/``all``: stratified cross-validation
+    into ``out/fold_k`` (see ``pipeline.classification.cv``). A stopped run resumes from
+    ``checkpoints/last.pt``.
     """
     config = config or PipelineConfig()
+    if config.classify.fold is not None:
+        return train_folds(Path(input_dir), Path(out), config=config, force=force, train_one=train_split)
+    return train_split(Path(input_dir), Path(out), config=config, force=force)
+
+
+def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bool = False,
+                split: dict[str, Any] | None = None, fold: int | None = None) -> dict[str, Any]:
+    """Train on one train/validation split (``split``, else as train_classifier chooses it) into ``out``."""
     c = config.classify
     input_dir, out = Path(input_dir), Path(out)
     inputs = {"manifest": input_dir / "manifest.json"}
-    for name, path in (("split", input_dir / SPLIT_NAME), ("split_file", config.data.split_file),
-                       ("pretrained", c.pretrained)):
+    sources = [("pretrained", c.pretrained)]
+    if split is None:
+        sources += [("split", input_dir / SPLIT_NAME), ("split_file", config.data.split_file)]
+    for name, path in sources:
         if path is not None and Path(path).is_file():
             inputs[name] = Path(path)
-    call = {"task": config.task, "classify": config_dict(c)}
+    settings = {k: v for k, v in config_dict(c).items() if split is None or k not in _FOLD_ONLY}
+    call: dict[str, Any] = {"task": config.task, "classify": settings}
+    if split is not None:
+        call.update({"split": split, "fold": fold})
 
     def work(record: StageRecord) -> list[Path]:
-        data, manifest = load_labelled(input_dir, input_size=tuple(c.input_size), normalization=c.normalization)
+        data, manifest = _load(input_dir, config)
         classes = manifest.classes or {str(v): f"class_{v}" for v in sorted(set(data.labels.tolist()))}
         k = max(len(classes), int(data.labels.max()) + 1)
-        split = _split(config, input_dir, data)
-        split_path = write_split(split, out)
-        if not split["validation"]:
+        chosen = _split(config, input_dir, data) if split is None else check_split(split, data.ids,
+                                                                                   source=f"fold {fold}")
+        split_path = write_split({**chosen, **({"fold": fold} if fold is not None else {})}, out)
+        if not chosen["validation"]:
             raise StageError(f"{input_dir}: the split has no validation studies; model selection and calibration "
                              "need some (give classify.val_fraction or a split file with a 'validation' list)")
-        train_set, val_set = data.subset(split["train"]), data.subset(split["validation"])
+        train_set, val_set = data.subset(chosen["train"]), data.subset(chosen["validation"])
         full = config_dict(config)
         key = config_hash({"seed": config.seed, "classify": {k2: v for k2, v in full["classify"].items()
-                                                            if k2 not in _RUNTIME_ONLY},
-                           "split": split, "manifest": sha256_file(input_dir / "manifest.json")})
+                                                            if k2 not in _RUNTIME_ONLY + _FOLD_ONLY},
+                           "split": chosen, "manifest": sha256_file(input_dir / "manifest.json")})
         checkpoints = out / "checkpoints"
         if force and checkpoints.exists():
             shutil.rmtree(checkpoints)
@@ -254,9 +295,11 @@ def train_classifier(input_dir: Path, out: Path, *, config: PipelineConfig | Non
             "network_kwargs": c.network_kwargs, "in_channels": 1, "num_classes": k, "classes": classes,
             "input_size": list(c.input_size), "normalization": c.normalization, "temperature": temperature,
             "operating_point": c.operating_point, "gradcam_slices": c.gradcam_slices,
-            "config_hash": config_hash(config), "seed": config.seed, "sha256": sha256_file(model_dir / "model.pt"),
+            "config_hash": config_hash(config), "seed": config.seed, "fold": fold,
+            "sha256": sha256_file(model_dir / "model.pt"),
         })
-        for split_name, ids in (("train", split["train"]), ("validation", split["validation"])):
+        write_validation_predictions(val_set.ids, labels, logits, out / VALIDATION_PREDICTIONS)
+        for split_name, ids in (("train", chosen["train"]), ("validation", chosen["validation"])):
             for study_id in ids:
                 record.add(StudyStatus(id=study_id, status="ok", message=split_name))
         cal = evaluation["calibrated"]
@@ -268,6 +311,6 @@ def train_classifier(input_dir: Path, out: Path, *, config: PipelineConfig | Non
                              "resumed_from_epoch": result["resumed_from_epoch"],
                              "train_minutes": round(result["seconds"] / 60, 3)})
         return [split_path, out / HISTORY, out / "validation_metrics.json", out / "reliability.png",
-                model_dir / "model.pt", model_dir / "model.json"]
+                out / VALIDATION_PREDICTIONS, model_dir / "model.pt", model_dir / "model.json"]
 
     return execute_stage(STAGE, out, config=config, inputs=inputs, work=work, force=force, extra_hash=call)

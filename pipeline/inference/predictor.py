@@ -1,17 +1,21 @@
-"""The predictor: load a model folder once, sliding-window prediction mapped back onto each input's grid; predictions.json."""
+"""The predictor: sliding-window class probabilities (fold ensemble, mirroring TTA) mapped back onto each input's grid.
+
+Probability maps (``save_probabilities``) are NIfTI 4D files on the input's grid and affine,
+the class on the 4th axis, stored as uint8 with scl_slope 1/255: a reader gets p = q / 255,
+within 0.5/255 of the float probability (per voxel the classes sum to 1 within K * 0.5/255).
+They are the raw probabilities, before any largest-component postprocessing of the labels.
+"""
 
 from __future__ import annotations
 
-import itertools
 import logging
-import pickle
-import zipfile
-from collections.abc import Callable
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -21,116 +25,41 @@ from torch import nn
 
 from pipeline.config import InferConfig
 from pipeline.errors import CheckpointError, GeometryError, ManifestError
-from pipeline.fileio import read_json, sha256_file
+from pipeline.fileio import atomic_path, read_json
+from pipeline.inference.ensemble import EnsembleWindow, Member, mirror_dims
+from pipeline.inference.model_loading import (
+    LEGACY_FLIP_AXES,
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    ModelBundle,
+    load_model,
+    load_models,
+    load_state_dict,
+    read_model_json,
+    resolve_model_dir,
+    resolve_model_dirs,
+)
+from pipeline.inference.postprocess import keep_largest_component
 from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem
 from pipeline.io.volume import Volume
-from pipeline.models.segmenters import build_segmenter
 from pipeline.runtime import resolve_device
 from pipeline.transforms.preprocessing import preprocessing_transforms
 
+__all__ = [  # model loading lives in model_loading; its names stay importable from here
+    "LEGACY_FLIP_AXES", "MODEL_JSON", "MODEL_WEIGHTS", "PREDICTIONS_DIR", "PREDICTIONS_JSON", "PROBABILITIES_DIR",
+    "ModelBundle", "Prediction", "Predictor", "load_model", "load_models", "load_state_dict", "prediction_paths",
+    "read_model_json", "read_predictions", "resample_to_grid", "resolve_model_dir", "resolve_model_dirs",
+    "save_probability_map",
+]
+
 log = logging.getLogger(__name__)
 
-MODEL_JSON = "model.json"
-MODEL_WEIGHTS = "model.pt"
 PREDICTIONS_JSON = "predictions.json"
 PREDICTIONS_DIR = "predictions"
+PROBABILITIES_DIR = "probabilities"
+PROBABILITY_SCALE = 255
 _INTEGER_TOL = 1e-4
 _MAX_DEVICE_OUTPUT = 1 << 28  # output voxels x classes kept on the accelerator while stitching windows
-
-
-@dataclass(frozen=True)
-class ModelBundle:
-    """A loaded model folder: the network (eval mode, on CPU), its model.json and the weights' checksum."""
-
-    network: nn.Module
-    meta: dict[str, Any]
-    folder: Path
-    sha256: str
-
-    @property
-    def plans(self) -> dict[str, Any]:
-        return dict(self.meta["plans"])
-
-    @property
-    def labels(self) -> dict[str, str] | None:
-        labels = self.meta.get("labels") or self.meta["plans"].get("labels")
-        return {str(k): str(v) for k, v in labels.items()} if labels else None
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.meta["out_channels"])
-
-
-def resolve_model_dir(model_dir: str | Path) -> Path:
-    """The folder holding model.json/model.pt: ``model_dir`` itself or its ``model/`` subfolder (03_train)."""
-    model_dir = Path(model_dir)
-    for candidate in (model_dir, model_dir / "model"):
-        if (candidate / MODEL_JSON).is_file():
-            return candidate
-    raise CheckpointError(
-        f"no {MODEL_JSON} in {model_dir} or {model_dir / 'model'}; pass the trained model folder "
-        "(RUN/03_train/model or RUN/03_train)",
-        code="model_missing",
-    )
-
-
-def read_model_json(folder: Path) -> dict[str, Any]:
-    path = folder / MODEL_JSON
-    try:
-        meta = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc}); retrain or restore the model folder",
-                              code="model_json_invalid") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object", code="model_json_invalid")
-    missing = [k for k in ("network", "out_channels", "plans") if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: missing key(s) {', '.join(missing)}", code="model_json_invalid")
-    plans = meta["plans"]
-    if not isinstance(plans, dict) or len(plans.get("patch_size") or meta.get("patch_size") or []) != 3:
-        raise CheckpointError(f"{path}: plans must be an object with a 3-element patch_size", code="model_json_invalid")
-    if "patch_size" not in plans:
-        meta["plans"] = {**plans, "patch_size": meta["patch_size"]}
-    return meta
-
-
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(path, weights_only=True)``; anything but a plain state_dict is a CheckpointError."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: model weights missing; retrain or restore the model folder",
-                              code="model_missing")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: corrupt, truncated or not a plain weights file ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); retrain or restore it", code="checkpoint_corrupt") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a plain state_dict of tensors", code="checkpoint_corrupt")
-    return state
-
-
-def load_model(model_dir: str | Path) -> ModelBundle:
-    """Read model.json, build the network it names and load model.pt into it (eval mode, CPU)."""
-    folder = resolve_model_dir(model_dir)
-    meta = read_model_json(folder)
-    weights = folder / MODEL_WEIGHTS
-    state = load_state_dict(weights)
-    digest = sha256_file(weights)
-    expected = meta.get("sha256")
-    if isinstance(expected, str) and expected != digest:
-        raise CheckpointError(f"{weights}: checksum {digest[:12]} differs from the one in model.json "
-                              f"({expected[:12]}); the weights were changed", code="checkpoint_tampered")
-    try:
-        network = build_segmenter(meta["network"], in_channels=int(meta.get("in_channels", 1)),
-                                  out_channels=int(meta["out_channels"]))
-        network.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{weights}: weights do not fit the network in model.json ({str(exc)[:300]})",
-                              code="checkpoint_mismatch") from None
-    network.eval()
-    log.info("loaded model %s (sha256 %s)", folder.name, digest[:12])
-    return ModelBundle(network=network, meta=meta, folder=folder, sha256=digest)
 
 
 # ---- geometry ---------------------------------------------------------------------------------
@@ -183,24 +112,67 @@ def resample_to_grid(values: np.ndarray, *, src_affine: np.ndarray, dst_affine: 
 # ---- prediction -------------------------------------------------------------------------------
 
 
-class Predictor:
-    """Segments volumes with one network: plans preprocessing, sliding window, optional flip TTA, back to the input grid."""
+@dataclass(frozen=True)
+class Prediction:
+    """Labels (uint8, the input's grid) and, when asked for, class probabilities (X, Y, Z, K float32, same grid)."""
 
-    def __init__(self, network: nn.Module, plans: dict[str, Any], *, config: InferConfig | None = None,
-                 device: str | None = None) -> None:
+    labels: Volume
+    probabilities: Volume | None = None
+
+
+class Predictor:
+    """Segments volumes with one network or a fold ensemble: plans preprocessing, sliding window, mirroring
+    TTA over ``flip_axes`` (when ``config.tta``), optional largest-component postprocessing, back to the input grid.
+    """
+
+    def __init__(self, network: nn.Module | Sequence[nn.Module], plans: dict[str, Any], *,
+                 config: InferConfig | None = None, device: str | None = None,
+                 flip_axes: Sequence[int] = LEGACY_FLIP_AXES, postprocess: Sequence[int] = ()) -> None:
         self.config = config or InferConfig()
         self.plans = dict(plans)
         self.device = torch.device(device or resolve_device(self.config.device))
-        self.network = network.to(self.device).eval()
+        networks = [network] if isinstance(network, nn.Module) else list(network)
+        if not networks:
+            raise CheckpointError("no model to predict with; pass at least one network", code="model_missing")
+        self.networks = [net.to(self.device).eval() for net in networks]
+        self.network = self.networks[0]
+        self.flip_axes = tuple(sorted(int(a) for a in flip_axes))
+        mirrors = tuple(mirror_dims(self.flip_axes)) if self.config.tta else ((),)
+        if self.config.tta and not self.flip_axes:
+            log.info("infer: tta is on but the model was trained without mirroring (flip_axes []); no mirroring")
+        self.window = EnsembleWindow([Member(net, mirrors) for net in self.networks])
+        self.postprocess = tuple(sorted(int(c) for c in postprocess))
         self.roi_size = tuple(int(s) for s in self.plans["patch_size"])
         self.num_classes = int(self.plans.get("num_classes") or 2)
         # volumes arrive already loaded and validated by load_nifti
         self._transform = preprocessing_transforms(self.plans, keys=("image",), crop_foreground=False, load=False)
 
     @classmethod
-    def from_folder(cls, model_dir: str | Path, *, config: InferConfig | None = None) -> tuple[Predictor, ModelBundle]:
+    def from_bundles(cls, bundles: Sequence[ModelBundle], *, config: InferConfig | None = None,
+                     postprocess: Sequence[int] = (), device: str | None = None) -> Predictor:
+        """An ensemble of loaded models; mirroring uses the axes every member was trained with."""
+        axes = set(bundles[0].flip_axes)
+        for bundle in bundles[1:]:
+            axes &= set(bundle.flip_axes)
+        if any(set(b.flip_axes) != axes for b in bundles):
+            log.warning("infer: the models were trained with different flip_axes; mirroring only %s", sorted(axes))
+        return cls([b.network for b in bundles], bundles[0].plans, config=config, device=device,
+                   flip_axes=sorted(axes), postprocess=postprocess)
+
+    @classmethod
+    def from_folder(cls, model_dir: str | Path, *, config: InferConfig | None = None,
+                    postprocess: Sequence[int] = ()) -> tuple[Predictor, ModelBundle]:
+        """One model folder (or a train folder holding ``model/``)."""
         bundle = load_model(model_dir)
-        return cls(bundle.network, bundle.plans, config=config), bundle
+        return cls.from_bundles([bundle], config=config, postprocess=postprocess), bundle
+
+    @classmethod
+    def from_models(cls, model_dir: str | Path, *, config: InferConfig | None = None,
+                    postprocess: Sequence[int] = ()) -> tuple[Predictor, list[ModelBundle]]:
+        """A model folder, or the fold models of a cross-validation train folder (``config.folds`` picks them)."""
+        config = config or InferConfig()
+        bundles = load_models(model_dir, folds=config.folds)
+        return cls.from_bundles(bundles, config=config, postprocess=postprocess), bundles
 
     def preprocess(self, volume: Volume) -> MetaTensor:
         """The volume on the plans' grid and intensities, channel first, with its affine."""
@@ -208,43 +180,59 @@ class Predictor:
                             affine=torch.from_numpy(volume.affine.copy()), meta={"space": "RAS"})
         return self._transform({"image": tensor})["image"]
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        run: Callable[[torch.Tensor], torch.Tensor] = self.network
-        # Large outputs are stitched in host memory so that big CT volumes fit on the GPU.
-        stitch = self.device if batch[0, 0].numel() * self.num_classes <= _MAX_DEVICE_OUTPUT else torch.device("cpu")
-        return sliding_window_inference(
-            batch, roi_size=self.roi_size, sw_batch_size=self.config.sw_batch_size, predictor=run,
-            overlap=self.config.overlap, mode=self.config.mode, sw_device=self.device, device=stitch,
-        )
-
     @torch.no_grad()
-    def probabilities(self, image: torch.Tensor) -> np.ndarray:
-        """Softmax class probabilities (K, X, Y, Z) on the preprocessed grid; flip TTA averages mirrored passes."""
+    def probabilities(self, image: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Softmax class probabilities (K, X, Y, Z) of a preprocessed (C, X, Y, Z) image, on its grid.
+
+        Averaged over the ensemble's models and (with ``tta``) mirrorings, per window, then
+        stitched with the configured blending (Gaussian by default).
+        """
         batch = torch.as_tensor(image).as_subclass(torch.Tensor)[None].to(self.device)
         amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
-        flips: list[tuple[int, ...]] = []
-        if self.config.tta:
-            flips = [combo for r in (1, 2, 3) for combo in itertools.combinations((2, 3, 4), r)]
+        # Large outputs are stitched in host memory so that big CT volumes fit on the GPU.
+        stitch = self.device if batch[0, 0].numel() * self.num_classes <= _MAX_DEVICE_OUTPUT else torch.device("cpu")
         with amp:
-            total = torch.softmax(self._forward(batch).float(), dim=1)
-            for dims in flips:
-                probs = torch.softmax(self._forward(torch.flip(batch, dims)).float(), dim=1)
-                total = total + torch.flip(probs, dims)
-        return (total / (1 + len(flips)))[0].cpu().numpy().astype(np.float32, copy=False)
+            probs = sliding_window_inference(
+                batch, roi_size=self.roi_size, sw_batch_size=self.config.sw_batch_size, predictor=self.window,
+                overlap=self.config.overlap, mode=self.config.mode, sw_device=self.device, device=stitch,
+            )
+        return torch.as_tensor(probs)[0].float().cpu().numpy()
+
+    def predict(self, volume: Volume, *, probabilities: bool = False) -> Prediction:
+        """Labels (and probabilities) with exactly ``volume``'s shape and affine."""
+        image = self.preprocess(volume)
+        probs = self.probabilities(image)
+        if probs.shape[0] > 255:
+            raise GeometryError(f"{probs.shape[0]} classes do not fit a uint8 label image")
+        back = resample_to_grid(probs, src_affine=np.asarray(image.affine, dtype=np.float64),
+                                dst_affine=volume.affine, dst_shape=volume.spatial_shape)
+        labels = np.argmax(back, axis=0).astype(np.uint8)
+        if self.postprocess:
+            labels = keep_largest_component(labels, self.postprocess)
+        prob_volume = Volume(array=np.moveaxis(back, 0, -1), affine=volume.affine) if probabilities else None
+        return Prediction(labels=Volume(array=labels, affine=volume.affine), probabilities=prob_volume)
 
     def predict_volume(self, volume: Volume) -> Volume:
         """A uint8 label volume with exactly ``volume``'s shape and affine."""
-        image = self.preprocess(volume)
-        probs = self.probabilities(image)
-        back = resample_to_grid(probs, src_affine=np.asarray(image.affine, dtype=np.float64),
-                                dst_affine=volume.affine, dst_shape=volume.spatial_shape)
-        if probs.shape[0] > 255:
-            raise GeometryError(f"{probs.shape[0]} classes do not fit a uint8 label image")
-        labels = np.argmax(back, axis=0).astype(np.uint8)
-        return Volume(array=labels, affine=volume.affine)
+        return self.predict(volume).labels
 
     def predict_file(self, path: str | Path) -> Volume:
         return self.predict_volume(load_nifti(path))
+
+
+def save_probability_map(probabilities: Volume, path: str | Path) -> Path:
+    """Write (X, Y, Z, K) probabilities atomically as uint8 NIfTI with scl_slope 1/255 (see the module docstring)."""
+    path = Path(path)
+    quantised = np.rint(np.clip(probabilities.array, 0.0, 1.0) * PROBABILITY_SCALE).astype(np.uint8)
+    img = nib.Nifti1Image(quantised, probabilities.affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(probabilities.affine, code=1)
+    img.set_sform(probabilities.affine, code=1)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1.0 / PROBABILITY_SCALE, 0.0)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
 
 
 # ---- the prediction index that evaluate and report read --------------------------------------
@@ -263,7 +251,7 @@ def read_predictions(folder: str | Path) -> dict[str, Any]:
 
 
 def prediction_paths(folder: str | Path) -> dict[str, Path]:
-    """``{id: label file}`` for an infer folder (predictions.json) or a plain folder of label NIfTIs (id = file stem)."""
+    """``{id: label file}`` of an infer folder (predictions.json) or a plain folder of label NIfTIs (id = file stem)."""
     folder = Path(folder)
     if (folder / PREDICTIONS_JSON).is_file():
         data = read_predictions(folder)

@@ -18,7 +18,7 @@ from pipeline.reporting.pages import Section
 from pipeline.runtime import code_version, package_versions
 
 REDACTED = "<redacted>"
-_SECRET_KEYS = {"root", "split_file", "pseudonym_key"}
+_SECRET_KEYS = {"root", "split_file", "labels_csv", "plans_file", "cache_dir", "pseudonym_key"}
 _KEEP = ("stage", "status", "config_hash", "config", "code_version", "packages", "seed", "started", "finished",
          "duration_s", "timings", "counts")
 

@@ -158,6 +158,10 @@ def evaluate(
     union of values present. Empty masks follow ``pipeline.metrics.segmentation.EMPTY_POLICY``.
     """
     config = config or PipelineConfig()
+    from pipeline.classification.evaluate_stage import evaluate_classification, is_classification_output
+
+    if is_classification_output(pred):
+        return evaluate_classification(Path(pred), Path(ref), Path(out), config=config, force=force)
     settings = config.evaluate
     pred, ref, out = Path(pred), Path(ref), Path(out)
     pred_paths = prediction_paths(pred)

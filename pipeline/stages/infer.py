@@ -1,7 +1,8 @@
-"""The infer stage: one trained model over a folder of NIfTI images or an ingest output, labels on each input's grid."""
+"""The infer stage: a model or fold ensemble over NIfTI images or an ingest output, labels on each input's grid."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,21 +10,26 @@ from typing import Any
 
 import numpy as np
 
-import os
-
 from pipeline.batch import Loaded, run_batch
 from pipeline.config import InferConfig, PipelineConfig
 from pipeline.errors import CheckpointError, StageError
-from pipeline.fileio import sha256_file, write_json_atomic
-from pipeline.inference.predictor import (
+from pipeline.fileio import sha256_bytes, write_json_atomic
+from pipeline.inference.model_loading import (
     MODEL_JSON,
     MODEL_WEIGHTS,
+    ModelBundle,
+    load_models,
+    resolve_model_dirs,
+)
+from pipeline.inference.postprocess import VALIDATION_JSON, postprocess_plan
+from pipeline.inference.predictor import (
     PREDICTIONS_DIR,
     PREDICTIONS_JSON,
+    PROBABILITIES_DIR,
     Predictor,
-    resolve_model_dir,
+    save_probability_map,
 )
-from pipeline.io.nifti import is_nifti, nifti_stem, save_nifti
+from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem, save_nifti
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.runtime import device_description
@@ -48,6 +54,10 @@ class InferItem:
     @property
     def prediction(self) -> str:
         return f"{PREDICTIONS_DIR}/{self.name}"
+
+    @property
+    def probabilities(self) -> str:
+        return f"{PROBABILITIES_DIR}/{self.name}"
 
 
 def _folder_items(folder: Path, exclude: Path) -> list[InferItem]:
@@ -110,44 +120,74 @@ def collect_items(input: Path, out: Path, *, studies: list[str] | None = None) -
 
 @dataclass(frozen=True)
 class PredictRecipe(Loaded[InferItem, str]):
-    """What a worker process or Ray actor needs to load the model once and predict studies into ``out``."""
+    """What a worker process or Ray actor needs to load the model(s) once and predict studies into ``out``."""
 
     model_dir: Path
     settings: InferConfig
-    weights_sha256: str  # a retrained model at the same path is a different recipe
+    weights_sha256: tuple[str, ...]  # a retrained model at the same path is a different recipe
     out: Path
     threads: int | None = None
+    postprocess: tuple[int, ...] = ()
 
     def load(self) -> Any:
         import torch
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        predictor, _ = Predictor.from_folder(self.model_dir, config=self.settings)
+        predictor, _ = Predictor.from_models(self.model_dir, config=self.settings, postprocess=self.postprocess)
+        return functools.partial(predict_item, predictor, out=self.out,
+                                 probabilities=self.settings.save_probabilities)
 
-        def predict_one(item: InferItem) -> str:
-            save_nifti(predictor.predict_file(item.path), self.out / item.prediction, dtype=np.uint8)
-            return item.prediction
 
-        return predict_one
+def predict_item(predictor: Predictor, item: InferItem, *, out: Path, probabilities: bool) -> str:
+    """Predict one input; write its labels (and probability map) into ``out``; return the labels' path."""
+    prediction = predictor.predict(load_nifti(item.path), probabilities=probabilities)
+    save_nifti(prediction.labels, out / item.prediction, dtype=np.uint8)
+    if prediction.probabilities is not None:
+        save_probability_map(prediction.probabilities, out / item.probabilities)
+    return item.prediction
 
 
 def _worker_threads(config: PipelineConfig) -> int | None:
-    """Torch threads per worker: the cores shared out, so that workers do not oversubscribe them."""
-    if config.execution.backend == "ray":
-        return max(1, int(config.execution.num_cpus_per_task))
-    if config.execution.workers > 1:
-        return max(1, (os.cpu_count() or 1) // config.execution.workers)
-    return None
+    """Torch threads per worker: the cores shared out, so that workers do not oversubscribe them
+    (``execution.threads_per_worker``, or the batch loop's rule)."""
+    from pipeline.batch import worker_threads
+
+    return worker_threads(config.execution, workers=config.execution.workers)
 
 
-def _remove_stale(pred_dir: Path, keep: set[str]) -> None:
-    if not pred_dir.is_dir():
+def _remove_stale(folder: Path, keep: set[str]) -> None:
+    if not folder.is_dir():
         return
-    for path in sorted(pred_dir.iterdir()):
+    for path in sorted(folder.iterdir()):
         if path.is_file() and path.name not in keep:
-            log.info("infer: removing stale prediction %s", path.name)
+            log.info("infer: removing stale file %s/%s", folder.name, path.name)
             path.unlink()
+
+
+def _member_name(folder: Path, many: bool) -> str:
+    return f"{folder.parent.name}/" if many else ""
+
+
+def model_inputs(folders: list[Path], *, postprocess: str) -> tuple[dict[str, Path], list[Path], list[str]]:
+    """The model files an infer run depends on, and the validation.json files (present, missing) for ``auto``."""
+    many = len(folders) > 1
+    inputs: dict[str, Path] = {}
+    validation, missing = [], []
+    for folder in folders:
+        for name in (MODEL_JSON, MODEL_WEIGHTS):
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder / name} is missing; retrain or restore the model folder",
+                                      code="model_missing")
+            inputs[_member_name(folder, many) + name] = folder / name
+        path = folder.parent / VALIDATION_JSON
+        if postprocess == "auto":
+            if path.is_file():
+                validation.append(path)
+                inputs[f"{_member_name(folder, True)}{VALIDATION_JSON}"] = path
+            else:
+                missing.append(folder.parent.name)
+    return inputs, validation, missing
 
 
 def infer(
@@ -159,10 +199,14 @@ def infer(
     force: bool = False,
     studies: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Segment every image of ``input`` with the model in ``model_dir``; write ``out/predictions/`` and predictions.json.
+    """Segment every image of ``input`` with the model(s) in ``model_dir``; write out/predictions/, predictions.json.
 
-    The model is loaded once for the whole batch. Each prediction is a uint8 label image with
-    exactly its input's shape and affine. A study that fails is recorded and the batch goes on.
+    ``model_dir`` is a model folder, a train folder, or a cross-validation train folder whose
+    ``fold_k/model`` folders are ensembled (``infer.folds`` picks them). The models are loaded
+    once for the whole batch. Each prediction is a uint8 label image with exactly its input's
+    shape and affine, postprocessed per ``infer.postprocess``; with ``infer.save_probabilities``
+    the class probabilities go to ``out/probabilities/`` (see pipeline.inference.predictor).
+    A study that fails is recorded and the batch goes on.
     """
     config = config or PipelineConfig()
     from pipeline.classification.inference import infer_classifier, is_classification_model
@@ -170,13 +214,11 @@ def infer(
     if is_classification_model(model_dir):
         return infer_classifier(Path(model_dir), Path(input), Path(out), config=config, force=force)
     out = Path(out)
-    folder = resolve_model_dir(model_dir)
-    for name in (MODEL_JSON, MODEL_WEIGHTS):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder / name} is missing; retrain or restore the model folder",
-                                  code="model_missing")
+    settings = config.infer
+    folders = resolve_model_dirs(model_dir, folds=settings.folds)
+    model_files, validation_files, missing = model_inputs(folders, postprocess=settings.postprocess)
     kind, items = collect_items(Path(input), out, studies=studies)
-    inputs: dict[str, Path] = {"model.json": folder / MODEL_JSON, "model.pt": folder / MODEL_WEIGHTS}
+    inputs: dict[str, Path] = dict(model_files)
     if kind == "manifest":
         inputs["manifest"] = Path(input) / MANIFEST_NAME
     else:
@@ -187,30 +229,30 @@ def infer(
     extra = {"input_kind": kind, "studies": sorted(studies) if studies is not None else None}
 
     def work(record: StageRecord) -> list[Path]:
-        predictor, bundle = Predictor.from_folder(folder, config=config.infer)
+        bundles = load_models(model_dir, folds=settings.folds)
+        plan = postprocess_plan(settings.postprocess, num_classes=bundles[0].num_classes,
+                                validation_files=validation_files, missing=missing)
+        predictor = Predictor.from_bundles(bundles, config=settings, postprocess=plan["classes"])
         record.device = device_description(predictor.device.type)
-        model_info = {"config_hash": bundle.meta.get("config_hash"), "sha256": bundle.sha256,
-                      "labels": bundle.labels, "num_classes": bundle.num_classes}
-        record.extra["model"] = model_info
-        pred_dir = out / PREDICTIONS_DIR
+        model_info = _model_info(bundles, predictor)
+        record.extra.update({"model": model_info, "postprocess": plan})
         runnable = [item for item in items if item.error is None]
 
-        def predict_one(item: InferItem) -> str:
-            labels = predictor.predict_file(item.path)
-            save_nifti(labels, out / item.prediction, dtype=np.uint8)
-            return item.prediction
-
         execution = config.execution
-        fn: Any = predict_one
+        fn: Any = functools.partial(predict_item, predictor, out=out, probabilities=settings.save_probabilities)
         if execution.backend == "ray" or execution.workers > 1:  # each worker process / actor loads the model once
-            fn = PredictRecipe(folder, config.infer, sha256_file(folder / MODEL_WEIGHTS), out, _worker_threads(config))
+            fn = PredictRecipe(Path(model_dir), settings, tuple(b.sha256 for b in bundles), out,
+                               _worker_threads(config), tuple(plan["classes"]))
         outcomes = {o.key: o for o in run_batch(runnable, fn, key=lambda it: it.id, desc="infer",
                                                 workers=execution.workers, execution=execution)}
         predictions, failed = [], []
         for item in items:
             outcome = outcomes.get(item.id)
             if item.error is None and outcome is not None and outcome.ok:
-                predictions.append({"id": item.id, "image": item.image, "prediction": item.prediction})
+                entry = {"id": item.id, "image": item.image, "prediction": item.prediction}
+                if settings.save_probabilities:
+                    entry["probabilities"] = item.probabilities
+                predictions.append(entry)
                 record.add(StudyStatus(id=item.id, status="ok"))
                 continue
             code = "duplicate_name" if item.error else (outcome.code if outcome else "not_run")
@@ -218,15 +260,35 @@ def infer(
             log.warning("infer: %s failed: %s", item.id, message)
             failed.append({"id": item.id, "image": item.image, "code": code, "message": message})
             record.add(StudyStatus(id=item.id, status="failed", code=code, message=message))
-        _remove_stale(pred_dir, {Path(p["prediction"]).name for p in predictions})
+        _remove_stale(out / PREDICTIONS_DIR, {Path(p["prediction"]).name for p in predictions})
+        _remove_stale(out / PROBABILITIES_DIR, {Path(p["probabilities"]).name for p in predictions
+                                                if "probabilities" in p})
         write_json_atomic(out / PREDICTIONS_JSON, {
             "schema_version": SCHEMA_VERSION,
             "input_kind": kind,
             "model": model_info,
+            "postprocess": plan,
             "predictions": predictions,
             "failed": failed,
         })
-        return [out / PREDICTIONS_JSON, *(out / p["prediction"] for p in predictions)]
+        files = [out / PREDICTIONS_JSON, *(out / p["prediction"] for p in predictions)]
+        return files + [out / p["probabilities"] for p in predictions if "probabilities" in p]
 
     return execute_stage("infer", out, config=config, inputs=inputs, work=work, force=force, extra_hash=extra)
 
+
+def _model_info(bundles: list[ModelBundle], predictor: Predictor) -> dict[str, Any]:
+    """predictions.json's "model": the member models, their checksums, and the TTA actually used."""
+    members = [{"fold": b.fold, "sha256": b.sha256, "config_hash": b.meta.get("config_hash")} for b in bundles]
+    single = len(bundles) == 1
+    ensemble_sha = sha256_bytes("\n".join(b.sha256 for b in bundles).encode())
+    return {
+        "config_hash": bundles[0].meta.get("config_hash") if single else None,
+        "sha256": bundles[0].sha256 if single else ensemble_sha,
+        "labels": bundles[0].labels,
+        "num_classes": bundles[0].num_classes,
+        "folds": [b.fold for b in bundles],
+        "members": members,
+        "tta_flip_axes": list(predictor.flip_axes) if predictor.config.tta else [],
+        "forward_passes_per_window": predictor.window.passes,
+    }

@@ -8,6 +8,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pipeline.batch import run_batch
+from pipeline.classification.labels_csv import apply_class_labels
 from pipeline.config import IngestConfig, PipelineConfig
 from pipeline.errors import IngestError, PipelineError
 from pipeline.fileio import read_json, sha256_bytes
@@ -328,6 +329,8 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
                                                     execution=config.execution)}
             studies = _studies(tasks, outcomes, scrubber, record)
             manifest = Manifest(dataset=header["dataset"], labels=header["labels"], studies=studies)
+            manifest = apply_class_labels(manifest, config.data.labels_csv, root=scan_dir,  # classification
+                                          partial=config.execution.shard is not None)
             outputs = [save_manifest(manifest, out)]
             keep = {p for s in studies if s.status == "ok" for p in (s.image, s.label) if p}
             _remove_orphans(out, keep)
@@ -336,5 +339,6 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
             record.extra["reused_studies"] = sum(1 for s in record.studies if s.reused)
             return outputs
 
-        return execute_stage("ingest", out, config=config, inputs={}, work=work, force=force,
+        labels_csv = {"labels_csv": Path(config.data.labels_csv)} if config.data.labels_csv else {}
+        return execute_stage("ingest", out, config=config, inputs=labels_csv, work=work, force=force,
                              extra_hash={"scan": listing})

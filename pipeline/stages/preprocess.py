@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +15,14 @@ import numpy as np
 from pipeline.batch import outcome_summary, run_batch
 from pipeline.config import PipelineConfig
 from pipeline.errors import GeometryError, StageError
-from pipeline.fileio import canonical_json, read_json, sha256_bytes, sha256_file, write_json_atomic
+from pipeline.fileio import read_json, sha256_file, write_json_atomic
 from pipeline.io.nifti import load_nifti, save_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import Manifest, Study, load_manifest
+from pipeline.plans_file import load_plans_file
 from pipeline.planning import StudyFingerprint, dataset_fingerprint, make_plans, study_fingerprint
+from pipeline.preprocess_cache import PreprocessCache, key_digest, preprocessing_code_version, study_key
 from pipeline.provenance import StageRecord, StudyStatus
-from pipeline.runtime import code_version
 from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
 from pipeline.transforms.preprocessing import preprocessing_transforms
@@ -29,6 +33,7 @@ STAGE = "preprocess"
 PLANS_NAME = "plans.json"
 DATASET_NAME = "dataset.json"
 DATA_DIR = "data"
+COMPUTED, REUSED, CACHED = "computed", "reused", "cached"
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class StudyInput:
     image: Path
     label: Path
     modality: str | None = None
+    source: str = ""
 
 
 def training_studies(manifest: Manifest, ingest_dir: Path) -> tuple[list[StudyInput], list[StudyStatus]]:
@@ -49,7 +55,8 @@ def training_studies(manifest: Manifest, ingest_dir: Path) -> tuple[list[StudyIn
         reason = _skip_reason(study)
         image, label = _inside(ingest_dir, study.image), _inside(ingest_dir, study.label)
         if reason is None and image is not None and label is not None:
-            chosen.append(StudyInput(id=study.id, image=image, label=label, modality=study.modality))
+            chosen.append(StudyInput(id=study.id, image=image, label=label, modality=study.modality,
+                                     source=study.source))
         elif reason is None:
             skipped.append(StudyStatus(id=study.id, status="failed", code="path_outside_ingest",
                                        message="the manifest's image or label path leaves the ingest folder; "
@@ -83,6 +90,7 @@ def _skip_reason(study: Study) -> tuple[str, str] | None:
 
 
 def fingerprint_study(item: StudyInput, *, orientation: str) -> StudyFingerprint:
+    """Load one study and measure it (module level, so worker processes can pickle it)."""
     image = load_nifti(item.image)
     label = load_nifti(item.label)
     return study_fingerprint(item.id, image, label, orientation=orientation, modality=item.modality)
@@ -110,13 +118,8 @@ def _reusable(item: StudyInput, out: Path, key: dict[str, Any]) -> bool:
     )
 
 
-def preprocess_study(item: StudyInput, *, plans: dict[str, Any], out: Path, code: str) -> bool:
-    """Transform one study and write its image, label and sidecar; return True when earlier outputs were reused."""
-    resampling = {k: v for k, v in plans.items() if k != "patch_size"}  # the patch size changes no voxel
-    key = {"plans": sha256_bytes(canonical_json(resampling).encode()), "code": code,
-           "image": sha256_file(item.image), "label": sha256_file(item.label)}
-    if _reusable(item, out, key):
-        return True
+def _compute(item: StudyInput, plans: dict[str, Any], image_out: Path, label_out: Path) -> list[int]:
+    """Transform one study per the plans and write its image (float32) and label (uint8); return the shape."""
     data = preprocessing_transforms(plans, keys=("image", "label"))({"image": str(item.image),
                                                                      "label": str(item.label)})
     image, label = data["image"], data["label"]
@@ -128,28 +131,81 @@ def preprocess_study(item: StudyInput, *, plans: dict[str, Any], out: Path, code
     if classes.min() < 0 or classes.max() >= plans["num_classes"]:
         raise StageError(f"study {item.id}: label values {int(classes.min())}..{int(classes.max())} lie outside "
                          f"the plans' {plans['num_classes']} classes", study_id=item.id, code="label_out_of_range")
-    image_out, label_out, sidecar = output_paths(out, item.id)
     save_nifti(Volume(np.ascontiguousarray(np.asarray(image[0], dtype=np.float32)), affine), image_out,
                dtype=np.float32)
     save_nifti(Volume(np.ascontiguousarray(classes.astype(np.uint8)), affine), label_out, dtype=np.uint8)
-    write_json_atomic(sidecar, {
-        "key": key,
-        "shape": [int(s) for s in image.shape[1:]],
-        "outputs": {"image": sha256_file(image_out), "label": sha256_file(label_out)},
-    })
-    return False
+    return [int(s) for s in image.shape[1:]]
+
+
+def preprocess_study(item: StudyInput, *, plans: dict[str, Any], out: Path, code: str | None = None,
+                     cache_dir: Path | None = None) -> str:
+    """Bring one study's outputs into ``out/data``; return how: ``reused``, ``cached`` or ``computed``.
+
+    Outputs already in ``out`` from the same key (input checksums, resampling plans, code) are
+    reused; else a verified entry of the shared cache in ``cache_dir`` is linked or copied in;
+    else the study is computed and, with a ``cache_dir``, stored there for other runs.
+    """
+    key = study_key(image_sha=sha256_file(item.image), label_sha=sha256_file(item.label), plans=plans,
+                    code=code or preprocessing_code_version())
+    if _reusable(item, out, key):
+        return REUSED
+    image_out, label_out, sidecar = output_paths(out, item.id)
+    cache = PreprocessCache(Path(cache_dir)) if cache_dir is not None else None
+    digest = key_digest(key)
+    meta = cache.fetch(digest, image_out=image_out, label_out=label_out) if cache is not None else None
+    shape = meta["shape"] if meta is not None else _compute(item, plans, image_out, label_out)
+    write_json_atomic(sidecar, {"key": key, "shape": shape,
+                                "outputs": {"image": sha256_file(image_out), "label": sha256_file(label_out)}})
+    if meta is not None:
+        return CACHED
+    if cache is not None:
+        cache.store(digest, key=key, image=image_out, label=label_out, shape=shape)
+    return COMPUTED
 
 
 def _labels(manifest: Manifest) -> dict[str, str] | None:
     return dict(manifest.labels) if manifest.labels else None
 
 
+def _fingerprints(items: list[StudyInput], *, orientation: str, config: PipelineConfig,
+                  owns: Callable[[str], bool], record: StageRecord) -> tuple[list[StudyFingerprint], list[StudyInput]]:
+    """Fingerprint every training study; failures go to the record (for the studies this shard owns)."""
+    fingerprints: list[StudyFingerprint] = []
+    usable: list[StudyInput] = []
+    for outcome in run_batch(items, functools.partial(fingerprint_study, orientation=orientation),
+                             key=lambda it: it.id, desc="fingerprint", execution=config.execution):
+        if outcome.ok and outcome.result is not None:
+            fingerprints.append(outcome.result)
+            usable.append(outcome.item)
+        else:
+            log.warning("%s: %s", outcome.key, outcome.message)
+            if owns(outcome.key):
+                record.add(StudyStatus(id=outcome.key, status="failed", code=outcome.code, message=outcome.message))
+    return fingerprints, usable
+
+
+def _log_overrides(overrides: dict[str, Any], planned: dict[str, Any], source: Path) -> None:
+    for key in sorted(overrides):
+        if key in planned and planned[key] != overrides[key]:
+            log.info("plans: %s from %s replaces the planned %s", key, source, json.dumps(planned[key]))
+        else:
+            log.info("plans: %s from %s (same as planned)", key, source)
+
+
 def preprocess(ingest_dir: Path, out: Path, *, config: PipelineConfig | None = None, force: bool = False) -> dict:
-    """Fingerprint the ingested training set, write plans.json, then preprocess every labelled study into out/data."""
+    """Fingerprint the ingested training set, write plans.json, then preprocess every labelled study into out/data.
+
+    ``preprocess.plans_file`` (validated before anything runs) replaces planned values and is an
+    input of the stage, so editing it reruns preprocessing. ``preprocess.cache_dir`` shares
+    preprocessed studies between runs (see :mod:`pipeline.preprocess_cache`).
+    """
     config = config or PipelineConfig()
     ingest_dir, out = Path(ingest_dir), shard_out(Path(out), config)
     manifest_path = ingest_dir / "manifest.json"
     owns = study_selector(config)  # a shard plans from every study but writes only its own
+    plans_file = config.preprocess.plans_file
+    overrides = load_plans_file(plans_file) if plans_file is not None else {}
+    cache_dir = config.preprocess.cache_dir
 
     def work(record: StageRecord) -> list[Path]:
         manifest = load_manifest(manifest_path)
@@ -160,48 +216,53 @@ def preprocess(ingest_dir: Path, out: Path, *, config: PipelineConfig | None = N
         if not items:
             raise StageError(f"{manifest_path}: no ok studies with a label, so there is nothing to train on; "
                              "check the ingest record for failures and that labels were found")
-        orientation = config.preprocess.orientation
-        fingerprints: list[StudyFingerprint] = []
-        usable: list[StudyInput] = []
-        outcomes = list(run_batch(items, lambda it: fingerprint_study(it, orientation=orientation),
-                                  key=lambda it: it.id, desc="fingerprint", execution=config.execution))
-        for outcome in outcomes:
-            if outcome.ok and outcome.result is not None:
-                fingerprints.append(outcome.result)
-                usable.append(outcome.item)
-            else:
-                log.warning("%s: %s", outcome.key, outcome.message)
-                if owns(outcome.key):
-                    record.add(StudyStatus(id=outcome.key, status="failed", code=outcome.code,
-                                           message=outcome.message))
+        orientation = overrides.get("orientation", config.preprocess.orientation)
+        fingerprints, usable = _fingerprints(items, orientation=orientation, config=config, owns=owns, record=record)
         if not fingerprints:
             raise StageError(f"every labelled study in {manifest_path} failed to load; see record.json in {out}")
-        plans = make_plans(dataset_fingerprint(fingerprints), config=config.preprocess, labels=_labels(manifest))
+        fingerprint = dataset_fingerprint(fingerprints)
+        plans = make_plans(fingerprint, config=config.preprocess, labels=_labels(manifest), overrides=overrides,
+                           overrides_source=str(plans_file))
+        if overrides:
+            planned = make_plans(fingerprint, config=config.preprocess, labels=_labels(manifest))
+            _log_overrides(overrides, planned, Path(str(plans_file)))
+            record.extra["plans_file_keys"] = sorted(overrides)
         write_json_atomic(out / PLANS_NAME, plans)
-        log.info("plans: target spacing %s, %d classes, patch %s", plans["target_spacing"], plans["num_classes"],
-                 plans["patch_size"])
-        code = code_version()
+        log.info("plans: target spacing %s, normalization %s, %d classes, patch %s, batch %d, %d levels",
+                 plans["target_spacing"], plans["normalization"], plans["num_classes"], plans["patch_size"],
+                 plans["batch_size"], len(plans["network"]["strides"]))
         entries: list[dict[str, str]] = []
         outputs: list[Path] = [out / PLANS_NAME, out / DATASET_NAME]
-        done = list(run_batch([it for it in usable if owns(it.id)], lambda it: preprocess_study(it, plans=plans, out=out, code=code),
-                              key=lambda it: it.id, desc="preprocess", execution=config.execution))
+        sources = {it.id: it.source for it in usable}
+        if cache_dir is not None:
+            PreprocessCache(Path(cache_dir)).sweep()
+        run = functools.partial(preprocess_study, plans=plans, out=out, code=preprocessing_code_version(),
+                                cache_dir=cache_dir)
+        done = list(run_batch([it for it in usable if owns(it.id)], run, key=lambda it: it.id, desc="preprocess",
+                              execution=config.execution))
         log.info("preprocess: %s", outcome_summary(done))
         for outcome in done:
             if not outcome.ok:
                 record.add(StudyStatus(id=outcome.key, status="failed", code=outcome.code, message=outcome.message))
                 continue
             image_out, label_out, sidecar = output_paths(out, outcome.key)
-            record.add(StudyStatus(id=outcome.key, status="ok", reused=bool(outcome.result)))
-            entries.append({"id": outcome.key, "image": f"{DATA_DIR}/{image_out.name}",
-                            "label": f"{DATA_DIR}/{label_out.name}"})
+            record.add(StudyStatus(id=outcome.key, status="ok", reused=outcome.result in (REUSED, CACHED)))
+            entries.append({"id": outcome.key, "source": sources[outcome.key],
+                            "image": f"{DATA_DIR}/{image_out.name}", "label": f"{DATA_DIR}/{label_out.name}"})
             outputs.extend([image_out, label_out, sidecar])
         write_json_atomic(out / DATASET_NAME, {"studies": sorted(entries, key=lambda e: e["id"])})
-        record.extra["num_classes"] = plans["num_classes"]
-        record.extra["target_spacing"] = plans["target_spacing"]
+        if cache_dir is not None:
+            hits = sum(1 for o in done if o.ok and o.result == CACHED)
+            record.extra["cache"] = {"hits": hits, "computed": sum(1 for o in done if o.ok and o.result == COMPUTED)}
+            log.info("preprocess cache %s: %d hit(s)", cache_dir, hits)
+        record.extra.update({key: plans[key] for key in ("num_classes", "target_spacing", "normalization",
+                                                        "patch_size", "batch_size")})
         return outputs
 
-    return execute_stage(STAGE, out, config=config, inputs=_input_files(manifest_path, ingest_dir), work=work,
-                         force=force)
+    inputs = _input_files(manifest_path, ingest_dir)
+    if plans_file is not None:
+        inputs["plans_file"] = Path(plans_file)
+    return execute_stage(STAGE, out, config=config, inputs=inputs, work=work, force=force)
 
 
 def _input_files(manifest_path: Path, ingest_dir: Path) -> dict[str, Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,45 +12,26 @@ import numpy as np
 from pipeline.batch import run_batch
 from pipeline.config import PipelineConfig
 from pipeline.errors import ManifestError, PipelineError
-from pipeline.fileio import read_json, sha256_bytes, write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.fileio import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from pipeline.inference.predictor import PREDICTIONS_JSON, prediction_paths
-from pipeline.io.nifti import load_nifti, nifti_stem
+from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
-from pipeline.manifest import MANIFEST_NAME, Manifest, Study, load_manifest
+from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pipeline.metrics.table import DECIMALS, read_per_study
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.reporting import pages
 from pipeline.reporting.figures import box_plots, study_figure
 from pipeline.reporting.provenance import provenance_section, stage_records
 from pipeline.stages.common import execute_stage
+from pipeline.reporting.naming import safe_name, scrub_source
 
 log = logging.getLogger(__name__)
 
 STUDIES_DIR = "studies"
 STUDY_SCHEMA = 1
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")
 _STUDY_FIELDS = ("class", "class_name", "dice", "iou", "nsd", "nsd_tolerance_mm", "hd95", "assd", "volume_ref_ml",
                  "volume_pred_ml", "rel_volume_error")
 _BOX_METRICS = (("dice", "Dice"), ("nsd", "NSD"), ("hd95", "HD95 (mm)"), ("assd", "ASSD (mm)"))
-
-
-def safe_name(study_id: str) -> str:
-    """A file name for a study: its id when that is plain ASCII, else a hash of it."""
-    if _SAFE_NAME.fullmatch(study_id) and ".." not in study_id:
-        return study_id
-    return f"study_{sha256_bytes(study_id.encode())[:12]}"
-
-
-def _scrub(message: str, study: Study | None) -> str:
-    """Remove the study's source path and file name from a message: pages name studies only by id."""
-    if study is None:
-        return message
-    source = study.source
-    for piece in sorted({source, Path(source).name, nifti_stem(Path(source)), *Path(source).parts},
-                        key=len, reverse=True):
-        if len(piece) >= 3:
-            message = message.replace(piece, "<source>")
-    return message
 
 
 def _json_number(value: Any) -> Any:
@@ -109,6 +89,11 @@ def report(
     whose record.json fill the provenance block. Studies appear only by their id.
     """
     config = config or PipelineConfig()
+    from pipeline.classification.report_stage import classification_report, is_classification_evaluation
+
+    if is_classification_evaluation(evaluation):
+        return classification_report(Path(evaluation), Path(out), predictions=predictions, ingest=ingest,
+                                     config=config, force=force, provenance=provenance)
     evaluation, out = Path(evaluation), Path(out)
     summary_path, per_study_path = evaluation / "summary.json", evaluation / "per_study.csv"
     _read_summary(summary_path)
@@ -149,13 +134,13 @@ def report(
             try:
                 png, notes = _figure(image, reference, prediction, sid)
             except PipelineError as exc:
-                png, notes = None, [f"no picture: {_scrub(str(exc), study)}"]
+                png, notes = None, [f"no picture: {scrub_source(str(exc), study)}"]
             name = names[sid]
             written = []
             if png is not None:
                 write_bytes_atomic(out / STUDIES_DIR / f"{name}.png", png)
                 written.append(out / STUDIES_DIR / f"{name}.png")
-            problems = [{"code": p.code, "message": _scrub(p.message, study)} for p in study.problems] if study else []
+            problems = [{"code": p.code, "message": scrub_source(p.message, study)} for p in study.problems] if study else []
             relative = prediction.relative_to(predictions).as_posix() if prediction and predictions else None
             paths = {"image": study.image if study else None,
                      "reference": study.label if study else None,
@@ -198,7 +183,7 @@ def report(
         values = {class_names[c]: {m: [r[m] for r in rows if r["class"] == c] for m, _ in _BOX_METRICS}
                   for c in class_keys}
         failed = [{"id": f.get("id"), "code": f.get("code"),
-                   "message": _scrub(str(f.get("message")), studies.get(f.get("id")))}
+                   "message": scrub_source(str(f.get("message")), studies.get(f.get("id")))}
                   for f in summary.get("failed", [])]
         checksums = [(sid, (studies[sid].sha256.get("image") if sid in studies else None),
                       (studies[sid].sha256.get("label") if sid in studies else None),

@@ -27,8 +27,9 @@ _LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyE
                 AttributeError, TypeError)
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states as tensors and plain values (loadable with weights_only=True)."""
+def rng_state(*, loader: torch.Generator | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states, plus the data loader's generator when given, as tensors and
+    plain values (loadable with weights_only=True)."""
     py_version, py_state, py_gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
@@ -39,11 +40,14 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if loader is not None:
+        state["loader"] = loader.get_state()
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Undo :func:`rng_state`; missing parts are left as they are."""
+def restore_rng_state(state: dict[str, Any], *, loader: torch.Generator | None = None) -> None:
+    """Undo :func:`rng_state` (``loader``: the generator to restore the saved loader state into); missing parts
+    are left as they are."""
     if "python" in state:
         py = state["python"]
         random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
@@ -53,8 +57,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                              nps["gauss"]))
     if "torch" in state:
         torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "loader" in state and loader is not None:
+        loader.set_state(state["loader"])
 
 
 def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike[str]) -> Path:

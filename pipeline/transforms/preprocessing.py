@@ -10,23 +10,31 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
+from pipeline.errors import ConfigError
 from pipeline.io.nifti import load_nifti
+from pipeline.planning import resolve_normalization
 
 
 def normalization_transform(plans: dict[str, Any], *, key: str = "image") -> list[mt.MapTransform]:
-    """Intensity normalisation by plans: ``zscore`` per image, ``ct`` clip + dataset z-score, or none."""
-    method = plans.get("normalization", "zscore")
+    """Intensity normalisation by plans (``auto`` resolves by the plans' modality, as planning does).
+
+    ``zscore``: per image, (x - mean) / std over all voxels. ``ct`` (nnU-Net's CT scheme): clip to
+    the foreground 0.5/99.5 percentiles of the training set (``intensity.p005``/``p995``), then
+    subtract the foreground mean and divide by the foreground std of the training set. ``none``:
+    unchanged.
+    """
+    method = resolve_normalization(plans.get("normalization", "zscore"), plans.get("modality"))
     if method == "zscore":
         return [mt.NormalizeIntensityd(keys=key, nonzero=False, channel_wise=True)]
     if method == "ct":
         stats = plans["intensity"]
         lo, hi = float(stats["p005"]), float(stats["p995"])
         mean, std = float(stats["mean"]), max(float(stats["std"]), 1e-6)
-        return [
-            mt.ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
-            mt.NormalizeIntensityd(keys=key, subtrahend=mean, divisor=std),
-        ]
-    return []
+        clip = [mt.ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True)] if hi > lo else []
+        return [*clip, mt.NormalizeIntensityd(keys=key, subtrahend=mean, divisor=std)]
+    if method == "none":
+        return []
+    raise ConfigError(f"unknown normalization {method!r} in the plans; use zscore, ct, none or auto")
 
 
 class LoadVolumed(mt.MapTransform):

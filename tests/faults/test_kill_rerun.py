@@ -32,13 +32,15 @@ infer: {sw_batch_size: 2}
 # Run-specific by design: records (timestamps, host, durations), logs, training checkpoints (their optimizer
 # state holds wall-clock fields), and the cohort page, whose provenance block shows each stage's start time and
 # duration from the records (everything else on it is checked through studies/*.json and the metric files), and
-# history.csv, whose last column is each epoch's wall time (tests/stages/test_train.py compares the other columns).
-RUN_SPECIFIC = {"record.json", "medpipe.log", "index.html", "history.csv"}
+# history.csv, whose timing columns are wall times (tests/stages/test_train.py compares the other columns), and the
+# training curves drawn from it (progress.png, tensorboard/).
+RUN_SPECIFIC = {"record.json", "medpipe.log", "index.html", "history.csv", "progress.png"}
 
 
 def _outputs(run: Path) -> dict[str, str]:
     return {p.relative_to(run).as_posix(): sha256_file(p) for p in sorted(run.rglob("*"))
-            if p.is_file() and p.name not in RUN_SPECIFIC and "checkpoints" not in p.parts}
+            if p.is_file() and p.name not in RUN_SPECIFIC
+            and "checkpoints" not in p.parts and "tensorboard" not in p.parts}
 
 
 def _command(config: Path, data: Path, out: Path) -> list[str]:

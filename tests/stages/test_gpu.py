@@ -42,3 +42,23 @@ def test_train_and_infer_on_cuda_with_amp(msd_dataset: Path, tmp_path: Path, tin
         pred = load_nifti(tmp_path / "04_infer" / "predictions" / image.name)
         assert pred.shape == source.shape
         np.testing.assert_allclose(pred.affine, source.affine, atol=1e-5)
+
+
+def test_dynunet_deep_supervision_channels_last_and_compile_on_cuda(msd_dataset: Path, tmp_path: Path,
+                                                                   tiny_config: PipelineConfig) -> None:
+    """The default network (planned DynUNet with deep supervision) with AMP, channels-last and torch.compile."""
+    make_ingest(msd_dataset, tmp_path / "01_ingest")
+    preprocess(tmp_path / "01_ingest", tmp_path / "02_preprocess", config=tiny_config)
+    network = tiny_config.train.network.model_copy(update={"name": "dynunet", "channels": None, "strides": None})
+    config = tiny_config.model_copy(update={
+        "train": tiny_config.train.model_copy(update={"device": "cuda", "amp": True, "channels_last": True,
+                                                      "compile": True, "network": network, "epochs": 2}),
+        "infer": tiny_config.infer.model_copy(update={"device": "cuda"}),
+    })
+    record = train(tmp_path / "02_preprocess", tmp_path / "03_train", config=config)
+    assert record["status"] == "complete" and record["device_type"] == "cuda"
+    assert record["epochs_run"] == 2
+    dice = record["validation"]["dice"]
+    assert dice and all(0.0 <= v <= 1.0 for v in dice.values())
+    state = torch.load(tmp_path / "03_train" / "model" / "model.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") or k.startswith("module.") for k in state)  # unwrapped weights

@@ -12,12 +12,15 @@ import pytest
 import torch
 
 import pipeline.stages.train as train_stage
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, load_config
 from pipeline.models.segmenters import build_segmenter
 from pipeline.stages.preprocess import preprocess
 from pipeline.stages.train import train
 from pipeline.training.checkpoints import LAST, PREVIOUS, load_checkpoint
 from tests.stages.test_preprocess import make_ingest
+
+
+PREPROCESS = load_config(None, overrides=["preprocess.patch_size=[24,24,24]"])
 
 
 class Killed(Exception):
@@ -28,13 +31,19 @@ class Killed(Exception):
 def preprocessed(msd_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("train")
     make_ingest(msd_dataset, root / "01_ingest")
-    preprocess(root / "01_ingest", root / "02_preprocess", config=PipelineConfig())
+    preprocess(root / "01_ingest", root / "02_preprocess", config=PREPROCESS)
     return root / "02_preprocess"
 
 
 def _with(config: PipelineConfig, **train: object) -> PipelineConfig:
     return config.model_copy(update={"train": config.train.model_copy(update={"num_workers": 0, "device": "cpu",
                                                                               **train})})
+
+
+def _untimed(path: Path) -> list[dict[str, str]]:
+    """history.csv rows without the timing columns (seconds, data_seconds, ...)."""
+    with open(path, newline="") as handle:
+        return [{k: v for k, v in row.items() if "seconds" not in k} for row in csv.DictReader(handle)]
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -59,9 +68,11 @@ def test_train_writes_model_history_and_split(preprocessed: Path, tmp_path: Path
 
     meta = json.loads((out / "model/model.json").read_text())
     assert meta["out_channels"] == 3 and meta["in_channels"] == 1 and meta["patch_size"] == [24, 24, 24]
-    # the plans travel with the model; the patch size is the training config's (tiny: 24^3, plans.json: default)
+    # the plans travel with the model
     assert meta["plans"] == {**json.loads((preprocessed / "plans.json").read_text()), "patch_size": [24, 24, 24]}
-    model = build_segmenter(meta["network"], in_channels=meta["in_channels"], out_channels=meta["out_channels"])
+    assert meta["fold"] is None and meta["flip_axes"] == [0, 1, 2]  # the default augmentation mirrors every axis
+    model = build_segmenter(meta["network"], in_channels=meta["in_channels"], out_channels=meta["out_channels"],
+                            plans=meta["plans"])
     model.load_state_dict(torch.load(out / "model/model.pt", weights_only=True))
     best = torch.load(out / "checkpoints/best.pt", weights_only=True)
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
@@ -69,10 +80,15 @@ def test_train_writes_model_history_and_split(preprocessed: Path, tmp_path: Path
     with open(out / "history.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(rows[0]) == {"epoch", "train_loss", "val_dice_1", "val_dice_2", "val_mean_dice", "lr", "seconds"}
+    assert set(rows[0]) >= {"epoch", "train_loss", "val_dice_1", "val_dice_2", "val_mean_dice", "lr", "seconds"}
     best_row = rows[record["best_epoch"] - 1]
     assert float(best_row["val_mean_dice"]) == pytest.approx(record["best_mean_dice"], abs=1e-6)
-    assert float(rows[1]["lr"]) < float(rows[0]["lr"]) < config.train.learning_rate
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"]) <= (config.train.learning_rate or 1e-3)
+
+    validation = json.loads((out / "validation.json").read_text())
+    assert [row["id"] for row in validation["studies"]] == split["validation"]
+    assert set(validation["mean"]["dice"]) == {"1", "2"} and validation["settings"]["space"] == "preprocessed"
+    assert record["validation"] == validation["mean"] and "validation.json" in record["outputs"]
 
     again = train(preprocessed, out, config=config)
     assert again.get("skipped") is True
@@ -101,9 +117,7 @@ def test_kill_and_resume_equals_uninterrupted_run(preprocessed: Path, tmp_path: 
     straight = _weights(tmp_path / "straight/checkpoints" / LAST)
     again = _weights(tmp_path / "killed/checkpoints" / LAST)
     assert all(torch.equal(straight[k], again[k]) for k in straight)
-    a = (tmp_path / "straight/history.csv").read_text().splitlines()
-    b = (tmp_path / "killed/history.csv").read_text().splitlines()
-    assert [r.rsplit(",", 1)[0] for r in a] == [r.rsplit(",", 1)[0] for r in b]  # all but the seconds column
+    assert _untimed(tmp_path / "straight/history.csv") == _untimed(tmp_path / "killed/history.csv")
 
 
 def test_more_epochs_continue_from_the_checkpoint(preprocessed: Path, tmp_path: Path,

@@ -62,3 +62,13 @@ def test_parser_requires_out() -> None:
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["ingest", "somewhere"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_fold_option_reaches_the_config(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--fold sets train.fold (checked against train.num_folds), for `run` and `train` alike."""
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  num_folds: 3\n")
+    target = [str(config)] if command == "run" else [str(tmp_path), "--config", str(config)]
+    assert main([command, *target, "--out", str(tmp_path / "o"), "--fold", "3"]) == EXIT_USAGE
+    assert "fold 3 does not exist with num_folds 3" in capsys.readouterr().err

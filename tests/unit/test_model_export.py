@@ -19,7 +19,7 @@ from pipeline.models.segmenters import build_segmenter
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 
-NET = NetworkConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+NET = NetworkConfig(name="unet", channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 LABELS = {"0": "background", "1": "core", "2": "shell"}
 
 

@@ -6,9 +6,19 @@ import numpy as np
 import pytest
 
 from pipeline.config import PreprocessConfig
-from pipeline.errors import GeometryError
+from pipeline.errors import ConfigError, GeometryError
 from pipeline.io.volume import Volume
-from pipeline.planning import axis_order, dataset_fingerprint, foreground_samples, make_plans, study_fingerprint
+from pipeline.planning import (
+    StudyFingerprint,
+    axis_order,
+    dataset_fingerprint,
+    foreground_samples,
+    make_plans,
+    planned_spacing,
+    resolve_normalization,
+    study_fingerprint,
+)
+from pipeline.transforms.preprocessing import normalization_transform
 
 
 def _pair(shape, spacing, fg_value, *, fg_box=(slice(2, 4), slice(2, 4), slice(2, 4)), cls=1, affine=None):
@@ -84,10 +94,118 @@ def test_plans_use_median_spacing_or_config() -> None:
     plans = make_plans(fp, config=PreprocessConfig(), labels=labels)
     assert plans["target_spacing"] == [0.8, 0.8, 2.5]
     assert plans["num_classes"] == 3 and plans["labels"] == labels
-    assert plans["patch_size"] == [32, 48, 32] and plans["orientation"] == "RAS"
+    assert plans["orientation"] == "RAS" and plans["normalization"] == "zscore"  # auto, no modality
     assert plans["intensity"] == {"mean": 5.0, "std": 0.0, "p005": 5.0, "p995": 5.0}
     assert plans["fingerprint"]["median_shape_resampled"] == [6.0, 6.0, 6.0]
-    fixed = make_plans(fp, config=PreprocessConfig(spacing=(1.6, 1.6, 5.0), normalization="ct"), labels=None)
+    # crop_foreground plans on the 2x2x2 box of positive voxels; 4 is the smallest patch, no pooling fits
+    assert plans["fingerprint"]["planning_shape"] == [2.0, 2.0, 2.0]
+    assert plans["patch_size"] == [4, 4, 4] and plans["batch_size"] == 2
+    # z (2.5 mm) is over 2x the finest spacing (0.8 mm): kernel 1 along it
+    assert plans["network"] == {"kernel_sizes": [[3, 3, 1]], "strides": [[1, 1, 1]], "filters": [32]}
+    fixed = make_plans(fp, config=PreprocessConfig(spacing=(1.6, 1.6, 5.0), normalization="ct",
+                                                   patch_size=(24, 24, 24)), labels=None)
     assert fixed["target_spacing"] == [1.6, 1.6, 5.0] and fixed["normalization"] == "ct"
     assert fixed["labels"] == {"0": "background", "1": "class_1", "2": "class_2"}
     assert fixed["fingerprint"]["median_shape_resampled"] == [3.0, 3.0, 3.0]
+    # a given patch is kept exactly (only even sizes pool); z (5 mm vs 1.6) waits one level, then catches up
+    assert fixed["patch_size"] == [24, 24, 24]
+    assert fixed["network"]["strides"] == [[1, 1, 1], [2, 2, 1], [2, 2, 2], [1, 1, 2]]
+
+
+def _fp(study_id: str, spacing, shape, *, modality="MR") -> StudyFingerprint:
+    return StudyFingerprint(id=study_id, spacing=spacing, shape=shape, foreground=np.array([1.0, 2.0, 3.0]),
+                            class_counts={0: 100, 1: 10}, modality=modality)
+
+
+def test_fingerprint_records_p10_cropping_and_volume() -> None:
+    image = np.zeros((10, 12, 14), dtype=np.float32)
+    image[2:7, 3:5, 1:13] = 1.0  # positive box 5 x 2 x 12
+    label = np.zeros(image.shape, dtype=np.uint8)
+    label[3, 3, 3] = 1
+    affine = np.diag([1.0, 2.0, 0.5, 1.0])
+    fp = study_fingerprint("a", Volume(image, affine), Volume(label, affine))
+    assert fp.cropped_shape == (5, 2, 12)
+    zs = [3.0, 3.5, 4.0, 5.0, 5.0, 5.0, 5.0, 6.0, 6.0, 7.0]
+    studies = [_fp(f"s{i}", (0.8, 0.8, z), (100, 100, 20)) for i, z in enumerate(zs)]
+    dataset = dataset_fingerprint(studies)
+    assert dataset["spacing_p10"] == pytest.approx([0.8, 0.8, 3.45])  # between 3.0 and 3.5, 90 % of the way
+    assert dataset["total_volume_mm3"] == pytest.approx(sum(0.64 * z * 100 * 100 * 20 for z in zs))
+    assert dataset["median_cropped_shape"] == [100.0, 100.0, 20.0]  # no cropped shape: the full shape
+    assert dataset["intensity_percentiles"] == [0.5, 99.5]
+    assert dataset["class_fractions"] == pytest.approx({"0": 100 / 110, "1": 10 / 110})
+
+
+def test_anisotropic_dataset_takes_the_10th_percentile_and_pools_z_late() -> None:
+    zs = [3.0, 3.5, 4.0, 5.0, 5.0, 5.0, 5.0, 6.0, 6.0, 7.0]
+    fp = dataset_fingerprint([_fp(f"s{i}", (0.8, 0.8, z), (256, 256, 30)) for i, z in enumerate(zs)])
+    spacing, axis = planned_spacing(fp, anisotropy_threshold=3.0)
+    assert axis == 2 and spacing == pytest.approx([0.8, 0.8, 3.45])
+    plans = make_plans(fp, config=PreprocessConfig(crop_foreground=False))
+    assert plans["target_spacing"] == pytest.approx([0.8, 0.8, 3.45])
+    assert plans["fingerprint"]["anisotropic_axis"] == 2
+    assert plans["fingerprint"]["median_shape_resampled"][2] == pytest.approx(30 * 5 / 3.45, abs=1e-3)
+    strides, kernels = plans["network"]["strides"], plans["network"]["kernel_sizes"]
+    # z (3.45 mm) waits while x/y go 0.8 -> 1.6 -> 3.2 mm, then pools with them
+    assert strides[:4] == [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2]]
+    assert kernels[:3] == [[3, 3, 1], [3, 3, 1], [3, 3, 3]]
+    assert plans["patch_size"][2] % np.prod([s[2] for s in strides]) == 0
+
+
+def test_anisotropy_rule_needs_coarse_spacing_and_few_slices() -> None:
+    zs = [3.0, 3.5, 4.0, 5.0, 5.0, 5.0, 5.0, 6.0, 6.0, 7.0]
+    many_slices = dataset_fingerprint([_fp(f"s{i}", (0.8, 0.8, z), (256, 256, 200)) for i, z in enumerate(zs)])
+    assert planned_spacing(many_slices) == ([0.8, 0.8, 5.0], None)  # 200 * 3 >= 256: not "few"
+    mild = dataset_fingerprint([_fp(f"s{i}", (1.0, 1.0, z / 2), (256, 256, 30)) for i, z in enumerate(zs)])
+    assert planned_spacing(mild) == ([1.0, 1.0, 2.5], None)  # 2.5 / 1.0 < 3
+    assert planned_spacing(mild, anisotropy_threshold=2.5)[1] == 2  # >= threshold counts
+    # the percentile never goes finer than the other axes: 1 mm in-plane, z spacings 0.4..3.5
+    zs = [0.4] * 2 + [3.5] * 8
+    odd = dataset_fingerprint([_fp(f"s{i}", (1.0, 1.0, z), (256, 256, 30)) for i, z in enumerate(zs)])
+    assert planned_spacing(odd) == ([1.0, 1.0, 1.0], 2)
+
+
+def test_normalization_follows_modality() -> None:
+    assert resolve_normalization("auto", "CT") == "ct" and resolve_normalization("auto", " ct ") == "ct"
+    assert resolve_normalization("auto", "MRI") == "zscore" and resolve_normalization("auto", None) == "zscore"
+    assert resolve_normalization("none", "CT") == "none"
+    ct = dataset_fingerprint([_fp("a", (1.0, 1.0, 1.0), (64, 64, 64), modality="CT")])
+    assert make_plans(ct, config=PreprocessConfig())["normalization"] == "ct"
+    assert make_plans(ct, config=PreprocessConfig(normalization="zscore"))["normalization"] == "zscore"
+
+
+def test_ct_normalization_clips_then_uses_dataset_statistics() -> None:
+    import torch
+
+    plans = {"normalization": "ct", "modality": "CT",
+             "intensity": {"mean": 100.0, "std": 50.0, "p005": -100.0, "p995": 300.0}}
+    values = torch.tensor([[[[-1000.0, 0.0, 100.0, 1000.0]]]])
+    data = {"image": values}
+    for step in normalization_transform(plans):
+        data = step(data)
+    expected = (np.clip([-1000.0, 0.0, 100.0, 1000.0], -100, 300) - 100.0) / 50.0
+    assert np.allclose(np.asarray(data["image"]).ravel(), expected)
+    auto = {**plans, "normalization": "auto"}  # resolved the same way as planning does
+    assert len(normalization_transform(auto)) == 2
+    with pytest.raises(ConfigError, match="unknown normalization"):
+        normalization_transform({"normalization": "minmax"})
+
+
+def test_hippocampus_plans_match_nnunet_layout() -> None:
+    """MSD Task04 (../shared/data): nnU-Net plans [40, 56, 40], 4 levels of stride 2; our 210 cases cap the batch."""
+    import json
+
+    from pipeline.io.nifti import load_nifti
+    from tests.shared_data import shared_data
+
+    root = shared_data("Task04_Hippocampus")
+    entries = json.loads((root / "dataset.json").read_text())["training"]
+    fingerprint = dataset_fingerprint([
+        study_fingerprint(str(i), load_nifti(root / e["image"]), load_nifti(root / e["label"]), modality="MRI")
+        for i, e in enumerate(entries)])
+    plans = make_plans(fingerprint, config=PreprocessConfig())
+    assert plans["target_spacing"] == [1.0, 1.0, 1.0] and plans["normalization"] == "zscore"
+    assert plans["patch_size"] == [40, 56, 40]
+    assert plans["network"]["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 3
+    assert plans["network"]["filters"] == [32, 64, 128, 256]
+    cap = int(0.05 * fingerprint["total_cropped_volume_mm3"] // (40 * 56 * 40))
+    assert plans["batch_size"] == cap == 7  # 5 % of 210 cases' 13.1 M voxels / 89,600 per patch

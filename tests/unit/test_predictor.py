@@ -19,7 +19,7 @@ from pipeline.io.nifti import load_nifti, save_nifti
 from pipeline.io.volume import Volume
 from pipeline.models.segmenters import build_segmenter
 
-TINY_NET = NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=0)
+TINY_NET = NetworkConfig(name="unet", channels=(4, 8), strides=(2,), num_res_units=0)
 LABELS = {"0": "background", "1": "core", "2": "shell"}
 
 

@@ -1,0 +1,31 @@
+"""How report pages name studies: safe file names from ids, and messages scrubbed of source paths."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pipeline.fileio import sha256_bytes
+from pipeline.io.nifti import nifti_stem
+from pipeline.manifest import Study
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")
+
+
+def safe_name(study_id: str) -> str:
+    """A file name for a study: its id when that is plain ASCII, else a hash of it."""
+    if _SAFE_NAME.fullmatch(study_id) and ".." not in study_id:
+        return study_id
+    return f"study_{sha256_bytes(study_id.encode())[:12]}"
+
+
+def scrub_source(message: str, study: Study | None) -> str:
+    """Remove the study's source path and file name from a message: pages name studies only by id."""
+    if study is None:
+        return message
+    source = study.source
+    for piece in sorted({source, Path(source).name, nifti_stem(Path(source)), *Path(source).parts},
+                        key=len, reverse=True):
+        if len(piece) >= 3:
+            message = message.replace(piece, "<source>")
+    return message
