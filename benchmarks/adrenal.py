@@ -7,12 +7,16 @@
 Imports the official train and validation splits with ``import_medmnist`` (cached in
 OUT/import), trains on train and selects the epoch with the best validation AUC, then prints
 the validation AUC (with its bootstrap 95% CI), accuracy, the best epoch and the minutes
-spent. The per-epoch curve is OUT/train/history.csv.
+spent. The per-epoch curve is OUT/train/history.csv. ``--ensemble N`` trains N seeds into
+OUT/seed_S and also scores the average of their validation probabilities:
+
+    .venv/bin/python benchmarks/adrenal.py --out /tmp/adrenal_ens --epochs 10 --seed 0 --ensemble 5 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
@@ -22,7 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+
 from pipeline.classification.medmnist import import_medmnist  # noqa: E402
+from pipeline.classification.metrics import probability_metrics  # noqa: E402
 from pipeline.config import validate  # noqa: E402
 from pipeline.stages.train import train  # noqa: E402
 
@@ -44,28 +51,61 @@ def main() -> int:
     parser.add_argument("--pretrained", type=Path, default=None)
     parser.add_argument("--freeze-epochs", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ensemble", type=int, default=1, help="train this many seeds (seed, seed+1, ...) into "
+                        "OUT/seed_S and also print the AUC of their averaged validation probabilities")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     imported = args.out / "import"
     if not (imported / "manifest.json").is_file():
         import_medmnist(args.npz, imported)
-    config = validate({"seed": args.seed, "task": "classification", "classify": {
+    began = time.monotonic()
+    outs = [args.out] if args.ensemble == 1 else [args.out / f"seed_{args.seed + i}" for i in range(args.ensemble)]
+    for i, out in enumerate(outs):
+        _train_one(args, imported, out, seed=args.seed + i)
+    minutes = (time.monotonic() - began) / 60
+    if args.ensemble > 1:
+        _print_ensemble(outs, minutes)
+    return 0
+
+
+def _train_one(args: argparse.Namespace, imported: Path, out: Path, *, seed: int) -> None:
+    config = validate({"seed": seed, "task": "classification", "classify": {
         "network": args.network, "network_kwargs": {"widen_factor": args.widen, "conv1_t_stride": 2},
         "input_size": [args.size] * 3, "epochs": args.epochs, "max_minutes": args.max_minutes,
         "batch_size": args.batch_size, "learning_rate": args.lr, "optimizer": "adamw", "balance": "weights",
         "label_smoothing": 0.05, "pretrained": str(args.pretrained) if args.pretrained else None,
         "freeze_epochs": args.freeze_epochs, "threads": args.threads, "device": "cpu"}})
     began = time.monotonic()
-    record = train(imported, args.out / "train", config=config, force=True)
+    record = train(imported, out / "train", config=config, force=True)
     minutes = (time.monotonic() - began) / 60
-    metrics = json.loads((args.out / "train" / "validation_metrics.json").read_text())["calibrated"]
-    extra = record.get("extra", record)
-    print(f"validation AUC {metrics['auc']:.4f} (95% CI {metrics['auc_ci'][0]:.3f}-{metrics['auc_ci'][1]:.3f}), "
-          f"accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}, "
-          f"ECE {metrics['ece']:.4f}, best epoch {extra.get('best_epoch')} of {extra.get('epochs_run')}, "
-          f"{minutes:.1f} min (training {extra.get('train_minutes')} min)")
-    print((args.out / "train" / "history.csv").read_text())
-    return 0
+    metrics = json.loads((out / "train" / "validation_metrics.json").read_text())["calibrated"]
+    print(f"seed {seed}: validation AUC {metrics['auc']:.4f} (95% CI {metrics['auc_ci'][0]:.3f}-"
+          f"{metrics['auc_ci'][1]:.3f}), accuracy {metrics['accuracy']:.4f}, balanced accuracy "
+          f"{metrics['balanced_accuracy']:.4f}, ECE {metrics['ece']:.4f}, best epoch {record.get('best_epoch')} of "
+          f"{record.get('epochs_run')}, {minutes:.1f} min (training {record.get('train_minutes')} min)")
+    print((out / "train" / "history.csv").read_text())
+
+
+def _print_ensemble(outs: list[Path], minutes: float) -> None:
+    """Average the members' softmax validation probabilities (each member's best epoch) and score them."""
+    members = []
+    for out in outs:
+        with (out / "train" / "validation_predictions.csv").open(newline="") as handle:
+            rows = sorted(csv.DictReader(handle), key=lambda r: r["study"])
+        logits = np.array([[float(v) for k, v in r.items() if k.startswith("logit_")] for r in rows])
+        members.append((rows, softmax(logits)))
+    labels = np.array([int(r["label"]) for r in members[0][0]])
+    if any([r["study"] for r in m[0]] != [r["study"] for r in members[0][0]] for m in members):
+        raise SystemExit("the ensemble members were validated on different studies")
+    probs = np.mean([m[1] for m in members], axis=0)
+    metrics = probability_metrics(labels, probs, bootstrap=2000, seed=0)
+    print(f"ensemble of {len(outs)} seeds: validation AUC {metrics['auc']:.4f} (95% CI {metrics['auc_ci'][0]:.3f}-"
+          f"{metrics['auc_ci'][1]:.3f}), accuracy {metrics['accuracy']:.4f}, {minutes:.1f} min in all")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 if __name__ == "__main__":

@@ -143,10 +143,10 @@ class _Tasks:
         self.fn = ray.put(fn)  # sent once, not with every task
         self.running: set[Any] = set()
 
-    def has_room(self) -> bool:
-        return len(self.running) < self.limit
+    def has_room(self, *, exclusive: bool = False) -> bool:
+        return len(self.running) < self.limit  # each task has a worker process of its own
 
-    def submit(self, items: list[Any], keys: list[str]) -> Any:
+    def submit(self, items: list[Any], keys: list[str], *, exclusive: bool = False) -> Any:
         ref = self.remote.remote(self.call, self.fn, self.threads, items, keys)
         self.running.add(ref)
         return ref
@@ -169,24 +169,27 @@ class _Actors:
                                                            max_task_retries=0)
         self.actors = [self._new() for _ in range(slots)]
         self.busy = [0] * slots
-        self.owner: dict[Any, tuple[int, Any]] = {}
+        self.owner: dict[Any, tuple[int, Any, int]] = {}  # ref -> (slot, actor, queue weight)
 
     def _new(self) -> Any:
         return self.actor_class.remote(self.call, self.fn, self.threads)
 
-    def has_room(self) -> bool:
-        return min(self.busy) < IN_FLIGHT
+    def has_room(self, *, exclusive: bool = False) -> bool:
+        """A slot can take a chunk; ``exclusive``: an idle one (a retried study must not share its actor's
+        queue, or a killer queued before it would be blamed on it)."""
+        return min(self.busy) == 0 if exclusive else min(self.busy) < IN_FLIGHT
 
-    def submit(self, items: list[Any], keys: list[str]) -> Any:
+    def submit(self, items: list[Any], keys: list[str], *, exclusive: bool = False) -> Any:
         slot = self.busy.index(min(self.busy))
         ref = self.actors[slot].run.remote(items, keys)
-        self.busy[slot] += 1
-        self.owner[ref] = (slot, self.actors[slot])
+        weight = IN_FLIGHT if exclusive else 1  # an exclusive call fills its actor's queue
+        self.busy[slot] += weight
+        self.owner[ref] = (slot, self.actors[slot], weight)
         return ref
 
     def finished(self, ref: Any, *, lost: bool) -> None:
-        slot, actor = self.owner.pop(ref)
-        self.busy[slot] -= 1
+        slot, actor, weight = self.owner.pop(ref)
+        self.busy[slot] -= weight
         if lost and self.actors[slot] is actor:  # the first of its lost calls replaces it
             self.ray.kill(actor)
             self.actors[slot] = self._new()
@@ -242,12 +245,14 @@ def run_on_ray(items: Sequence[Any], fn: Callable[[Any], Any], keys: Sequence[st
     emitted = 0
     try:
         while emitted < len(items):
-            while (alone or pending) and runner.has_room():
-                if alone:
+            while (alone or pending) and runner.has_room(exclusive=bool(alone)):
+                retry = bool(alone)  # a study of a lost chunk runs on an idle worker, so a loss is its own
+                if retry:
                     chunk = [alone.popleft()]
                 else:
                     chunk = [pending.popleft() for _ in range(min(chunks.size(len(pending)), len(pending)))]
-                running[runner.submit([items[i] for i in chunk], [keys[i] for i in chunk])] = chunk
+                ref = runner.submit([items[i] for i in chunk], [keys[i] for i in chunk], exclusive=retry)
+                running[ref] = chunk
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
                 chunk = running.pop(ref)
