@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import io
 import logging
-import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -15,7 +14,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig, load_config
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.layout import STAGES
 from pipeline.logs import configure_logging
 
@@ -257,13 +256,19 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return _exit_code(record)
 
 
+def _with_fold(args: argparse.Namespace, config: PipelineConfig, *, path: Path | None = None,
+               extra: Sequence[str] = ()) -> PipelineConfig:
+    """``config`` with ``--fold`` applied (classification folds live in the classify section)."""
+    if args.fold is None:
+        return config
+    section = "classify" if config.task == "classification" else "train"
+    return _config(args, path=path, extra=[*extra, f"{section}.fold={args.fold}"])
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.stages.train import train
 
-    config = _config(args)
-    if args.fold is not None:  # classification folds live in the classify section
-        section = "classify" if config.task == "classification" else "train"
-        config = _config(args, extra=[f"{section}.fold={args.fold}"])
+    config = _with_fold(args, _config(args))
     record = train(args.preprocess_dir, args.out, config=config, force=args.force)
     fold = config.classify.fold if config.task == "classification" else config.train.fold
     where = {None: args.out / "model", "all": args.out / "cv.json"}.get(fold, args.out / f"fold_{fold}" / "model")
@@ -317,10 +322,7 @@ def _run_and_summarise(config: PipelineConfig, out: Path, *, force: bool, stages
 
 def _cmd_run(args: argparse.Namespace) -> int:
     extra = [f"data.root={args.data}"] if args.data else []
-    config = _config(args, path=args.config, extra=extra)
-    if args.fold is not None:  # classification folds live in the classify section
-        section = "classify" if config.task == "classification" else "train"
-        config = _config(args, path=args.config, extra=[*extra, f"{section}.fold={args.fold}"])
+    config = _with_fold(args, _config(args, path=args.config, extra=extra), path=args.config, extra=extra)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -432,9 +434,14 @@ def _log_file(args: argparse.Namespace) -> Path | None:
 
 
 def _torchrun_follower() -> bool:
-    """True in a torchrun process of rank > 0 (torchrun's RANK/WORLD_SIZE protocol; read without importing torch)."""
-    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
-    return world.isdigit() and int(world) > 1 and rank.isdigit() and int(rank) > 0
+    """True in a torchrun process of rank > 0 (a malformed environment is reported when training starts)."""
+    from pipeline.training.launch import torchrun_env
+
+    try:
+        env = torchrun_env()
+    except ConfigError:
+        return False
+    return env is not None and env[0] > 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

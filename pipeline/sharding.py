@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.fileio import atomic_path, read_json, write_json_atomic
-from pipeline.provenance import RECORD_NAME, StageRecord, StudyStatus, load_record
+from pipeline.provenance import StageRecord, StudyStatus, load_record
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,3 @@ def _merge_infer(out: Path, shards: list[tuple[Shard, Path]]) -> list[Path]:
     merged.update(predictions=sorted(predictions, key=order), failed=sorted(failed, key=order))
     write_json_atomic(out / "predictions.json", merged)
     return [out / "predictions.json", *outputs]
-
-
-def shard_record_path(out: Path, shard: Shard) -> Path:
-    return Path(out) / shard.folder / RECORD_NAME
