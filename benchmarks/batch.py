@@ -65,6 +65,7 @@ TINY = ["--set", "preprocess.patch_size=[24,24,24]", "--set", "preprocess.spacin
         "--set", "train.num_workers=0", "--set", "train.optimizer=adamw", "--set", "train.learning_rate=0.001",
         "--set", "infer.sw_batch_size=2"]
 LEVELS = ("command", "batch", "steady")
+SHAPE = (32, 36, 28)
 
 
 class RayWorkerMemory:
@@ -201,6 +202,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), metavar=("X", "Y", "Z"),
+                        help=f"voxels of each generated study (default {' '.join(map(str, SHAPE))})")
     parser.add_argument("--threads-per-worker", type=int, default=1,
                         help="torch threads of every worker (0: medpipe's rule, floor(cpus / workers))")
     parser.add_argument("--no-ray", action="store_true", help="local workers only")
@@ -211,7 +214,7 @@ def main() -> None:
     ray = None
     try:
         model = _model(work)
-        data = write_demo_dataset(work / "data", n=args.studies, seed=3, shape=(32, 36, 28))
+        data = write_demo_dataset(work / "data", n=args.studies, seed=3, shape=tuple(args.shape))
         overrides, thread_env, threading_note = _threading(args.threads_per_worker)
         os.environ.update(thread_env)  # before the Ray cluster starts: its workers inherit it
         modes: dict[str, list[str]] = {"local x1": ["--workers", "1"], "local x2": ["--workers", "2"]}

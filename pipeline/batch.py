@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import sys
 import time
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pipeline.errors import PipelineError
-from pipeline.isolation import Isolation, Reply, run_isolated
+from pipeline.isolation import FORKSERVER_EXIT, Isolation, Reply, prestart_forkserver, run_isolated
 
 if TYPE_CHECKING:
     from pipeline.config import ExecutionConfig
@@ -121,18 +120,14 @@ class _Threaded(Generic[T, R]):
 
 
 def prestart_workers(modules: Sequence[str]) -> None:
-    """Start the forkserver that torch-using worker processes are forked from, importing ``modules`` in it, now.
+    """Start the forkserver that this command's worker processes will fork from, importing ``modules`` in it, now.
 
-    Once torch is loaded, worker processes start from a forkserver (see :mod:`pipeline.isolation`),
-    which imports the study function's modules (torch, MONAI: seconds) when the batch starts,
-    while this process waits. Called first thing in a command that will run such a batch (before
-    importing torch), the server's imports run alongside this process's own instead. The batch
-    then forks its workers from the running server; without a batch, the server idles until exit.
+    For a batch whose study function imports torch and MONAI (seconds): called first thing in
+    the command, the server's imports run while this process parses, discovers and plans,
+    and the batch's workers then fork from the ready server instead of each importing them
+    after the batch started. Without a batch, the server idles until the command exits.
     """
-    from multiprocessing import forkserver
-
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(modules))
-    forkserver.ensure_running()
+    prestart_forkserver([*modules, FORKSERVER_EXIT])
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -239,11 +241,27 @@ def _summarise(stage: str, record: dict[str, Any], out: Path) -> None:
             print(f"  failed {study['id']}: [{study.get('code')}] {study.get('message')}")
 
 
+def _prestart(config: PipelineConfig, module: str, *, actors: bool) -> None:
+    """Start the batch's workers (local with torch, or Ray) now, importing ``module``, while this process
+    does its own imports and discovery (see batch.prestart_workers and ray_backend.prestart)."""
+    execution = config.execution
+    if execution.backend == "ray":
+        from pipeline.ray_backend import prestart
+
+        prestart(execution, modules=[module], actors=actors)
+    elif actors and execution.workers > 1:  # local workers fork from a server once torch is imported
+        from pipeline.batch import prestart_workers
+
+        prestart_workers([module])
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    extra = [f"ingest.workers={args.workers}"] if args.workers else []
+    config = _config(args, extra=extra)
+    _prestart(config, "pipeline.stages.ingest_study", actors=False)
     from pipeline.stages.ingest import ingest
 
-    extra = [f"ingest.workers={args.workers}"] if args.workers else []
-    record = ingest(args.scan_dir, args.out, config=_config(args, extra=extra), force=args.force)
+    record = ingest(args.scan_dir, args.out, config=config, force=args.force)
     _summarise("ingest", record, args.out / "manifest.json")
     return _exit_code(record)
 
@@ -278,10 +296,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     config = _config(args)
-    if config.execution.backend == "local" and config.execution.workers > 1:
-        from pipeline.batch import prestart_workers  # workers import torch while the main process does
-
-        prestart_workers(["pipeline.stages.infer"])
+    _prestart(config, "pipeline.stages.infer", actors=True)  # workers import torch while this process does
     from pipeline.stages.infer import infer
 
     record = infer(args.model, args.input, args.out, config=config, force=args.force)
@@ -465,3 +480,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nInterrupted. Finished outputs are kept; to resume, run: {command_line}", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The ``medpipe`` console script and ``python -m pipeline``: :func:`main`, then a quick exit.
+
+    A command that loaded torch and MONAI spends 1-1.5 s (on this 2-core CPU) after its work
+    tearing down their modules, a cost every command would pay. So once the interpreter has
+    joined its threads and run the exit handlers registered after this one (Ray's shutdown,
+    multiprocessing's clean-up of its workers and temporary folders), the process ends with
+    ``os._exit``, leaving the module teardown out. All outputs were closed (and written
+    atomically) before; logging and the standard streams are flushed here.
+    """
+    code = [EXIT_FAILED]  # an exception escaping main() (a bug) still exits non-zero
+    atexit.register(_quick_exit, code)  # registered before Ray's or multiprocessing's: runs after them
+    try:
+        code[0] = main()
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+        code[0] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILED)
+        raise
+    sys.exit(code[0])
+
+
+def _quick_exit(code: list[int]) -> None:
+    logging.shutdown()  # registered before this handler, so it would run after it: flush the log files now
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe
+            stream.flush()
+    os._exit(code[0])

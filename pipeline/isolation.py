@@ -49,6 +49,7 @@ from pipeline.errors import StageError
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "MEDPIPE_TEST_FAULT"
+FORKSERVER_EXIT = "pipeline.forkserver_exit"  # preloaded last: see that module
 StartMethod = Literal["auto", "fork", "forkserver", "spawn"]
 # A reply: ("ok", value) or ("failed", code, message).
 Reply = tuple[Any, ...]
@@ -69,10 +70,25 @@ class PanicException(BaseException):  # noqa: N818 - named like the Rust decoder
     """What the test hook raises for ``panic``: a BaseException, like pylibjpeg-rle's Rust panics."""
 
 
+_FORKSERVER_PRESTARTED: list[bool] = []  # prestart_forkserver() ran in this process
+
+
+def prestart_forkserver(preload: Sequence[str]) -> None:
+    """Start the forkserver now, importing ``preload`` in it; ``auto`` then picks it for every pool."""
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))
+    forkserver.ensure_running()
+    _FORKSERVER_PRESTARTED.append(True)
+
+
 def start_method(requested: StartMethod = "auto") -> str:
-    """The start method ``requested``, or for ``auto`` fork when it is safe (see the module docstring)."""
+    """The start method ``requested``, or for ``auto``: the forkserver when one was prestarted, else fork when it is
+    safe (see the module docstring)."""
     if requested != "auto":
         return requested
+    if _FORKSERVER_PRESTARTED:
+        return "forkserver"
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not _harmless(t)]
     return "fork" if not others and "torch" not in sys.modules else "forkserver"
 
@@ -271,7 +287,7 @@ def _context(limits: Isolation, preload: Sequence[str]) -> Any:
     method = start_method(limits.start_method)
     ctx = multiprocessing.get_context(method)
     if method == "forkserver" and preload:
-        ctx.set_forkserver_preload(list(preload))  # takes effect when the server first starts
+        ctx.set_forkserver_preload([*preload, FORKSERVER_EXIT])  # takes effect when the server first starts
     return ctx
 
 

@@ -7,6 +7,11 @@ from pathlib import Path
 
 STAGES: tuple[str, ...] = ("ingest", "preprocess", "train", "infer", "evaluate", "report")
 
+# What an infer output folder holds: the index, the label images, the probability maps.
+PREDICTIONS_JSON = "predictions.json"
+PREDICTIONS_DIR = "predictions"
+PROBABILITIES_DIR = "probabilities"
+
 
 @dataclass(frozen=True)
 class RunLayout:

@@ -12,6 +12,7 @@ runs alone, so only a study that kills its worker again and again is given up on
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import statistics
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHUNK_SECONDS", "ensure_ray", "run_on_ray"]
+__all__ = ["CHUNK_SECONDS", "ensure_ray", "prestart", "run_on_ray"]
 
 LOST = "worker_lost"
 CHUNK_SECONDS = 0.2  # automatic chunks hold about this much work
@@ -77,6 +78,44 @@ def _slots(ray: Any, execution: ExecutionConfig, count: int) -> int:
     return max(1, min(count, int(min(fits)) if fits else count))
 
 
+_WARM: dict[str, Any] = {}  # what prestart() started: "key" (the options they fit), "actors", "tasks"
+
+
+def _options_key(execution: ExecutionConfig) -> str:
+    return repr(sorted(_options(execution).items()))
+
+
+def prestart(execution: ExecutionConfig, *, modules: Sequence[str], actors: bool) -> None:
+    """Connect to Ray and start this command's workers now, importing ``modules`` in them.
+
+    Called first thing in a command (before the driver's own slow imports and discovery), so
+    that the workers' start-up, seconds for torch and MONAI, runs alongside the driver's work
+    instead of after it; the Ray counterpart of ``batch.prestart_workers``. ``actors``: create
+    the batch's actors (one per slot), which :func:`run_on_ray` then uses; otherwise run one
+    import task per slot, which leaves that many warm worker processes for the batch's tasks.
+    A command that ends up with nothing to run leaves them to be stopped with the driver.
+    """
+    ray = ensure_ray(execution)
+    slots = _slots(ray, execution, 1 << 30)
+    names = tuple(modules)
+    _WARM.clear()
+    _WARM["key"] = _options_key(execution)
+    if actors:
+        actor_class = ray.remote(_StudyActor).options(**_options(execution), max_restarts=0, max_task_retries=0)
+        _WARM["actors"] = [actor_class.remote(names) for _ in range(slots)]
+    else:
+        warm = ray.remote(_import).options(**_options(execution), max_retries=0)
+        _WARM["tasks"] = [warm.remote(names) for _ in range(slots)]  # refs kept: done when they are
+
+
+def _prestarted_actors(execution: ExecutionConfig, slots: int) -> list[Any]:
+    """Up to ``slots`` actors that prestart() created for these resources (taken: a batch owns them)."""
+    if _WARM.get("key") != _options_key(execution):
+        return []
+    actors = _WARM.pop("actors", [])
+    return actors[:slots]
+
+
 # ---- the worker side -------------------------------------------------------------------------
 
 
@@ -95,13 +134,26 @@ def _run_chunk(call: Callable[..., Any], fn: Callable[[Any], Any], threads: int 
 
 
 class _StudyActor:
-    """Holds a Loaded recipe; its first call loads the model, which then stays for every later chunk."""
+    """A long-lived worker: imports the batch's modules when created (see :func:`prestart`); a Loaded
+    recipe's first call loads the model, which then stays in this process for every later chunk."""
 
-    def __init__(self, call: Callable[..., Any], fn: Callable[[Any], Any], threads: int | None) -> None:
-        self.call, self.fn, self.threads = call, fn, threads
+    def __init__(self, modules: tuple[str, ...]) -> None:
+        _import(modules)
+        self.job: tuple[Callable[..., Any], Callable[[Any], Any], int | None] | None = None
+
+    def setup(self, call: Callable[..., Any], fn: Callable[[Any], Any], threads: int | None) -> None:
+        self.job = (call, fn, threads)
 
     def run(self, items: list[Any], keys: list[str]) -> tuple[list[Any], list[float]]:
-        return _run_chunk(self.call, self.fn, self.threads, items, keys)
+        if self.job is None:
+            raise RuntimeError("a medpipe Ray actor was given studies before its setup")
+        return _run_chunk(*self.job, items, keys)
+
+
+def _import(modules: tuple[str, ...]) -> None:
+    """In a Ray worker: import what the coming studies need (torch, MONAI, decoders: the slow part of a start)."""
+    for name in modules:
+        importlib.import_module(name)
 
 
 # ---- the driver side -------------------------------------------------------------------------
@@ -164,15 +216,27 @@ class _Actors:
 
     def __init__(self, ray: Any, fn: Callable[[Any], Any], call: Callable[..., Any], threads: int | None,
                  execution: ExecutionConfig, slots: int) -> None:
-        self.ray, self.fn, self.call, self.threads = ray, fn, call, threads
+        self.ray, self.call, self.threads = ray, call, threads
         self.actor_class = ray.remote(_StudyActor).options(**_options(execution), max_restarts=0,
                                                            max_task_retries=0)
-        self.actors = [self._new() for _ in range(slots)]
+        self.modules = (type(fn).__module__,)
+        self.fn_ref = ray.put(fn)  # sent once, not with every chunk
+        warm = _prestarted_actors(execution, slots)
+        self.actors = warm + [self._new() for _ in range(slots - len(warm))]
+        try:  # waits for their start-up; the recipe failing to unpickle there fails every actor alike
+            ray.get([self._setup(actor) for actor in self.actors])
+        except ray.exceptions.RayError as exc:
+            self.close()
+            raise StageError(f"a Ray actor could not start ({str(exc)[:500]}); check that every Ray worker can "
+                             "import medpipe and read the model folder", code="worker_start_failed") from None
         self.busy = [0] * slots
         self.owner: dict[Any, tuple[int, Any, int]] = {}  # ref -> (slot, actor, queue weight)
 
     def _new(self) -> Any:
-        return self.actor_class.remote(self.call, self.fn, self.threads)
+        return self.actor_class.remote(self.modules)
+
+    def _setup(self, actor: Any) -> Any:
+        return actor.setup.remote(self.call, self.fn_ref, self.threads)
 
     def has_room(self, *, exclusive: bool = False) -> bool:
         """A slot can take a chunk; ``exclusive``: an idle one (a retried study must not share its actor's
@@ -193,6 +257,7 @@ class _Actors:
         if lost and self.actors[slot] is actor:  # the first of its lost calls replaces it
             self.ray.kill(actor)
             self.actors[slot] = self._new()
+            self._setup(self.actors[slot])  # runs before the chunks later sent to it
 
     def close(self) -> None:
         for actor in self.actors:

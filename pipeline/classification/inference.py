@@ -43,18 +43,6 @@ class _Item:
     label: int | None = None
 
 
-def is_classification_model(model_dir: str | Path) -> bool:
-    """True when ``model_dir`` (or its ``model/``) holds a model.json with ``"task": "classification"``."""
-    for folder in (Path(model_dir), Path(model_dir) / "model"):
-        meta = folder / "model.json"
-        if meta.is_file():
-            try:
-                return read_json(meta).get("task") == "classification"
-            except (ValueError, AttributeError):
-                return False
-    return False
-
-
 def _model_folder(model_dir: Path) -> Path:
     """The folder of model.json: with model.pt (one network) or an ``ensemble`` list (cross-validation folds)."""
     for folder in (model_dir, model_dir / "model"):

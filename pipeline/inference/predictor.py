@@ -41,6 +41,7 @@ from pipeline.inference.model_loading import (
 )
 from pipeline.inference.postprocess import keep_largest_component
 from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem
+from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
 from pipeline.io.volume import Volume
 from pipeline.runtime import resolve_device
 from pipeline.transforms.preprocessing import preprocessing_transforms
@@ -54,9 +55,6 @@ __all__ = [  # model loading lives in model_loading; its names stay importable f
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS_JSON = "predictions.json"
-PREDICTIONS_DIR = "predictions"
-PROBABILITIES_DIR = "probabilities"
 PROBABILITY_SCALE = 255
 _INTEGER_TOL = 1e-4
 _MAX_DEVICE_OUTPUT = 1 << 28  # output voxels x classes kept on the accelerator while stitching windows

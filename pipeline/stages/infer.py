@@ -6,7 +6,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,27 +14,25 @@ from pipeline.batch import Loaded, run_batch
 from pipeline.config import InferConfig, PipelineConfig
 from pipeline.errors import CheckpointError, StageError
 from pipeline.fileio import sha256_bytes, write_json_atomic
-from pipeline.inference.model_loading import (
+from pipeline.inference.model_files import (
     MODEL_JSON,
     MODEL_WEIGHTS,
-    ModelBundle,
-    load_models,
+    ModelFiles,
+    common_flip_axes,
+    is_classification_model,
+    read_model_files,
     resolve_model_dirs,
 )
 from pipeline.inference.postprocess import VALIDATION_JSON, postprocess_plan
-from pipeline.inference.predictor import (
-    PREDICTIONS_DIR,
-    PREDICTIONS_JSON,
-    PROBABILITIES_DIR,
-    Predictor,
-    save_probability_map,
-)
 from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem, save_nifti
+from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
-from pipeline.runtime import device_description
 from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
+
+if TYPE_CHECKING:
+    from pipeline.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +130,8 @@ class PredictRecipe(Loaded[InferItem, str]):
     def load(self) -> Any:
         import torch
 
+        from pipeline.inference.predictor import Predictor
+
         if self.threads:
             torch.set_num_threads(self.threads)
         predictor, _ = Predictor.from_models(self.model_dir, config=self.settings, postprocess=self.postprocess)
@@ -141,6 +141,8 @@ class PredictRecipe(Loaded[InferItem, str]):
 
 def predict_item(predictor: Predictor, item: InferItem, *, out: Path, probabilities: bool) -> str:
     """Predict one input; write its labels (and probability map) into ``out``; return the labels' path."""
+    from pipeline.inference.predictor import save_probability_map
+
     prediction = predictor.predict(load_nifti(item.path), probabilities=probabilities)
     save_nifti(prediction.labels, out / item.prediction, dtype=np.uint8)
     if prediction.probabilities is not None:
@@ -209,9 +211,9 @@ def infer(
     A study that fails is recorded and the batch goes on.
     """
     config = config or PipelineConfig()
-    from pipeline.classification.inference import infer_classifier, is_classification_model
-
     if is_classification_model(model_dir):
+        from pipeline.classification.inference import infer_classifier  # torch: only for classifiers
+
         return infer_classifier(Path(model_dir), Path(input), Path(out), config=config, force=force)
     out = Path(out)
     settings = config.infer
@@ -229,20 +231,21 @@ def infer(
     extra = {"input_kind": kind, "studies": sorted(studies) if studies is not None else None}
 
     def work(record: StageRecord) -> list[Path]:
-        bundles = load_models(model_dir, folds=settings.folds)
-        plan = postprocess_plan(settings.postprocess, num_classes=bundles[0].num_classes,
+        models = read_model_files(model_dir, folds=settings.folds)  # model.json and checked weights: no torch yet
+        plan = postprocess_plan(settings.postprocess, num_classes=models[0].num_classes,
                                 validation_files=validation_files, missing=missing)
-        predictor = Predictor.from_bundles(bundles, config=settings, postprocess=plan["classes"])
-        record.device = device_description(predictor.device.type)
-        model_info = _model_info(bundles, predictor)
+        flip_axes = common_flip_axes(models)
+        model_info = _model_info(models, flip_axes, tta=settings.tta)
         record.extra.update({"model": model_info, "postprocess": plan})
         runnable = [item for item in items if item.error is None]
-
         execution = config.execution
-        fn: Any = functools.partial(predict_item, predictor, out=out, probabilities=settings.save_probabilities)
-        if execution.backend == "ray" or execution.workers > 1:  # each worker process / actor loads the model once
-            fn = PredictRecipe(Path(model_dir), settings, tuple(b.sha256 for b in bundles), out,
-                               _worker_threads(config), tuple(plan["classes"]))
+        if execution.backend == "ray" or execution.workers > 1:  # each worker process / actor loads the model once;
+            fn: Any = PredictRecipe(Path(model_dir), settings, tuple(m.sha256 for m in models), out,  # this process
+                                    _worker_threads(config), tuple(plan["classes"]))  # never imports torch
+            record.device = {"type": settings.device, "on": "Ray actors" if execution.backend == "ray" else
+                             f"{execution.workers} local worker processes"}
+        else:
+            fn = _in_process_predictor(model_dir, settings, flip_axes, plan["classes"], out, record)
         outcomes = {o.key: o for o in run_batch(runnable, fn, key=lambda it: it.id, desc="infer",
                                                 workers=execution.workers, execution=execution)}
         predictions, failed = [], []
@@ -277,18 +280,33 @@ def infer(
     return execute_stage("infer", out, config=config, inputs=inputs, work=work, force=force, extra_hash=extra)
 
 
-def _model_info(bundles: list[ModelBundle], predictor: Predictor) -> dict[str, Any]:
+def _in_process_predictor(model_dir: Path, settings: InferConfig, flip_axes: tuple[int, ...],
+                          postprocess: list[int], out: Path, record: StageRecord) -> Any:
+    """predict_item bound to a Predictor of the model(s) loaded here, for a batch run in this process."""
+    from pipeline.inference.model_loading import load_models
+    from pipeline.inference.predictor import Predictor
+    from pipeline.runtime import device_description
+
+    bundles = load_models(model_dir, folds=settings.folds)
+    predictor = Predictor([b.network for b in bundles], bundles[0].plans, config=settings, flip_axes=flip_axes,
+                          postprocess=postprocess)
+    record.device = device_description(predictor.device.type)
+    return functools.partial(predict_item, predictor, out=out, probabilities=settings.save_probabilities)
+
+
+def _model_info(models: list[ModelFiles], flip_axes: tuple[int, ...], *, tta: bool) -> dict[str, Any]:
     """predictions.json's "model": the member models, their checksums, and the TTA actually used."""
-    members = [{"fold": b.fold, "sha256": b.sha256, "config_hash": b.meta.get("config_hash")} for b in bundles]
-    single = len(bundles) == 1
-    ensemble_sha = sha256_bytes("\n".join(b.sha256 for b in bundles).encode())
+    members = [{"fold": m.fold, "sha256": m.sha256, "config_hash": m.meta.get("config_hash")} for m in models]
+    single = len(models) == 1
+    ensemble_sha = sha256_bytes("\n".join(m.sha256 for m in models).encode())
     return {
-        "config_hash": bundles[0].meta.get("config_hash") if single else None,
-        "sha256": bundles[0].sha256 if single else ensemble_sha,
-        "labels": bundles[0].labels,
-        "num_classes": bundles[0].num_classes,
-        "folds": [b.fold for b in bundles],
+        "config_hash": models[0].meta.get("config_hash") if single else None,
+        "sha256": models[0].sha256 if single else ensemble_sha,
+        "labels": models[0].labels,
+        "num_classes": models[0].num_classes,
+        "folds": [m.fold for m in models],
         "members": members,
-        "tta_flip_axes": list(predictor.flip_axes) if predictor.config.tta else [],
-        "forward_passes_per_window": predictor.window.passes,
+        "tta_flip_axes": list(flip_axes) if tta else [],
+        # each model, unmirrored and mirrored over every non-empty subset of the axes (ensemble.mirror_dims)
+        "forward_passes_per_window": len(models) * (2 ** len(flip_axes) if tta else 1),
     }

@@ -90,8 +90,8 @@ class CountingRecipe(Loaded[int, tuple[int, int]]):
 
     def load(self) -> Callable[[int], tuple[int, int]]:
         loaded_at = os.getpid()
-        loads = Path(self.tag)
-        loads.write_text(loads.read_text() + f"{loaded_at}\n" if loads.exists() else f"{loaded_at}\n")
+        with open(self.tag, "a", encoding="utf-8") as loads:  # O_APPEND: two actors loading at once both count
+            loads.write(f"{loaded_at}\n")
         return lambda x: (x + 1, loaded_at)
 
 
@@ -167,3 +167,33 @@ def test_actors_that_cannot_start_stop_the_batch_with_the_reason(cluster: None) 
     with pytest.raises(StageError) as caught:
         list(run_batch(list(range(4)), UnpicklableOnWorkers(), key=str, execution=RAY))
     assert caught.value.code == "worker_start_failed" and "medpipe_models" in str(caught.value)
+
+
+@dataclass(frozen=True)
+class WhichActor(Loaded[int, tuple[int, str]]):
+    """Each study answered with the id of the actor that ran it."""
+
+    def load(self) -> Callable[[int], tuple[int, str]]:
+        return lambda x: (x, ray.get_runtime_context().get_actor_id())
+
+
+def test_prestarted_actors_run_the_batch(cluster: None) -> None:
+    from pipeline import ray_backend
+
+    ray_backend.prestart(RAY, modules=["colorsys"], actors=True)  # colorsys: imported by nothing else here
+    warm = {actor._actor_id.hex() for actor in ray_backend._WARM["actors"]}
+    assert len(warm) == 2  # one per CPU of the cluster
+    outcomes = list(run_batch(list(range(8)), WhichActor(), key=str, execution=RAY))
+    assert [o.result[0] for o in outcomes] == list(range(8))
+    used = {o.result[1] for o in outcomes}
+    assert used <= warm and len(used) == 2  # no actor of its own: the batch took the warm ones
+    assert "actors" not in ray_backend._WARM  # taken, not shared with a later batch
+
+
+def test_prestarted_tasks_leave_the_batch_unchanged(cluster: None) -> None:
+    from pipeline import ray_backend
+
+    ray_backend.prestart(RAY, modules=["colorsys"], actors=False)
+    ray.get(ray_backend._WARM["tasks"])  # the import tasks ran
+    outcomes = list(run_batch(list(range(6)), square_or_fail, key=str, execution=RAY))
+    assert [o.result for o in outcomes if o.ok] == [0, 1, 4, 16, 25] and outcomes[3].code == "refused"

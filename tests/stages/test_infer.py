@@ -141,3 +141,47 @@ def test_same_file_name_in_two_folders_fails_both(model_dir: Path, image_folder:
     assert sorted(f["image"] for f in index["failed"]) == ["beta.nii", "site2/beta.nii.gz"]
     assert all(f["code"] == "duplicate_name" for f in index["failed"])
     assert sorted(p["id"] for p in index["predictions"]) == ["alpha", "gamma"]
+
+
+def test_workers_give_the_same_outputs_and_the_command_never_imports_torch(model_dir: Path, image_folder: Path,
+                                                                           tmp_path: Path) -> None:
+    """With worker processes the models load in the workers only: the command's own process stays torch-free,
+    and predictions.json (forward passes, TTA axes, checksums) is byte-identical to the in-process run's."""
+    import subprocess
+    import sys
+    import textwrap
+
+    tta = ["infer.device=cpu", "infer.sw_batch_size=2", "infer.overlap=0.25", "infer.tta=true"]
+    load_config(None, overrides=tta)  # the overrides are valid
+    script = textwrap.dedent(f"""
+        import sys
+        from pipeline.config import load_config
+        from pipeline.stages.infer import infer
+        if __name__ == "__main__":
+            workers = int(sys.argv[1])
+            config = load_config(None, overrides={tta!r} + [f"execution.workers={{workers}}"])
+            record = infer({str(model_dir)!r}, {str(image_folder)!r}, sys.argv[2], config=config)
+            print(record["status"], "torch" in sys.modules)
+    """)
+    (tmp_path / "run_infer.py").write_text(script)
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        done = subprocess.run([sys.executable, str(tmp_path / "run_infer.py"), str(workers), str(out)],
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[workers] = done.stdout.split()
+    assert runs[1] == ["complete", "True"] and runs[2] == ["complete", "False"]
+    index = read_json(tmp_path / "out2" / "predictions.json")
+    assert index["model"]["forward_passes_per_window"] == 8 and index["model"]["tta_flip_axes"] == [0, 1, 2]
+    assert (tmp_path / "out1" / "predictions.json").read_bytes() == (tmp_path / "out2" / "predictions.json").read_bytes()
+    for path in sorted((tmp_path / "out1" / "predictions").iterdir()):
+        assert path.read_bytes() == (tmp_path / "out2" / "predictions" / path.name).read_bytes()
+
+
+def test_a_corrupt_model_fails_before_any_worker_starts(model_dir: Path, image_folder: Path, tmp_path: Path) -> None:
+    config = CONFIG.model_copy(update={"execution": CONFIG.execution.model_copy(update={"workers": 2})})
+    (model_dir / "model.pt").write_bytes((model_dir / "model.pt").read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as caught:
+        infer(model_dir, image_folder, tmp_path / "out", config=config)
+    assert caught.value.code == "checkpoint_corrupt"

@@ -72,3 +72,26 @@ def test_fold_option_reaches_the_config(command: str, tmp_path: Path, capsys: py
     target = [str(config)] if command == "run" else [str(tmp_path), "--config", str(config)]
     assert main([command, *target, "--out", str(tmp_path / "o"), "--fold", "3"]) == EXIT_USAGE
     assert "fold 3 does not exist with num_folds 3" in capsys.readouterr().err
+
+
+def test_the_console_entry_exits_quickly_with_main_s_code_and_flushed_logs(tmp_path: Path) -> None:
+    """`python -m pipeline` ends with os._exit after the exit handlers: codes and log files must survive that."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    failed = subprocess.run([sys.executable, "-m", "pipeline", "ingest", str(empty), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "scan_dir_empty" in failed.stderr
+    assert "To resume after fixing this, run: medpipe ingest" in failed.stderr
+    log = (out / "medpipe.log").read_text()
+    assert log and log.endswith("\n")  # written through a handler that the quick exit flushed and closed
+    usage = subprocess.run([sys.executable, "-m", "pipeline", "ingest", "--no-such-option"], capture_output=True,
+                           text=True, timeout=120)
+    assert usage.returncode == EXIT_USAGE
+    helped = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "ingest" in helped.stdout
+
+
+def test_the_forkserver_exit_hook_does_nothing_outside_the_forkserver() -> None:
+    code = "import sys, pipeline.forkserver_exit; sys.exit(7)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 7
