@@ -30,8 +30,9 @@ earlier outputs). Three levels are reported, each as studies per second over ing
   throughput once the workers run (a job over a large archive converges to it).
 
 The timings come from ``MEDPIPE_BATCH_STATS`` (run_batch appends one JSON line per batch). Peak
-memory is the largest resident set of any process of the command: the main process and local
-workers (``RUSAGE_CHILDREN`` of a wrapper) and the Ray worker processes (``VmHWM``, sampled).
+memory is the largest resident set of any one process of the command: the main process and local
+workers (``RUSAGE_CHILDREN`` of a wrapper), and every process that appeared while it ran, the
+forkserver and the Ray workers included (``VmHWM``, sampled).
 Scaling efficiency = 2 workers' throughput / (2 x 1 worker's); Ray overhead = local x2's
 throughput / Ray's - 1. The machine's load average is printed: figures taken on a shared machine
 are not comparable.
@@ -68,31 +69,38 @@ LEVELS = ("command", "batch", "steady")
 SHAPE = (32, 36, 28)
 
 
-class RayWorkerMemory:
-    """Peak resident memory (VmHWM) of the Ray worker processes that appear while it runs, sampled."""
+class ProcessMemory:
+    """Peak resident memory (VmHWM) of the processes that appear while it runs, sampled every 0.1 s.
+
+    Every new medpipe process counts: the command itself, its local workers and the forkserver
+    they fork from (which outlives the command by a moment and is not its waited-for child, so
+    ``RUSAGE_CHILDREN`` misses it), and Ray's worker processes ("ray::..."). New processes are
+    those absent when sampling started, whose command line names python or ray.
+    """
 
     def __init__(self) -> None:
-        self.before = set(self._ray_workers())
+        self.before = set(self._candidates())
         self.peak_kb = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     @staticmethod
-    def _ray_workers() -> list[int]:
+    def _candidates() -> list[int]:
         pids = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
-                    if (entry / "cmdline").read_bytes().startswith(b"ray::"):
-                        pids.append(int(entry.name))
+                    cmdline = (entry / "cmdline").read_bytes()
                 except OSError:
                     continue
+                if cmdline.startswith(b"ray::") or b"python" in cmdline.split(b"\0")[0]:
+                    pids.append(int(entry.name))
         return pids
 
     def _sample(self) -> None:
         while not self._stop.wait(0.1):
-            for pid in set(self._ray_workers()) - self.before:
+            for pid in set(self._candidates()) - self.before:
                 try:
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("VmHWM:"):
@@ -109,10 +117,10 @@ class RayWorkerMemory:
 def _timed(args: list[str], *, work: Path, env: dict[str, str]) -> dict[str, Any]:
     stats = work / "stats.jsonl"
     stats.unlink(missing_ok=True)
-    ray_memory = RayWorkerMemory()
+    memory = ProcessMemory()
     done = subprocess.run([sys.executable, "-c", _WRAPPER, sys.executable, "-m", "pipeline", *args, "-q"],
                           capture_output=True, text=True, env={**env, "MEDPIPE_BATCH_STATS": str(stats)})
-    ray_mb = ray_memory.stop()
+    sampled_mb = memory.stop()
     if done.returncode != 0 or not done.stdout.strip():
         raise SystemExit(f"medpipe {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -124,7 +132,7 @@ def _timed(args: list[str], *, work: Path, env: dict[str, str]) -> dict[str, Any
     batch = lines[0]
     return {"command": result["seconds"], "batch": batch["seconds"], "first": batch["first_s"],
             "steady": batch["steady_per_s"], "threads": batch.get("threads"),
-            "peak_mb": max(result["peak_mb"], ray_mb)}
+            "peak_mb": max(result["peak_mb"], sampled_mb)}
 
 
 def _model(work: Path) -> Path:
