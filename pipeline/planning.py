@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from pipeline.config import PreprocessConfig
 from pipeline.errors import ConfigError, GeometryError, StageError
+from pipeline.io import nib
 from pipeline.io.volume import Volume
 from pipeline.topology import Topology, check_patch, estimate_training_memory_mb, plan_patch_and_batch
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -40,6 +39,7 @@ from pipeline.inference.model_loading import (
     resolve_model_dirs,
 )
 from pipeline.inference.postprocess import keep_largest_component
+from pipeline.io import nib
 from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem
 from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
 from pipeline.io.volume import Volume

@@ -20,6 +20,7 @@ from pipeline.io.dicom_tags import (
     SHARED_GROUPS,
     FastParseError,
     NeedMoreData,
+    NotDicom,
     RawHeader,
     Tags,
     parse_header,
@@ -274,6 +275,9 @@ def read_header(path: Path, *, root: Path) -> DicomHeader | None:
                     if not more:
                         break
                     data += more
+                except NotDicom:
+                    log.debug("%s: not a DICOM file; ignored", rel)
+                    return None
                 except FastParseError:
                     break
     except OSError as exc:

@@ -26,6 +26,7 @@ _BINARY_FLOAT = {b"FL": "<f", b"FD": "<d"}
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 16
+_FIRST_GROUPS = (0x0008, 0x0010, 0x0018, 0x0020, 0x0028)  # where a data set without preamble or meta starts
 
 # VRs of the tags ingest reads, for implicit VR files (the walker only ever interprets these).
 VR_OF: dict[int, bytes] = {
@@ -44,6 +45,11 @@ _META_KEPT = (0x00020002, 0x00020003)  # media storage SOP class / instance: fal
 
 class FastParseError(Exception):
     """The fast walker cannot read this file with certainty; the caller falls back to pydicom."""
+
+
+class NotDicom(FastParseError):
+    """No DICM preamble and no plausible first element: a text file, an archive, a picture. Not worth
+    handing to pydicom (whose import alone costs a command 0.2-0.4 s on a scan folder with a README)."""
 
 
 class NeedMoreData(FastParseError):
@@ -166,7 +172,7 @@ def parse_header(data: bytes) -> RawHeader:
     for anything this walker does not handle (big endian, deflate, malformed structure).
     """
     if len(data) < 12:
-        raise FastParseError("too short")
+        raise NotDicom("too short")
     pos = 132 if data[128:132] == b"DICM" else 0
     syntax: str | None = None
     has_meta = False
@@ -194,8 +200,10 @@ def parse_header(data: bytes) -> RawHeader:
             elif (group << 16 | elem) in _META_KEPT:
                 meta_values[group << 16 | elem] = (vr, data[start:start + length])
             meta_end = start + length
-    elif pos == 0 and struct.unpack_from("<H", data, 0)[0] not in (0x0008, 0x0010, 0x0018, 0x0020, 0x0028):
-        raise FastParseError("does not start like a DICOM data set")
+    elif pos == 0 and struct.unpack_from("<H", data, 0)[0] not in _FIRST_GROUPS:
+        if struct.unpack_from(">H", data, 0)[0] in _FIRST_GROUPS:
+            raise FastParseError("a big endian data set")
+        raise NotDicom("does not start like a DICOM data set")
     if syntax is None:
         implicit = not _looks_explicit(data, meta_end)
     elif syntax == IMPLICIT_LE:

@@ -6,11 +6,11 @@ import gzip
 import zlib
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from pipeline.errors import GeometryError, IngestError
 from pipeline.fileio import atomic_path
+from pipeline.io import nib
 from pipeline.io.volume import Volume, shear_magnitude
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

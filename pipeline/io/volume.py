@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from pipeline.errors import GeometryError
+from pipeline.io import nib
 
 
 @dataclass(frozen=True)

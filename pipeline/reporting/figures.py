@@ -8,13 +8,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from pipeline.errors import GeometryError  # noqa: E402
+from pipeline.io import nib  # noqa: E402
 from pipeline.io.volume import Volume  # noqa: E402
 
 REFERENCE_COLOR = "#00ff00"  # pure green: never produced by the grey image

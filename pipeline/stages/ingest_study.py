@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import nibabel as nib
 import numpy as np
 
 from pipeline.errors import GeometryError, IngestError
 from pipeline.fileio import sha256_bytes, sha256_file
+from pipeline.io import nib
 from pipeline.io.dicom import DicomOptions, DicomSeries, decode_series, read_series_bytes, storage_dtype
 from pipeline.io.nifti import load_nifti, save_nifti
 from pipeline.io.volume import Volume

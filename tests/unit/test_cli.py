@@ -76,12 +76,13 @@ def test_fold_option_reaches_the_config(command: str, tmp_path: Path, capsys: py
 
 def test_the_console_entry_exits_quickly_with_main_s_code_and_flushed_logs(tmp_path: Path) -> None:
     """`python -m pipeline` ends with os._exit after the exit handlers: codes and log files must survive that."""
-    empty = tmp_path / "empty"
-    empty.mkdir()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    failed = subprocess.run([sys.executable, "-m", "pipeline", "ingest", str(empty), "--out", str(out)],
+    failed = subprocess.run([sys.executable, "-m", "pipeline", "ingest", str(junk), "--out", str(out)],
                             capture_output=True, text=True, timeout=120)
-    assert failed.returncode == 1 and "scan_dir_empty" in failed.stderr
+    assert failed.returncode == 1 and "no_studies" in failed.stderr
     assert "To resume after fixing this, run: medpipe ingest" in failed.stderr
     log = (out / "medpipe.log").read_text()
     assert log and log.endswith("\n")  # written through a handler that the quick exit flushed and closed

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from pipeline.io.dicom_header import _pydicom_header, header_from_bytes, read_header
-from pipeline.io.dicom_tags import FastParseError, NeedMoreData, parse_header
+from pipeline.io.dicom_tags import FastParseError, NeedMoreData, NotDicom, parse_header
 from tests.fixtures.dicom_kinds import write_mosaic
 from tests.fixtures.dicom_writer import oblique_cosines, write_series
 
@@ -112,8 +112,9 @@ def test_headers_beyond_the_first_read_are_completed(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "image_dfl.dcm"])
 def test_big_endian_and_deflate_are_left_to_pydicom(name: str) -> None:
     data = Path(get_testdata_file(name)).read_bytes()
-    with pytest.raises(FastParseError):
+    with pytest.raises(FastParseError) as caught:
         parse_header(data)
+    assert not isinstance(caught.value, NotDicom)  # a DICOM file that pydicom must read
     fast, raw, ds, _ = _both(data)
     assert raw is None and ds is not None and fast is not None
 
@@ -124,3 +125,12 @@ def test_junk_is_refused_or_ignored(junk: bytes, tmp_path: Path) -> None:
     path = tmp_path / "junk"
     path.write_bytes(junk)
     assert read_header(path, root=tmp_path) is None
+
+
+@pytest.mark.parametrize("text", [b"Study exported 2018-09-18 by the scanner\n", b"PK\x03\x04" + b"\0" * 40,
+                                  b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"tiny"])
+def test_files_that_cannot_be_dicom_are_told_apart_without_pydicom(text: bytes) -> None:
+    """A README, an archive or a picture in a scan folder: refused by the walker itself (NotDicom), so that
+    discovery never imports pydicom for it; a big endian data set (above) is a FastParseError only."""
+    with pytest.raises(NotDicom):
+        parse_header(text)

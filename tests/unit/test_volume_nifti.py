@@ -118,3 +118,33 @@ def test_truncated_files_name_the_problem(tmp_path: Path) -> None:
 def test_nifti_stem() -> None:
     assert nifti_stem(Path("a/b/case_1.nii.gz")) == "case_1"
     assert nifti_stem(Path("x.NII")) == "x"
+
+
+def test_ingest_imports_no_pydicom_and_dicom_extensions_stay_opaque(tmp_path: Path) -> None:
+    """pipeline.io imports nibabel without pydicom (0.15-0.4 s a command): ingesting NIfTI studies beside a
+    README (which discovery refuses as DICOM without asking pydicom) never imports it. A NIfTI file carrying
+    a DICOM header extension (code 2) still loads, its extension kept as bytes."""
+    import subprocess
+    import sys
+
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    (scan / "README.txt").write_text("exported by the scanner\n")
+    path = scan / "ext.nii.gz"
+    img = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), _affine())
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(2, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100"))
+    nib.save(img, str(path))
+    code = ("import sys\n"
+            "from pathlib import Path\n"
+            "from pipeline.stages.ingest import ingest\n"
+            f"record = ingest(Path({str(scan)!r}), Path({str(tmp_path / 'out')!r}))\n"
+            "assert record['status'] == 'complete', record\n"
+            "from pipeline.io.nifti import load_nifti\n"
+            f"v = load_nifti({str(path)!r})\n"
+            "import nibabel\n"
+            "ext = nibabel.load(" + repr(str(path)) + ").header.extensions[0]\n"
+            "print('pydicom' in sys.modules, int(v.array.sum()), type(ext).__name__, ext.get_code())\n"
+            "import pydicom\n"  # and pydicom still imports normally afterwards
+            "print(pydicom.Dataset.__name__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", str(sum(range(24))), "Nifti1Extension", "2", "Dataset"]
