@@ -10,7 +10,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pipeline.errors import PipelineError
 from pipeline.isolation import FORKSERVER_EXIT, Isolation, Reply, prestart_forkserver, run_isolated
@@ -147,7 +147,12 @@ class Loaded(Generic[T, R]):
     Subclass it as a picklable recipe (a dataclass of paths and settings whose ``repr`` names
     them) and implement ``load()``, which builds the state and returns the per-study function.
     Jobs carry only the recipe; each process keeps what ``load()`` built, keyed by the recipe.
+    ``imports``: the slow modules ``load()`` needs (torch, MONAI); the forkserver that local workers
+    fork from imports them once, and a Ray actor when it is created, instead of every worker on
+    its first study.
     """
+
+    imports: ClassVar[tuple[str, ...]] = ()
 
     def load(self) -> Callable[[T], R]:
         raise NotImplementedError
@@ -163,6 +168,14 @@ class Loaded(Generic[T, R]):
 
 
 _LOADED: dict[str, Callable[[Any], Any]] = {}
+
+# What the workers of each per-study stage import: the stage's study module and its recipe's imports
+# (infer: PredictRecipe.imports), named here so that a command starts its workers importing them
+# before it imports the stage itself
+WORKER_MODULES: dict[str, tuple[str, ...]] = {
+    "ingest": ("pipeline.stages.ingest_study",),
+    "infer": ("pipeline.stages.infer", "torch", "pipeline.inference.predictor"),
+}
 
 
 def _call(fn: Callable[[T], R], item: T, key: str) -> Outcome[T, R]:
@@ -314,7 +327,8 @@ def _in_workers(items: Sequence[T], fn: Callable[[T], R], keys: list[str], *, de
     jobs = [(_call, (wrapped, item, item_key)) for item, item_key in zip(items, keys, strict=True)]
     results: dict[int, Outcome[T, R]] = {}
     module = type(fn).__module__ if isinstance(fn, Loaded) else getattr(fn, "__module__", None)
-    preload = tuple(name for name in (module, __name__) if name)
+    imports = fn.imports if isinstance(fn, Loaded) else ()
+    preload = tuple(name for name in (module, *imports, __name__) if name)
     replies = run_isolated(jobs, workers=workers, limits=limits, preload=preload)
     bar = None
     try:

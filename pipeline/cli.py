@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.batch import WORKER_MODULES
 from pipeline.cli_parser import build_parser, execution_overrides
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import ConfigError, PipelineError
@@ -43,24 +44,24 @@ def _summarise(stage: str, record: dict[str, Any], out: Path) -> None:
             print(f"  failed {study['id']}: [{study.get('code')}] {study.get('message')}")
 
 
-def _prestart(config: PipelineConfig, module: str, *, actors: bool) -> None:
-    """Start the batch's workers (local with torch, or Ray) now, importing ``module``, while this process
+def _prestart(config: PipelineConfig, modules: Sequence[str], *, actors: bool) -> None:
+    """Start the batch's workers (local with torch, or Ray) now, importing ``modules``, while this process
     does its own imports and discovery (see batch.prestart_workers and ray_backend.prestart)."""
     execution = config.execution
     if execution.backend == "ray":
         from pipeline.ray_backend import prestart
 
-        prestart(execution, modules=[module], actors=actors)
+        prestart(execution, modules=modules, actors=actors)
     elif actors and execution.workers > 1:  # local workers fork from a server once torch is imported
         from pipeline.batch import prestart_workers
 
-        prestart_workers([module])
+        prestart_workers(modules)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     extra = [f"ingest.workers={args.workers}"] if args.workers else []
     config = _config(args, extra=extra)
-    _prestart(config, "pipeline.stages.ingest_study", actors=False)
+    _prestart(config, WORKER_MODULES["ingest"], actors=False)
     from pipeline.stages.ingest import ingest
 
     record = ingest(args.scan_dir, args.out, config=config, force=args.force)
@@ -98,7 +99,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     config = _config(args)
-    _prestart(config, "pipeline.stages.infer", actors=True)  # workers import torch while this process does
+    _prestart(config, WORKER_MODULES["infer"], actors=True)  # workers import torch while this process does not
     from pipeline.stages.infer import infer
 
     record = infer(args.model, args.input, args.out, config=config, force=args.force)

@@ -219,7 +219,7 @@ class _Actors:
         self.ray, self.call, self.threads = ray, call, threads
         self.actor_class = ray.remote(_StudyActor).options(**_options(execution), max_restarts=0,
                                                            max_task_retries=0)
-        self.modules = (type(fn).__module__,)
+        self.modules = (type(fn).__module__, *fn.imports)
         self.fn_ref = ray.put(fn)  # sent once, not with every chunk
         warm = _prestarted_actors(execution, slots)
         self.actors = warm + [self._new() for _ in range(slots - len(warm))]

@@ -6,7 +6,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -126,6 +126,7 @@ class PredictRecipe(Loaded[InferItem, str]):
     out: Path
     threads: int | None = None
     postprocess: tuple[int, ...] = ()
+    imports: ClassVar[tuple[str, ...]] = ("torch", "pipeline.inference.predictor")
 
     def load(self) -> Any:
         import torch

@@ -197,3 +197,22 @@ def test_prestarted_tasks_leave_the_batch_unchanged(cluster: None) -> None:
     ray.get(ray_backend._WARM["tasks"])  # the import tasks ran
     outcomes = list(run_batch(list(range(6)), square_or_fail, key=str, execution=RAY))
     assert [o.result for o in outcomes if o.ok] == [0, 1, 4, 16, 25] and outcomes[3].code == "refused"
+
+
+@dataclass(frozen=True)
+class ImportsRecipe(Loaded[int, bool]):
+    """Declares a slow import; its load() reports whether the actor had it before loading."""
+
+    imports = ("tabnanny",)  # imported by nothing else here
+
+    def load(self) -> Callable[[int], bool]:
+        import sys
+
+        before = "tabnanny" in sys.modules
+        return lambda x: before
+
+
+def test_actors_import_the_recipes_imports_when_created(cluster: None) -> None:
+    outcomes = list(run_batch(list(range(4)), ImportsRecipe(), key=str, execution=RAY))
+    assert [o.result for o in outcomes] == [True] * 4
+

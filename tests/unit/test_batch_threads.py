@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -129,3 +130,28 @@ def test_prestarted_workers_import_their_modules_before_the_batch(tmp_path: Path
     server = [(pid, at) for pid, at in imports if pid != main_pid]
     assert len(server) == 1 and float(server[0][1]) < float(started)  # imported once, before the batch
     assert set(parents) == {server[0][0]}  # every worker was forked from that server
+
+
+def test_local_workers_preload_the_recipes_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forkserver that local workers fork from imports a Loaded recipe's ``imports`` (torch, MONAI) once."""
+    from pipeline import batch
+    from pipeline.stages.infer import PredictRecipe
+
+    seen: dict[str, tuple[str, ...]] = {}
+
+    def fake_run_isolated(jobs, *, workers, limits, preload=()):  # noqa: ANN001, ANN202
+        seen["preload"] = tuple(preload)
+        yield from ()
+
+    monkeypatch.setattr(batch, "run_isolated", fake_run_isolated)
+
+    class Recipe(batch.Loaded[int, int]):
+        imports = ("torch", "colorsys")
+
+        def load(self):  # noqa: ANN202
+            return abs
+
+    with contextlib.suppress(KeyError):  # the fake pool returns nothing
+        list(batch._in_workers([1], Recipe(), ["1"], desc="t", workers=2, limits=batch.Isolation(), threads=1))
+    assert seen["preload"] == (__name__, "torch", "colorsys", "pipeline.batch")
+    assert set(PredictRecipe.imports) <= set(batch.WORKER_MODULES["infer"])  # the CLI prestarts them for infer
