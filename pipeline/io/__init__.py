@@ -2,11 +2,12 @@
 
 ``nib`` is nibabel, imported here without letting it import pydicom: nibabel imports pydicom
 eagerly, only to parse the rare NIfTI header extension that embeds a DICOM data set (code 2),
-and pydicom brings its pixel plugins and an HTTP client with it, 0.15-0.4 s of every command on
-2 cores, while medpipe reads native DICOM with its own parser (pydicom is imported when a
-series needs it). Such an extension then stays opaque bytes (``Nifti1Extension``), which
-medpipe never reads or copies. Modules of this package take nibabel from here
-(``from pipeline.io import nib``) so the first import of nibabel is this one.
+and pydicom brings its pixel plugins and an HTTP client with it, 0.15-0.4 s of a command on
+2 cores. Commands that read no DICOM (NIfTI ingest, preprocess, evaluate, report, the infer
+driver) thus never import it; DICOM ingest does, when it reads a series' attributes for PHI
+scrubbing or data its own header walker leaves to pydicom. A DICOM extension then stays
+opaque bytes (``Nifti1Extension``), which medpipe never reads or copies. Modules take nibabel
+from here (``from pipeline.io import nib``) so that the first import of nibabel is this one.
 """
 
 from __future__ import annotations
