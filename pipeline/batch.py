@@ -169,14 +169,6 @@ class Loaded(Generic[T, R]):
 
 _LOADED: dict[str, Callable[[Any], Any]] = {}
 
-# What the workers of each per-study stage import: the stage's study module and its recipe's imports
-# (infer: PredictRecipe.imports), named here so that a command starts its workers importing them
-# before it imports the stage itself
-WORKER_MODULES: dict[str, tuple[str, ...]] = {
-    "ingest": ("pipeline.stages.ingest_study",),
-    "infer": ("pipeline.stages.infer", "torch", "pipeline.inference.predictor"),
-}
-
 
 def _call(fn: Callable[[T], R], item: T, key: str) -> Outcome[T, R]:
     try:

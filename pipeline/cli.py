@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.batch import WORKER_MODULES
 from pipeline.cli_parser import build_parser, execution_overrides
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import ConfigError, PipelineError
@@ -61,7 +60,7 @@ def _prestart(config: PipelineConfig, modules: Sequence[str], *, actors: bool) -
 def _cmd_ingest(args: argparse.Namespace) -> int:
     extra = [f"ingest.workers={args.workers}"] if args.workers else []
     config = _config(args, extra=extra)
-    _prestart(config, WORKER_MODULES["ingest"], actors=False)
+    _prestart(config, ["pipeline.stages.ingest_study"], actors=False)
     from pipeline.stages.ingest import ingest
 
     record = ingest(args.scan_dir, args.out, config=config, force=args.force)
@@ -99,7 +98,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     config = _config(args)
-    _prestart(config, WORKER_MODULES["infer"], actors=True)  # workers import torch while this process does not
+    from pipeline.inference import PREDICTOR_IMPORTS  # light: the workers import torch from now on
+
+    _prestart(config, ["pipeline.stages.infer", *PREDICTOR_IMPORTS], actors=True)
     from pipeline.stages.infer import infer
 
     record = infer(args.model, args.input, args.out, config=config, force=args.force)

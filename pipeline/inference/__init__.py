@@ -12,6 +12,10 @@ from typing import Any
 __all__ = ["ModelBundle", "Predictor", "load_model", "prediction_paths", "read_predictions", "resample_to_grid",
            "resolve_model_dir"]
 
+# What a process that predicts imports (seconds: torch, MONAI); the infer stage's workers import it up
+# front (PredictRecipe.imports), and the CLI starts them on it before it imports the stage itself
+PREDICTOR_IMPORTS = ("torch", "pipeline.inference.predictor")
+
 
 def __getattr__(name: str) -> Any:
     if name in __all__:

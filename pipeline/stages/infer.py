@@ -14,6 +14,7 @@ from pipeline.batch import Loaded, run_batch
 from pipeline.config import InferConfig, PipelineConfig
 from pipeline.errors import CheckpointError, StageError
 from pipeline.fileio import sha256_bytes, write_json_atomic
+from pipeline.inference import PREDICTOR_IMPORTS
 from pipeline.inference.model_files import (
     MODEL_JSON,
     MODEL_WEIGHTS,
@@ -126,7 +127,7 @@ class PredictRecipe(Loaded[InferItem, str]):
     out: Path
     threads: int | None = None
     postprocess: tuple[int, ...] = ()
-    imports: ClassVar[tuple[str, ...]] = ("torch", "pipeline.inference.predictor")
+    imports: ClassVar[tuple[str, ...]] = PREDICTOR_IMPORTS
 
     def load(self) -> Any:
         import torch

@@ -135,7 +135,6 @@ def test_prestarted_workers_import_their_modules_before_the_batch(tmp_path: Path
 def test_local_workers_preload_the_recipes_imports(monkeypatch: pytest.MonkeyPatch) -> None:
     """The forkserver that local workers fork from imports a Loaded recipe's ``imports`` (torch, MONAI) once."""
     from pipeline import batch
-    from pipeline.stages.infer import PredictRecipe
 
     seen: dict[str, tuple[str, ...]] = {}
 
@@ -154,4 +153,3 @@ def test_local_workers_preload_the_recipes_imports(monkeypatch: pytest.MonkeyPat
     with contextlib.suppress(KeyError):  # the fake pool returns nothing
         list(batch._in_workers([1], Recipe(), ["1"], desc="t", workers=2, limits=batch.Isolation(), threads=1))
     assert seen["preload"] == (__name__, "torch", "colorsys", "pipeline.batch")
-    assert set(PredictRecipe.imports) <= set(batch.WORKER_MODULES["infer"])  # the CLI prestarts them for infer
