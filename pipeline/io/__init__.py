@@ -4,10 +4,12 @@
 eagerly, only to parse the rare NIfTI header extension that embeds a DICOM data set (code 2),
 and pydicom brings its pixel plugins and an HTTP client with it, 0.15-0.4 s of a command on
 2 cores. Commands that read no DICOM (NIfTI ingest, preprocess, evaluate, report, the infer
-driver) thus never import it; DICOM ingest does, when it reads a series' attributes for PHI
-scrubbing or data its own header walker leaves to pydicom. A DICOM extension then stays
-opaque bytes (``Nifti1Extension``), which medpipe never reads or copies. Modules take nibabel
-from here (``from pipeline.io import nib``) so that the first import of nibabel is this one.
+driver) thus never import it, and neither does DICOM ingest of explicit VR little endian files
+(headers, PHI values and native pixels are read by medpipe's own walkers); it imports pydicom
+for what those leave to it (implicit VR PHI values, enhanced multi-frame, compressed pixels,
+big endian). A NIfTI DICOM extension stays opaque bytes (``Nifti1Extension``), which medpipe
+never reads or copies. Modules take nibabel from here (``from pipeline.io import nib``) so that
+the first import of nibabel is this one.
 """
 
 from __future__ import annotations
