@@ -38,7 +38,9 @@ class IngestConfig(_Section):
     Each study is converted in a worker process that may map ``memory_limit_mb`` more address
     space than it starts with and take ``timeout_s`` seconds (``null``: no limit); a study
     declaring more than ``max_voxels`` voxels, or a deflated DICOM file inflating past a
-    quarter of the memory limit, is refused before decoding. ``pseudonym_key`` keys the study
+    quarter of the memory limit, is refused before decoding. With ``workers`` above 1, the
+    headers of a folder of many DICOM files are read by worker processes too, under the same
+    limits (a file that breaks its reader fails alone). ``pseudonym_key`` keys the study
     ids and the tokens that replace path components holding patient data (names, IDs, dates,
     ... read from the headers); ``scrub_phi: false`` keeps paths and messages as they are, for
     data already de-identified."""

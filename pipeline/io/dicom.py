@@ -23,7 +23,7 @@ from pipeline.io.dicom_split import split_series
 from pipeline.io.volume import Volume
 
 __all__ = ["DicomHeader", "DicomOptions", "DicomScan", "DicomSeries", "check_supported", "decode_series",
-           "discover_series", "read_header", "read_series_bytes", "skip_reason", "storage_dtype"]
+           "discover_series", "group_series", "read_header", "read_series_bytes", "skip_reason", "storage_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +78,23 @@ class DicomScan:
 
 
 def discover_series(files: Iterable[Path], *, root: Path, split_4d: bool = False) -> DicomScan:
-    """Read headers of ``files``, group them by SeriesInstanceUID and split each into stacks.
+    """Read headers of ``files`` in this process, group them by SeriesInstanceUID and split each into stacks."""
+    return group_series([read_header(path, root=root) for path in files], split_4d=split_4d)
 
-    Headers are read in this process: worker processes were measured slower (pickling the
-    headers back costs more than the reading), even for thousands of files.
-    """
+
+def group_series(headers: Iterable[DicomHeader | None], *, split_4d: bool = False) -> DicomScan:
+    """Group headers (None: a file that is not a DICOM object of a series) by SeriesInstanceUID and split
+    each series into stacks; the result depends only on the headers, not on their order."""
     scan = DicomScan()
     groups: dict[str, list[DicomHeader]] = defaultdict(list)
-    for path in files:
-        header = read_header(path, root=root)
+    for header in headers:
         if header is None:
             scan.ignored += 1
             continue
         groups[header.series_uid].append(header)
-    for uid, headers in groups.items():
-        headers.sort(key=lambda h: h.rel)
-        for part, members in split_series(headers, split_4d=split_4d):
+    for uid in sorted(groups):
+        members_of_uid = sorted(groups[uid], key=lambda h: h.rel)
+        for part, members in split_series(members_of_uid, split_4d=split_4d):
             parents = [str(PurePosixPath(h.rel).parent) for h in members]
             folder = os.path.commonpath(parents) if all(p != "." for p in parents) else "."
             scan.series.append(DicomSeries(uid=uid, folder=folder or ".", headers=tuple(members), part=part))

@@ -19,16 +19,15 @@ from pipeline.io.dicom_tags import (
     PIXEL_DATA,
     SHARED_GROUPS,
     FastParseError,
-    NeedMoreData,
     NotDicom,
     RawHeader,
     Tags,
     parse_header,
+    parse_prefix,
 )
 
 log = logging.getLogger(__name__)
 
-_PREFIX_BYTES = 65536  # discovery reads this much first; most headers end well before it
 _DEFER_BYTES = 1024  # pydicom fallback never loads values larger than this at discovery
 _MODALITY_RE = re.compile(r"^[A-Z]{1,16}$")
 _UID_RE = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable: a grouping key, never trusted further
@@ -263,23 +262,16 @@ def header_from_bytes(data: bytes, *, path: str, rel: str) -> tuple[DicomHeader 
 def read_header(path: Path, *, root: Path) -> DicomHeader | None:
     """The header of a DICOM object of a series, or None for anything else (junk, DICOMDIR)."""
     rel = path.relative_to(root).as_posix()
+    raw: RawHeader | None
+    data: bytes
     try:
         with open(path, "rb") as handle:
-            data = handle.read(_PREFIX_BYTES)
-            raw: RawHeader | None = None
-            while raw is None:
-                try:
-                    raw = parse_header(data)
-                except NeedMoreData:
-                    more = handle.read(len(data))  # headers longer than the prefix: double what is read
-                    if not more:
-                        break
-                    data += more
-                except NotDicom:
-                    log.debug("%s: not a DICOM file; ignored", rel)
-                    return None
-                except FastParseError:
-                    break
+            raw, data = parse_prefix(handle, parse_header)
+    except NotDicom:
+        log.debug("%s: not a DICOM file; ignored", rel)
+        return None
+    except FastParseError:  # and NeedMoreData at the end of the file: pydicom reads it instead
+        raw, data = None, b""
     except OSError as exc:
         log.debug("%s: cannot be read (%s); ignored", rel, exc.strerror)
         return None

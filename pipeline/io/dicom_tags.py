@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 # Tags are ints: (group << 16) | element.
 PIXEL_DATA = 0x7FE00010
@@ -165,6 +166,48 @@ def _looks_explicit(data: bytes, pos: int) -> bool:
     return data[pos + 4:pos + 6] in _ALL_VRS
 
 
+PREFIX_BYTES = 65536  # the first read of a file's header; most headers end well before it
+_T = TypeVar("_T")
+
+
+def parse_prefix(handle: BinaryIO, parse: Callable[[bytes], _T]) -> tuple[_T, bytes]:
+    """``parse`` of the open file's shortest prefix it accepts (PREFIX_BYTES, doubled each time ``parse``
+    raises NeedMoreData): (its result, the bytes read). NeedMoreData when the file ends first."""
+    data = handle.read(PREFIX_BYTES)
+    while True:
+        try:
+            return parse(data), data
+        except NeedMoreData:
+            more = handle.read(len(data))
+            if not more:
+                raise
+            data += more
+
+
+def walk_file_meta(data: bytes, pos: int) -> tuple[int, dict[int, tuple[bytes, bytes]]]:
+    """The file meta group (group 0002, always explicit VR little endian) from ``pos``: where it ends and
+    its elements {tag: (VR, value bytes)}. NeedMoreData when ``data`` ends inside an element."""
+    size = len(data)
+    values: dict[int, tuple[bytes, bytes]] = {}
+    while pos + 8 <= size and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        group, elem, vr, length = _EXPLICIT_HEADER(data, pos)
+        if vr in _LONG_VRS:
+            if pos + 12 > size:
+                raise NeedMoreData
+            length, start = _U32(data, pos + 8)[0], pos + 12
+        elif vr in _ALL_VRS:
+            start = pos + 8
+        else:
+            raise FastParseError("file meta is not explicit VR")
+        if length == _UNDEFINED:
+            raise FastParseError("bad file meta element")
+        if start + length > size:
+            raise NeedMoreData
+        values[group << 16 | elem] = (vr, data[start:start + length])
+        pos = start + length
+    return pos, values
+
+
 def parse_header(data: bytes) -> RawHeader:
     """Walk a little-endian DICOM file up to its pixel data.
 
@@ -180,26 +223,10 @@ def parse_header(data: bytes) -> RawHeader:
     meta_values: dict[int, tuple[bytes, bytes]] = {}
     if pos + 8 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
         has_meta = True
-        while meta_end + 8 <= len(data) and struct.unpack_from("<H", data, meta_end)[0] == 0x0002:
-            group, elem = struct.unpack_from("<HH", data, meta_end)
-            vr = data[meta_end + 4:meta_end + 6]
-            if vr in _LONG_VRS:
-                if meta_end + 12 > len(data):
-                    raise FastParseError("file meta element cut inside its length")
-                length = struct.unpack_from("<I", data, meta_end + 8)[0]
-                start = meta_end + 12
-            elif vr in _ALL_VRS:
-                length = struct.unpack_from("<H", data, meta_end + 6)[0]
-                start = meta_end + 8
-            else:
-                raise FastParseError("file meta is not explicit VR")
-            if length == _UNDEFINED or start + length > len(data):
-                raise FastParseError("bad file meta element")
-            if (group << 16 | elem) == TRANSFER_SYNTAX:
-                syntax = data[start:start + length].rstrip(b"\0 ").decode("ascii", "replace")
-            elif (group << 16 | elem) in _META_KEPT:
-                meta_values[group << 16 | elem] = (vr, data[start:start + length])
-            meta_end = start + length
+        meta_end, meta = walk_file_meta(data, pos)
+        if TRANSFER_SYNTAX in meta:
+            syntax = meta[TRANSFER_SYNTAX][1].rstrip(b"\0 ").decode("ascii", "replace")
+        meta_values = {tag: meta[tag] for tag in _META_KEPT if tag in meta}
     elif pos == 0 and struct.unpack_from("<H", data, 0)[0] not in _FIRST_GROUPS:
         if struct.unpack_from(">H", data, 0)[0] in _FIRST_GROUPS:
             raise FastParseError("a big endian data set")

@@ -24,6 +24,7 @@ from pipeline.io.dicom_tags import (
     TRANSFER_SYNTAX,
     FastParseError,
     NeedMoreData,
+    walk_file_meta,
 )
 
 TEXT_VRS = frozenset({b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"IS", b"LO", b"LT", b"PN", b"SH", b"ST", b"TM",
@@ -128,29 +129,13 @@ def _dataset_start(data: bytes) -> int:
         raise NeedMoreData
     if data[128:132] != b"DICM":
         raise FastParseError("no DICM preamble")
-    pos, syntax = 132, None
-    while True:
-        if pos + 12 > len(data):
-            raise NeedMoreData
-        if struct.unpack_from("<H", data, pos)[0] != 0x0002:
-            break
-        group, element, vr, short = _HEADER(data, pos)
-        if vr in _LONG_VRS:
-            length, start = _U32(data, pos + 8)[0], pos + 12
-        elif vr in _ALL_VRS:
-            length, start = short, pos + 8
-        else:
-            raise FastParseError("file meta is not explicit VR")
-        if length == _UNDEFINED:
-            raise FastParseError("bad file meta element")
-        if start + length > len(data):
-            raise NeedMoreData
-        if group << 16 | element == TRANSFER_SYNTAX:
-            syntax = data[start:start + length].rstrip(b"\0 ").decode("ascii", "replace")
-        pos = start + length
+    start, meta = walk_file_meta(data, 132)
+    if start + 8 > len(data):
+        raise NeedMoreData  # the data set's first element is not here yet
+    syntax = meta[TRANSFER_SYNTAX][1].rstrip(b"\0 ").decode("ascii", "replace") if TRANSFER_SYNTAX in meta else None
     if syntax is None or syntax in _IMPLICIT_OR_OTHER or not syntax.startswith("1.2.840.10008.1.2"):
         raise FastParseError(f"transfer syntax {syntax} is left to pydicom")
-    return pos
+    return start
 
 
 def _decoder(found: list[tuple[int, bytes, bytes]]) -> Callable[[bytes], str]:

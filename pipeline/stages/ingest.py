@@ -12,7 +12,7 @@ from pipeline.classification.labels_csv import apply_class_labels
 from pipeline.config import IngestConfig, PipelineConfig
 from pipeline.errors import IngestError, PipelineError
 from pipeline.fileio import read_json, sha256_bytes
-from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, discover_series, read_header, skip_reason
+from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, group_series, skip_reason
 from pipeline.io.nifti import is_nifti
 from pipeline.isolation import Isolation, deflated_size_over
 from pipeline.manifest import Manifest, Problem, Study, load_manifest, pseudonym, save_manifest
@@ -20,6 +20,7 @@ from pipeline.privacy import Scrubber, scan_scrubber, scrubbed_logs
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
+from pipeline.stages.ingest_headers import read_headers
 from pipeline.stages.ingest_study import IngestTask, process_study
 
 __all__ = ["IngestTask", "discover", "ingest", "list_scan_files", "process_study"]
@@ -164,22 +165,12 @@ def _too_large(series: DicomSeries, max_voxels: int) -> tuple[str, str] | None:
 
 
 def _discover_series(root: Path, files: list[Path], *,
-                     split_4d: bool) -> tuple[DicomScan, dict[Path, tuple[str, str]]]:
-    """discover_series, and if a reader bug makes it fail, the files it failed on set apart as failures
-    (found by reading each header alone) and the rest discovered: one file never ends the batch."""
-    try:
-        return discover_series(files, root=root, split_4d=split_4d), {}
-    except Exception as exc:  # noqa: BLE001 - defence in depth against header-reader bugs on hostile files
-        log.warning("reading the DICOM headers failed (%s); looking for the file(s) responsible", type(exc).__name__)
-    broken = {}
-    for path in files:
-        try:
-            read_header(path, root=root)
-        except Exception as exc:  # noqa: BLE001 - same
-            broken[path] = ("dicom_reader_error", f"{path.relative_to(root).as_posix()}: the DICOM header reader "
-                                                  f"failed on this file ({type(exc).__name__}: {exc}); the file was "
-                                                  "left out and the rest converted. Please report it")
-    return discover_series([p for p in files if p not in broken], root=root, split_4d=split_4d), broken
+                     config: IngestConfig) -> tuple[DicomScan, dict[Path, tuple[str, str]]]:
+    """The series of ``files``, and the files set apart because reading their header failed."""
+    headers, broken = read_headers(root, files, workers=config.workers, limits=_isolation(config))
+    scan = group_series([h for path, h in zip(files, headers, strict=True) if path not in broken],
+                        split_4d=config.split_4d)
+    return scan, broken
 
 
 def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConfig,
@@ -200,7 +191,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
         if is_nifti(path):
             rel = path.relative_to(root).as_posix()
             specs.append({**base, "format": "nifti", "source": rel, "id_key": rel, "image_path": str(path)})
-    scan, broken = _discover_series(root, [p for p in others if not is_nifti(p)], split_4d=config.split_4d)
+    scan, broken = _discover_series(root, [p for p in others if not is_nifti(p)], config=config)
     for path, error in sorted({**bombs, **broken}.items()):
         rel = path.relative_to(root).as_posix()
         specs.append({**base, "format": "dicom", "source": rel, "id_key": rel, "error": error})
