@@ -3,6 +3,10 @@
     .venv/bin/python benchmarks/adrenal.py --out /tmp/adrenal                     # from scratch
     .venv/bin/python benchmarks/adrenal.py --out /tmp/adrenal_ft --seed 0 \\
         --pretrained /tmp/adrenal_pre/train/model/model.pt --freeze-epochs 1      # transfer learning
+    .venv/bin/python benchmarks/adrenal.py --out /tmp/adrenal_seg --network segmentation_encoder \\
+        --pretrained RUN/03_train/model --freeze-epochs 1    # from a segmentation model's encoder
+    .venv/bin/python benchmarks/adrenal.py --out /tmp/adrenal_seg0 --network segmentation_encoder \\
+        --segmentation-model RUN/03_train/model              # same architecture from scratch
 
 Imports the official train and validation splits with ``import_medmnist`` (cached in
 OUT/import), trains on train and selects the epoch with the best validation AUC, then prints
@@ -30,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from pipeline.classification.medmnist import import_medmnist  # noqa: E402
 from pipeline.classification.metrics import probability_metrics  # noqa: E402
+from pipeline.classification.pretrained_files import segmentation_spec  # noqa: E402
 from pipeline.config import validate  # noqa: E402
 from pipeline.stages.train import train  # noqa: E402
 
@@ -48,7 +53,11 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrained", type=Path, default=None)
+    parser.add_argument("--pretrained", type=Path, default=None, help="weights to start from: a state-dict file "
+                        "or a medpipe model folder (with --network segmentation_encoder: a segmentation model)")
+    parser.add_argument("--segmentation-model", type=Path, default=None,
+                        help="with --network segmentation_encoder and no --pretrained: take only the architecture "
+                             "of this segmentation model folder (the from-scratch baseline of a transfer run)")
     parser.add_argument("--freeze-epochs", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ensemble", type=int, default=1, help="train this many seeds (seed, seed+1, ...) into "
@@ -69,8 +78,11 @@ def main() -> int:
 
 
 def _train_one(args: argparse.Namespace, imported: Path, out: Path, *, seed: int) -> None:
+    kwargs: dict = {"widen_factor": args.widen, "conv1_t_stride": 2} if args.network.startswith("resnet") else {}
+    if args.segmentation_model is not None:
+        kwargs["segmentation"] = segmentation_spec(args.segmentation_model)
     config = validate({"seed": seed, "task": "classification", "classify": {
-        "network": args.network, "network_kwargs": {"widen_factor": args.widen, "conv1_t_stride": 2},
+        "network": args.network, "network_kwargs": kwargs,
         "input_size": [args.size] * 3, "epochs": args.epochs, "max_minutes": args.max_minutes,
         "batch_size": args.batch_size, "learning_rate": args.lr, "optimizer": "adamw", "balance": "weights",
         "label_smoothing": 0.05, "pretrained": str(args.pretrained) if args.pretrained else None,

@@ -283,9 +283,10 @@ class ClassifyConfig(_Section):
 
     Volumes are normalised (``normalization``) and resized to ``input_size`` (2 values: 2D, 3:
     3D). ``balance``: ``weights`` (inverse-frequency class weights in the loss), ``sampler``
-    (class-balanced sampling) or ``none``. ``pretrained`` is a local state-dict file loaded
-    partially; its layers stay frozen for ``freeze_epochs`` and then train at
-    ``pretrained_lr_factor`` times ``learning_rate``. ``operating_point`` is the positive-class
+    (class-balanced sampling) or ``none``. ``pretrained`` is a local state-dict file (or a medpipe
+    model folder) loaded partially; its layers stay frozen for ``freeze_epochs`` and then train at
+    ``pretrained_lr_factor`` times ``learning_rate``. ``network: segmentation_encoder`` builds the
+    encoder of the medpipe segmentation model that ``pretrained`` names, with a new head. ``operating_point`` is the positive-class
     probability threshold for sensitivity/specificity (binary tasks); ``temperature_scaling``
     fits one temperature on the validation logits. ``fold``: as train.fold (k of ``num_folds``, stratified; ``all``:
     every fold, then the cross-validated metrics)."""
@@ -327,6 +328,17 @@ class ClassifyConfig(_Section):
         if len(value) not in (2, 3) or any(v < 4 for v in value):
             raise ValueError("input_size needs 2 (2D) or 3 (3D) sizes of at least 4 voxels")
         return value
+
+    @model_validator(mode="after")
+    def _encoder_source(self) -> ClassifyConfig:
+        if self.network == "segmentation_encoder":
+            if self.pretrained is None and "segmentation" not in self.network_kwargs:
+                raise ValueError("network 'segmentation_encoder' takes the encoder of a medpipe segmentation model: "
+                                 "set classify.pretrained to its model folder (e.g. RUN/03_train/model)")
+            if len(self.input_size) != 3:
+                raise ValueError("network 'segmentation_encoder' is 3D (segmentation networks are); give "
+                                 "classify.input_size 3 sizes")
+        return self
 
 
 class ExecutionConfig(_Section):

@@ -68,6 +68,7 @@ CLASSIFICATION_NETWORKS = Registry(
         "densenet121": "pipeline.classification.networks:build_densenet121",
         "efficientnet-b0": "pipeline.classification.networks:build_efficientnet_b0",
         "seresnet50": "pipeline.classification.networks:build_seresnet50",
+        "segmentation_encoder": "pipeline.classification.encoder:build_segmentation_encoder",
     },
 )
 

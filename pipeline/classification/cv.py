@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.classification.metrics import classification_metrics, probability_metrics, softmax
+from pipeline.classification.pretrained_files import weights_path
 from pipeline.config import PipelineConfig, config_dict
 from pipeline.errors import ManifestError, StageError
 from pipeline.fileio import read_json, write_json_atomic
@@ -188,7 +189,7 @@ def train_folds(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
     wanted = list(range(c.num_folds)) if c.fold == "all" else [int(c.fold)]  # type: ignore[arg-type]
     inputs = {"manifest": input_dir / MANIFEST_NAME}
     for name, path in (("split", input_dir / SPLIT_NAME), ("split_file", config.data.split_file),
-                       ("pretrained", c.pretrained)):
+                       ("pretrained", weights_path(c.pretrained) if c.pretrained is not None else None)):
         if path is not None and Path(path).is_file():
             inputs[name] = Path(path)
     call = {"task": config.task, "classify": config_dict(c), "evaluate": config_dict(config.evaluate),

@@ -93,15 +93,22 @@ def _state_dict_from(path: Path) -> dict[str, torch.Tensor]:
         return load_checkpoint(path)["model"]
 
 
+def _name_in(key: str, target: dict[str, torch.Tensor]) -> str:
+    key = key.removeprefix("module.")
+    bare = key.removeprefix("model.")
+    return bare if key not in target and bare in target else key
+
+
 def load_partial(model: nn.Module, path: str | Path) -> LoadReport:
     """Copy every tensor of ``path`` whose name and shape match ``model``; report the rest.
 
-    Prefixes ``module.`` (DataParallel) and ``model.`` are stripped. Keys whose shape differs
-    (typically the classification head) are skipped and listed as ``reshaped``.
+    The prefix ``module.`` (DataParallel) is stripped, and ``model.`` (a wrapper's attribute) where
+    only the name without it is the model's. Keys whose shape differs (typically the classification head) are
+    skipped and listed as ``reshaped``.
     """
     path = Path(path)
-    source = {k.removeprefix("module.").removeprefix("model."): v for k, v in _state_dict_from(path).items()}
     target = model.state_dict()
+    source = {_name_in(k, target): v for k, v in _state_dict_from(path).items()}
     report = LoadReport(source=path.name)
     update = {}
     for key, value in source.items():

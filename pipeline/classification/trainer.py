@@ -23,6 +23,7 @@ from pipeline.classification.networks import (
     pretrained_parameters,
     set_frozen,
 )
+from pipeline.classification.pretrained_files import ENCODER_NETWORK, segmentation_spec, weights_path
 from pipeline.config import PipelineConfig, config_dict, config_hash
 from pipeline.errors import StageError
 from pipeline.fileio import atomic_path, sha256_file, write_json_atomic
@@ -220,7 +221,7 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
     c = config.classify
     input_dir, out = Path(input_dir), Path(out)
     inputs = {"manifest": input_dir / "manifest.json"}
-    sources = [("pretrained", c.pretrained)]
+    sources = [("pretrained", weights_path(c.pretrained) if c.pretrained is not None else None)]
     if split is None:
         sources += [("split", input_dir / SPLIT_NAME), ("split_file", config.data.split_file)]
     for name, path in sources:
@@ -261,11 +262,14 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
         set_threads(c.threads)
         seed_everything(config.seed)
         record.device = device_description(device)
+        kwargs = c.network_kwargs
+        if c.network == ENCODER_NETWORK and "segmentation" not in kwargs:  # the architecture of the pretrained model
+            kwargs = {**kwargs, "segmentation": segmentation_spec(c.pretrained)}
         model = build_classifier(c.network, spatial_dims=len(c.input_size), in_channels=1, num_classes=k,
-                                 kwargs=c.network_kwargs)
+                                 kwargs=kwargs)
         matched: list[str] = []
         if c.pretrained is not None:
-            report = load_partial(model, c.pretrained)
+            report = load_partial(model, weights_path(c.pretrained))
             matched = report.matched
             record.extra["pretrained"] = report.as_dict()
         model.to(device)
@@ -292,7 +296,7 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
         save_weights(model.state_dict(), model_dir / "model.pt")
         write_json_atomic(model_dir / "model.json", {
             "schema_version": 1, "task": "classification", "network": c.network,
-            "network_kwargs": c.network_kwargs, "in_channels": 1, "num_classes": k, "classes": classes,
+            "network_kwargs": kwargs, "in_channels": 1, "num_classes": k, "classes": classes,
             "input_size": list(c.input_size), "normalization": c.normalization, "temperature": temperature,
             "operating_point": c.operating_point, "gradcam_slices": c.gradcam_slices,
             "config_hash": config_hash(config), "seed": config.seed, "fold": fold,
