@@ -48,7 +48,7 @@ def main() -> int:
     parser.add_argument("--network", default="resnet10")
     parser.add_argument("--widen", type=float, default=0.5)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--max-minutes", type=float, default=28.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)

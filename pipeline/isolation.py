@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "MEDPIPE_TEST_FAULT"
 FORKSERVER_EXIT = "pipeline.forkserver_exit"  # preloaded last: see that module
 StartMethod = Literal["auto", "fork", "forkserver", "spawn"]
+ABANDONED = " (raised while converting; the study was abandoned)"  # ends the message of an exception's reply
 # A reply: ("ok", value) or ("failed", code, message).
 Reply = tuple[Any, ...]
 
@@ -164,7 +165,7 @@ def _failure_reply(exc: BaseException, memory_setting: str) -> Reply:
                                            "or convert this study on a machine with more memory")
     name = type(exc).__name__
     code = "decoder_panic" if name == "PanicException" else "fatal_error"
-    return ("failed", code, f"{name}: {str(exc)[:300]} (raised while converting; the study was abandoned)")
+    return ("failed", code, f"{name}: {str(exc)[:300]}{ABANDONED}")
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int | None, log_level: int, memory_setting: str) -> None:
