@@ -193,6 +193,8 @@ def _from_reply(reply: Reply, item: T, key: str, limits: Isolation) -> Outcome[T
                                f"({limits.memory_setting})")
         return outcome
     _, code, message = reply
+    if code in ("fatal_error", "decoder_panic"):  # an exception that escaped the study's own handling
+        message = f"{message} (raised in its worker outside the study's own error handling; the study was abandoned)"
     return Outcome(item=item, key=key, code=code, message=message)
 
 

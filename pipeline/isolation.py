@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "MEDPIPE_TEST_FAULT"
 FORKSERVER_EXIT = "pipeline.forkserver_exit"  # preloaded last: see that module
 StartMethod = Literal["auto", "fork", "forkserver", "spawn"]
-ABANDONED = " (raised while converting; the study was abandoned)"  # ends the message of an exception's reply
 # A reply: ("ok", value) or ("failed", code, message).
 Reply = tuple[Any, ...]
 
@@ -67,7 +66,7 @@ class Isolation:
     timeout_setting: str = "the per-study time limit"
 
 
-class PanicException(BaseException):  # noqa: N818 - named like the Rust decoders' (pyo3) panic type
+class PanicException(BaseException):  # named like the Rust decoders' (pyo3) panic type
     """What the test hook raises for ``panic``: a BaseException, like pylibjpeg-rle's Rust panics."""
 
 
@@ -161,11 +160,11 @@ def _inject(kind: str, memory_limit_mb: int | None) -> None:
 
 def _failure_reply(exc: BaseException, memory_setting: str) -> Reply:
     if isinstance(exc, MemoryError):
-        return ("failed", "out_of_memory", f"ran out of memory ({type(exc).__name__}); raise {memory_setting} "
-                                           "or convert this study on a machine with more memory")
+        return ("failed", "out_of_memory", (f"ran out of memory ({type(exc).__name__}); raise {memory_setting} "
+                                            "or run this study on a machine with more memory"))
     name = type(exc).__name__
     code = "decoder_panic" if name == "PanicException" else "fatal_error"
-    return ("failed", code, f"{name}: {str(exc)[:300]}{ABANDONED}")
+    return ("failed", code, f"{name}: {str(exc)[:300]}")  # the caller says what was abandoned
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int | None, log_level: int, memory_setting: str) -> None:
@@ -263,10 +262,10 @@ def _death(process: Any, limits: Isolation) -> Reply:
                   "of workers or convert this study alone"
         else:
             why = f"it crashed with {name} inside a library (a decoder bug triggered by this data{memory})"
-        return ("failed", "worker_crashed", f"the worker process converting this study died: {why}; the other "
-                                            "studies were not affected. Check or re-export the files of this study")
-    return ("failed", "worker_died", f"the worker process converting this study exited with status {code} "
-                                     "(a library ended the process); the other studies were not affected")
+        return ("failed", "worker_crashed", (f"the worker process handling this study died: {why}; the other "
+                                             "studies were not affected. Check or re-export the files of this study"))
+    return ("failed", "worker_died", (f"the worker process handling this study exited with status {code} "
+                                      "(a library ended the process); the other studies were not affected"))
 
 
 def _start_failure(process: Any) -> str:
@@ -371,9 +370,9 @@ def _collect(pool: list[_Worker], limits: Isolation) -> Iterator[tuple[int, Repl
             index = worker.job
             worker.kill()
             pool.remove(worker)
-            yield index, ("failed", "timeout", f"not finished after {limits.timeout_s:g} s, so its worker process "
-                                               f"was stopped (a decoder may hang on corrupt data); raise "
-                                               f"{limits.timeout_setting} if the study is just very large")
+            yield index, ("failed", "timeout", (f"not finished after {limits.timeout_s:g} s, so its worker process "
+                                                f"was stopped (a decoder may hang on corrupt data); raise "
+                                                f"{limits.timeout_setting} if the study is just very large"))
 
 
 # ---- guards for untrusted input read in the main process -------------------------------------

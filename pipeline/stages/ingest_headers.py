@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.io.dicom import DicomHeader, read_header
-from pipeline.isolation import ABANDONED, Isolation, Reply, run_isolated, start_method
+from pipeline.isolation import Isolation, Reply, run_isolated, start_method
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ def _read_in_workers(root: Path, chunks: list[list[Path]], *, workers: int,
 def _broken(root: Path, path: Path, reply: Reply) -> tuple[str, str]:
     _, code, message = reply
     code = "dicom_reader_error" if code == "fatal_error" else code  # an exception inside the reader
-    message = message.removesuffix(ABANDONED)
     return code, (f"{path.relative_to(root).as_posix()}: reading its DICOM header failed in a worker process "
                   f"({message}); the file was left out and the rest converted")
 
