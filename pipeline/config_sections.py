@@ -282,7 +282,8 @@ class ClassifyConfig(_Section):
     """Classification (``task: classification``): a MONAI network by name trained with cross-entropy.
 
     Volumes are normalised (``normalization``) and resized to ``input_size`` (2 values: 2D, 3:
-    3D). ``balance``: ``weights`` (inverse-frequency class weights in the loss), ``sampler``
+    3D); training refuses a size the network downsamples below what its layers need, naming one that
+    works. ``balance``: ``weights`` (inverse-frequency class weights in the loss), ``sampler``
     (class-balanced sampling) or ``none``. ``pretrained`` is a local state-dict file (or a medpipe
     model folder) loaded partially; its layers stay frozen for ``freeze_epochs`` and then train at
     ``pretrained_lr_factor`` times ``learning_rate``. ``network: segmentation_encoder`` builds the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.registry import CLASSIFICATION_NETWORKS
 from pipeline.training.checkpoints import load_checkpoint, load_weights
 
@@ -62,6 +63,33 @@ def build_classifier(name: str, *, spatial_dims: int, in_channels: int, num_clas
     """The registered network ``name`` (ConfigError with a did-you-mean for unknown names)."""
     factory = CLASSIFICATION_NETWORKS.get(name, where="classify.network")
     return factory(spatial_dims, in_channels, num_classes, **(kwargs or {}))
+
+
+def _runs_on(probe: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """None if a training-mode forward pass of ``probe`` (on the meta device) takes ``shape``, else why not."""
+    try:
+        probe(torch.empty(shape, device="meta"))
+    except (ValueError, RuntimeError) as exc:  # norms on 1 voxel, pooling kernels larger than the map
+        return str(exc).splitlines()[0]
+    return None
+
+
+def check_input_size(model: nn.Module, *, network: str, input_size: tuple[int, ...], in_channels: int) -> None:
+    """ConfigError unless ``model`` trains on ``input_size`` volumes, before any epoch is spent.
+
+    The pass runs on a meta-device copy: shapes only, no memory or arithmetic. A network whose
+    downsampling leaves its deepest layers fewer voxels than they need (instance norm on one voxel,
+    a pooling kernel larger than the map) is refused with the smallest uniform enlargement that works.
+    """
+    probe = copy.deepcopy(model).to("meta").train()
+    why = _runs_on(probe, (2, in_channels, *input_size))
+    if why is None:
+        return
+    fix = next((f"; it takes {list(bigger)} ({factor}x)" for factor in (2, 4, 8)
+                if _runs_on(probe, (2, in_channels, *(bigger := tuple(s * factor for s in input_size)))) is None), "")
+    raise ConfigError(f"classify.input_size {list(input_size)} is too small for classify.network '{network}': its "
+                      f"downsampling leaves the deepest layers too few voxels ({why}). Give a larger "
+                      f"classify.input_size{fix}, or a network that downsamples less")
 
 
 # MONAI heads: the final layers whose shape depends on the number of classes

@@ -19,6 +19,7 @@ from pipeline.classification.data import LabelledSet, augment, load_labelled
 from pipeline.classification.metrics import auc, classification_metrics, fit_temperature, reliability_diagram, softmax
 from pipeline.classification.networks import (
     build_classifier,
+    check_input_size,
     load_partial,
     pretrained_parameters,
     set_frozen,
@@ -267,6 +268,7 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
             kwargs = {**kwargs, "segmentation": segmentation_spec(c.pretrained)}
         model = build_classifier(c.network, spatial_dims=len(c.input_size), in_channels=1, num_classes=k,
                                  kwargs=kwargs)
+        check_input_size(model, network=c.network, input_size=tuple(c.input_size), in_channels=1)
         matched: list[str] = []
         if c.pretrained is not None:
             report = load_partial(model, weights_path(c.pretrained))

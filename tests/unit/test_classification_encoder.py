@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.classification.medmnist import import_medmnist
-from pipeline.classification.networks import build_classifier, load_partial
+from pipeline.classification.networks import build_classifier, check_input_size, load_partial
 from pipeline.classification.pretrained_files import segmentation_spec, weights_path
 from pipeline.config import ConfigError, validate
 from pipeline.errors import CheckpointError
@@ -130,3 +130,31 @@ def test_train_and_infer_from_a_segmentation_encoder(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "infer" / "predictions.csv").open()))
     assert len(rows) == 24 and all(abs(float(r["prob_class_0"]) + float(r["prob_class_1"]) - 1) < 1e-5
                                    for r in rows)
+
+
+def test_an_input_too_small_for_the_network_is_refused_before_training(tmp_path: Path) -> None:
+    from pipeline.stages.train import train
+
+    spec = {"network": NETWORKS["basic_unet"], "plans": PLANS, "out_channels": 3}
+    basic = build_classifier("segmentation_encoder", spatial_dims=3, in_channels=1, num_classes=2,
+                             kwargs={"segmentation": spec})
+    # BasicUNet halves four times: 16^3 ends at one voxel, where instance norm cannot train
+    with pytest.raises(ConfigError, match=r"\[16, 16, 16\] is too small.*spatial element.*takes \[32, 32, 32\]"):
+        check_input_size(basic, network="segmentation_encoder", input_size=(16, 16, 16), in_channels=1)
+    check_input_size(basic, network="segmentation_encoder", input_size=(32, 32, 32), in_channels=1)
+    assert all(p.device.type == "cpu" for p in basic.parameters())  # the probe was a copy
+    densenet = build_classifier("densenet121", spatial_dims=3, in_channels=1, num_classes=2)
+    with pytest.raises(ConfigError, match=r"densenet121.*kernel size"):  # its transition pooling needs 2 voxels
+        check_input_size(densenet, network="densenet121", input_size=(8, 8, 8), in_channels=1)
+
+    _segmentation_model(tmp_path / "seg" / "model", NETWORKS["basic_unet"])
+    images, labels = _blobs(12)
+    np.savez(tmp_path / "blobs.npz", train_images=images[:8], train_labels=labels[:8],
+             val_images=images[8:], val_labels=labels[8:])
+    import_medmnist(tmp_path / "blobs.npz", tmp_path / "imp")
+    config = validate({"task": "classification", "classify": {
+        "network": "segmentation_encoder", "pretrained": str(tmp_path / "seg"), "input_size": [16, 16, 16],
+        "epochs": 1, "batch_size": 4, "augment": False, "device": "cpu", "threads": 1}})
+    with pytest.raises(ConfigError, match="classify.input_size"):
+        train(tmp_path / "imp", tmp_path / "train", config=config)
+    assert not (tmp_path / "train" / "checkpoints" / "last.pt").exists()
