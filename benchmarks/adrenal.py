@@ -12,7 +12,8 @@ Imports the official train and validation splits with ``import_medmnist`` (cache
 OUT/import), trains on train and selects the epoch with the best validation AUC, then prints
 the validation AUC (with its bootstrap 95% CI), accuracy, the best epoch and the minutes
 spent. The per-epoch curve is OUT/train/history.csv. ``--ensemble N`` trains N seeds into
-OUT/seed_S and also scores the average of their validation probabilities:
+OUT/seed_S and also scores the average of their validation probabilities; ``--max-minutes``
+bounds the whole run, each seed getting an equal share of what is left:
 
     .venv/bin/python benchmarks/adrenal.py --out /tmp/adrenal_ens --epochs 10 --seed 0 --ensemble 5 --threads 2
 """
@@ -49,7 +50,9 @@ def main() -> int:
     parser.add_argument("--widen", type=float, default=0.5)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--max-minutes", type=float, default=28.0)
+    parser.add_argument("--max-minutes", type=float, default=28.0,
+                        help="training budget of the whole run; with --ensemble, each seed gets an equal share "
+                             "of what is left when it starts")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -70,20 +73,21 @@ def main() -> int:
     began = time.monotonic()
     outs = [args.out] if args.ensemble == 1 else [args.out / f"seed_{args.seed + i}" for i in range(args.ensemble)]
     for i, out in enumerate(outs):
-        _train_one(args, imported, out, seed=args.seed + i)
+        share = (args.max_minutes - (time.monotonic() - began) / 60) / (len(outs) - i)
+        _train_one(args, imported, out, seed=args.seed + i, max_minutes=max(share, 0.1))
     minutes = (time.monotonic() - began) / 60
     if args.ensemble > 1:
         _print_ensemble(outs, minutes)
     return 0
 
 
-def _train_one(args: argparse.Namespace, imported: Path, out: Path, *, seed: int) -> None:
+def _train_one(args: argparse.Namespace, imported: Path, out: Path, *, seed: int, max_minutes: float) -> None:
     kwargs: dict = {"widen_factor": args.widen, "conv1_t_stride": 2} if args.network.startswith("resnet") else {}
     if args.segmentation_model is not None:
         kwargs["segmentation"] = segmentation_spec(args.segmentation_model)
     config = validate({"seed": seed, "task": "classification", "classify": {
         "network": args.network, "network_kwargs": kwargs,
-        "input_size": [args.size] * 3, "epochs": args.epochs, "max_minutes": args.max_minutes,
+        "input_size": [args.size] * 3, "epochs": args.epochs, "max_minutes": max_minutes,
         "batch_size": args.batch_size, "learning_rate": args.lr, "optimizer": "adamw", "balance": "weights",
         "label_smoothing": 0.05, "pretrained": str(args.pretrained) if args.pretrained else None,
         "freeze_epochs": args.freeze_epochs, "threads": args.threads, "device": "cpu"}})
