@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from pipeline.classification.calibration import Calibration  # noqa: E402
 from pipeline.classification.medmnist import import_medmnist  # noqa: E402
 from pipeline.classification.metrics import probability_metrics  # noqa: E402
 from pipeline.classification.pretrained_files import segmentation_spec  # noqa: E402
@@ -103,25 +104,26 @@ def _train_one(args: argparse.Namespace, imported: Path, out: Path, *, seed: int
 
 
 def _print_ensemble(outs: list[Path], minutes: float) -> None:
-    """Average the members' softmax validation probabilities (each member's best epoch) and score them."""
+    """Score the mean of the members' validation probabilities (each member's best epoch): calibrated by each
+    member's model.json as ``medpipe infer`` averages an ensemble, and raw (softmax of the logits)."""
     members = []
     for out in outs:
         with (out / "train" / "validation_predictions.csv").open(newline="") as handle:
             rows = sorted(csv.DictReader(handle), key=lambda r: r["study"])
         logits = np.array([[float(v) for k, v in r.items() if k.startswith("logit_")] for r in rows])
-        members.append((rows, softmax(logits)))
+        model_json = out / "train" / "model" / "model.json"
+        calibration = Calibration.from_json(json.loads(model_json.read_text()), where=str(model_json),
+                                            num_classes=logits.shape[1])
+        members.append((rows, calibration.probabilities(logits), Calibration().probabilities(logits)))
     labels = np.array([int(r["label"]) for r in members[0][0]])
     if any([r["study"] for r in m[0]] != [r["study"] for r in members[0][0]] for m in members):
         raise SystemExit("the ensemble members were validated on different studies")
-    probs = np.mean([m[1] for m in members], axis=0)
-    metrics = probability_metrics(labels, probs, bootstrap=2000, seed=0)
+    metrics = probability_metrics(labels, np.mean([m[1] for m in members], axis=0), bootstrap=2000, seed=0)
+    raw = probability_metrics(labels, np.mean([m[2] for m in members], axis=0), bootstrap=0)
     print(f"ensemble of {len(outs)} seeds: validation AUC {metrics['auc']:.4f} (95% CI {metrics['auc_ci'][0]:.3f}-"
-          f"{metrics['auc_ci'][1]:.3f}), accuracy {metrics['accuracy']:.4f}, {minutes:.1f} min in all")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+          f"{metrics['auc_ci'][1]:.3f}), accuracy {metrics['accuracy']:.4f}, balanced accuracy "
+          f"{metrics['balanced_accuracy']:.4f}, ECE {metrics['ece']:.4f} (calibrated members); AUC of the raw "
+          f"softmax mean {raw['auc']:.4f}; {minutes:.1f} min in all")
 
 
 if __name__ == "__main__":

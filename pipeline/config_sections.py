@@ -289,7 +289,9 @@ class ClassifyConfig(_Section):
     ``pretrained_lr_factor`` times ``learning_rate``. ``network: segmentation_encoder`` builds the
     encoder of the medpipe segmentation model that ``pretrained`` names, with a new head. ``operating_point`` is the positive-class
     probability threshold for sensitivity/specificity (binary tasks); ``temperature_scaling``
-    fits one temperature on the validation logits. ``fold``: as train.fold (k of ``num_folds``, stratified; ``all``:
+    fits one temperature on the validation logits and ``calibration_bias`` one logit offset per class
+    with it (bias-corrected temperature scaling: undoes the shift that class weights or balanced
+    sampling put into the probabilities; the AUC of two classes is unchanged). ``fold``: as train.fold (k of ``num_folds``, stratified; ``all``:
     every fold, then the cross-validated metrics)."""
 
     network: str = "resnet18"
@@ -310,6 +312,7 @@ class ClassifyConfig(_Section):
     freeze_epochs: int = Field(0, ge=0)
     pretrained_lr_factor: float = Field(0.1, gt=0, le=1)
     temperature_scaling: bool = True
+    calibration_bias: bool = True
     operating_point: float = Field(0.5, gt=0, lt=1)
     gradcam_slices: int = Field(3, ge=1)
     fold: int | Literal["all"] | None = None

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.classification.metrics import classification_metrics, probability_metrics, softmax
+from pipeline.classification.calibration import Calibration
+from pipeline.classification.metrics import classification_metrics, probability_metrics
 from pipeline.classification.pretrained_files import weights_path
 from pipeline.config import PipelineConfig, config_dict
 from pipeline.errors import ManifestError, StageError
@@ -128,7 +129,7 @@ def cross_validation_summary(out: Path, folds: Sequence[int], *, config: Pipelin
     """Per-fold validation metrics and pooled out-of-fold metrics (each study predicted by the fold that held it out).
 
     ``pooled``: the uncalibrated out-of-fold logits; ``pooled_calibrated``: each fold's
-    probabilities after its own temperature (fitted on that fold's validation studies).
+    probabilities after its own calibration (fitted on that fold's validation studies).
     """
     ev, c = config.evaluate, config.classify
     options = {"operating_point": c.operating_point, "bootstrap": ev.bootstrap, "confidence": ev.confidence,
@@ -136,13 +137,14 @@ def cross_validation_summary(out: Path, folds: Sequence[int], *, config: Pipelin
     per_fold, all_ids, all_labels, all_logits, all_probs = [], [], [], [], []
     for k in folds:
         ids, labels, logits = read_validation_predictions(fold_dir(out, k) / VALIDATION_PREDICTIONS)
-        temperature = float(read_json(fold_dir(out, k) / MODEL_DIR / "model.json").get("temperature", 1.0))
-        metrics = classification_metrics(labels, logits, temperature=temperature, **options)
-        per_fold.append({"fold": k, "temperature": temperature, **_picked(metrics)})
+        model_json = fold_dir(out, k) / MODEL_DIR / "model.json"
+        calibration = Calibration.from_json(read_json(model_json), where=str(model_json), num_classes=logits.shape[1])
+        metrics = classification_metrics(labels, logits, calibration=calibration, **options)
+        per_fold.append({"fold": k, **calibration.as_json(), **_picked(metrics)})
         all_ids += ids
         all_labels.append(labels)
         all_logits.append(logits)
-        all_probs.append(softmax(logits, temperature))
+        all_probs.append(calibration.probabilities(logits))
     labels, logits, probs = np.concatenate(all_labels), np.concatenate(all_logits), np.concatenate(all_probs)
     pooled = classification_metrics(labels, logits, **options)
     calibrated = probability_metrics(labels, probs, **options)

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from pipeline.batch import run_batch
+from pipeline.classification.calibration import Calibration
 from pipeline.classification.data import to_input
 from pipeline.classification.explain import gradcam_map, save_gradcam_png
-from pipeline.classification.metrics import predict, probability_metrics, reliability_diagram, softmax
+from pipeline.classification.metrics import predict, probability_metrics, reliability_diagram
 from pipeline.classification.networks import build_classifier
 from pipeline.config import PipelineConfig, config_dict
 from pipeline.errors import CheckpointError, StageError
@@ -172,6 +173,8 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
         device = resolve_device(config.infer.device)
         record.device = device_description(device)
         loaded = [load_classifier(member, device=device) for member in members]
+        calibrations = [Calibration.from_json(info, where=str(member / "model.json"), num_classes=info["num_classes"])
+                        for member, (_, info) in zip(members, loaded, strict=True)]
         meta = loaded[0][1]
         classes = [meta["classes"].get(str(i), str(i)) for i in range(meta["num_classes"])]
         size, operating_point = tuple(meta["input_size"]), float(meta["operating_point"])
@@ -182,10 +185,10 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
             chosen = [held[item.id]] if item.id in held else list(range(len(loaded)))
             probs = np.zeros(len(classes))
             for i in chosen:
-                model, info = loaded[i]
+                model = loaded[i][0]
                 with torch.no_grad():
                     logits = model(volume[None].to(device)).float().cpu().numpy().astype(np.float64)
-                probs += softmax(logits, float(info.get("temperature", 1.0)))[0] / len(chosen)
+                probs += calibrations[i].probabilities(logits)[0] / len(chosen)
             predicted = int(predict(probs[None], operating_point)[0])
             if explain:
                 cam = np.mean([gradcam_map(loaded[i][0], volume.to(device), class_index=predicted) for i in chosen],
@@ -225,8 +228,8 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
         write_json_atomic(out / CLASSIFICATION_JSON, {
             "schema_version": 1, "task": "classification",
             "classes": {str(i): c for i, c in enumerate(classes)}, "operating_point": operating_point,
-            "models": [{"name": n, "sha256": info.get("sha256"), "temperature": info.get("temperature", 1.0),
-                        "fold": info.get("fold")} for n, (_, info) in zip(names, loaded, strict=True)],
+            "models": [{"name": n, "sha256": info.get("sha256"), **calibration.as_json(), "fold": info.get("fold")}
+                       for n, (_, info), calibration in zip(names, loaded, calibrations, strict=True)],
             "out_of_fold": bool(held),
             "predicted_by": {r["id"]: [names[i] for i in r["members"]] for r in rows} if len(members) > 1 else None,
             "failed": failed})

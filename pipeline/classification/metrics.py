@@ -1,4 +1,4 @@
-"""Classification metrics (scikit-learn), bootstrap CIs, expected calibration error and temperature scaling."""
+"""Classification metrics (scikit-learn), bootstrap CIs, expected calibration error and reliability diagrams."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn import metrics as skm
 
+from pipeline.classification.calibration import Calibration
 from pipeline.metrics.statistics import bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -84,25 +84,8 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, *, bins: i
     return float(ece), table
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, max_iter: int = 100) -> float:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T) (LBFGS on log T)."""
-    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
-
-
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    probs = softmax(logits, temperature)
+def nll(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes under ``probs`` (N, K)."""
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
 
 
@@ -187,14 +170,16 @@ def probability_metrics(labels: np.ndarray, probs: np.ndarray, *, operating_poin
     return out
 
 
-def classification_metrics(labels: np.ndarray, logits: np.ndarray, *, temperature: float = 1.0,
+def classification_metrics(labels: np.ndarray, logits: np.ndarray, *, calibration: Calibration | None = None,
                            operating_point: float = 0.5, bootstrap: int = 1000, confidence: float = 0.95,
                            seed: int = 0) -> dict[str, Any]:
-    """probability_metrics of softmax(logits / temperature), plus the NLL and the temperature."""
+    """probability_metrics of the (calibrated) logits, plus the NLL, the temperature and the logit offsets."""
     labels = np.asarray(labels, dtype=np.int64)
-    out = probability_metrics(labels, softmax(logits, temperature), operating_point=operating_point,
-                              bootstrap=bootstrap, confidence=confidence, seed=seed)
-    out.update({"nll": nll(logits, labels, temperature), "temperature": float(temperature)})
+    calibration = calibration or Calibration()
+    probs = calibration.probabilities(logits)
+    out = probability_metrics(labels, probs, operating_point=operating_point, bootstrap=bootstrap,
+                              confidence=confidence, seed=seed)
+    out.update({"nll": nll(labels, probs), **calibration.as_json()})
     return out
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from pipeline.classification.cv import VALIDATION_PREDICTIONS, stratified_split, train_folds
 from pipeline.classification.data import LabelledSet, augment, load_labelled
-from pipeline.classification.metrics import auc, classification_metrics, fit_temperature, reliability_diagram, softmax
+from pipeline.classification.calibration import describe, fit_calibration
+from pipeline.classification.metrics import auc, classification_metrics, reliability_diagram, softmax
 from pipeline.classification.networks import (
     build_classifier,
     check_input_size,
@@ -51,7 +52,7 @@ BEST = "best.pt"
 HISTORY = "history.csv"
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "frozen", "seconds")
 _RUNTIME_ONLY = ("epochs", "max_minutes", "device", "amp", "threads", "gradcam_slices", "temperature_scaling",
-                 "operating_point")
+                 "calibration_bias", "operating_point")
 _FOLD_ONLY = ("fold", "num_folds")  # which fold to train; a fold's own split says what it trains on
 
 
@@ -284,22 +285,22 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
         model.load_state_dict(load_weights(checkpoints / BEST))
         logits = predict_logits(model, val_set.images, device=device)
         labels = val_set.labels.numpy()
-        temperature = fit_temperature(logits, labels) if c.temperature_scaling else 1.0
+        calibration = fit_calibration(logits, labels, temperature=c.temperature_scaling, bias=c.calibration_bias)
         evaluation = {
             "uncalibrated": classification_metrics(labels, logits, operating_point=c.operating_point,
                                                    seed=config.seed),
-            "calibrated": classification_metrics(labels, logits, temperature=temperature,
+            "calibrated": classification_metrics(labels, logits, calibration=calibration,
                                                  operating_point=c.operating_point, seed=config.seed),
         }
         write_json_atomic(out / "validation_metrics.json", evaluation)
         reliability_diagram(evaluation["calibrated"]["reliability"], out / "reliability.png",
-                            title=f"Validation, T = {temperature:.2f}")
+                            title=f"Validation, {describe(calibration)}")
         model_dir = out / "model"
         save_weights(model.state_dict(), model_dir / "model.pt")
         write_json_atomic(model_dir / "model.json", {
             "schema_version": 1, "task": "classification", "network": c.network,
             "network_kwargs": kwargs, "in_channels": 1, "num_classes": k, "classes": classes,
-            "input_size": list(c.input_size), "normalization": c.normalization, "temperature": temperature,
+            "input_size": list(c.input_size), "normalization": c.normalization, **calibration.as_json(),
             "operating_point": c.operating_point, "gradcam_slices": c.gradcam_slices,
             "config_hash": config_hash(config), "seed": config.seed, "fold": fold,
             "sha256": sha256_file(model_dir / "model.pt"),
@@ -312,7 +313,7 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
         record.timings["train"] = result["seconds"]
         record.extra.update({"task": "classification", "best_epoch": result["best"]["epoch"],
                              "best_val_auc": result["best"]["auc"], "val_accuracy": cal["accuracy"],
-                             "val_auc_ci": cal.get("auc_ci"), "temperature": temperature,
+                             "val_auc_ci": cal.get("auc_ci"), **calibration.as_json(),
                              "epochs_run": len(result["history"]), "stopped_by": result["stopped_by"],
                              "resumed_from_epoch": result["resumed_from_epoch"],
                              "train_minutes": round(result["seconds"] / 60, 3)})

@@ -107,11 +107,18 @@ def failures_section(summary: dict[str, Any], failed: Sequence[dict[str, Any]]) 
     return Section("Failed studies", "\n".join(body))
 
 
+def _calibration_text(model: dict[str, Any]) -> str:
+    text = f"temperature {html.number(model.get('temperature'), digits=3)}"
+    offsets = model.get("logit_bias")
+    if offsets:
+        text += ", logit offsets " + " / ".join(html.number(b, digits=3) for b in offsets)
+    return text
+
+
 def definitions_section(summary: dict[str, Any]) -> Section:
     definitions = summary.get("definitions", {})
     items = [f"{k}: {v}" for k, v in definitions.items() if k in ("auc", "operating_point", "ece", "ci")]
     models = summary.get("models") or []
     if models:
-        items.append("models: " + ", ".join(
-            f"{m.get('name')} (temperature {html.number(m.get('temperature'), digits=3)})" for m in models))
+        items.append("models: " + ", ".join(f"{m.get('name')} ({_calibration_text(m)})" for m in models))
     return Section("Definitions", html.bullet_list(items))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from pipeline.classification.calibration import Calibration
 from pipeline.classification.metrics import softmax
 from pipeline.config import PipelineConfig, validate
 from pipeline.errors import ConfigError
@@ -181,7 +182,7 @@ def test_cross_validation_run(scans: tuple[Path, Path], tmp_path: Path) -> None:
         assert {r["study"] for r in rows} == set(folds[k]["validation"])
         y = [int(r["label"]) for r in rows]
         logits = np.array([[float(r["logit_0"]), float(r["logit_1"])] for r in rows])
-        probs = softmax(logits, fold["temperature"])
+        probs = Calibration(fold["temperature"], tuple(fold["logit_bias"] or ())).probabilities(logits)
         assert fold["auc"] == pytest.approx(skm.roc_auc_score(y, probs[:, 1]))
         pooled_y += y
         pooled_logits.append(logits)

@@ -15,12 +15,8 @@ from sklearn import metrics as skm
 from pipeline.classification.data import augment, to_input
 from pipeline.classification.explain import gradcam_map, relevant_slices, save_gradcam_png
 from pipeline.classification.medmnist import apply_label_csv, import_medmnist
-from pipeline.classification.metrics import (
-    classification_metrics,
-    expected_calibration_error,
-    fit_temperature,
-    nll,
-)
+from pipeline.classification.calibration import Calibration, fit_temperature
+from pipeline.classification.metrics import classification_metrics, expected_calibration_error, nll
 from pipeline.classification.networks import build_classifier, load_partial, pretrained_parameters, set_frozen
 from pipeline.config import ConfigError, validate
 from pipeline.io.nifti import load_nifti
@@ -143,7 +139,8 @@ def test_temperature_scaling_reduces_nll() -> None:
     logits[np.arange(300), labels] += 1.0
     overconfident = logits * 5
     t = fit_temperature(overconfident, labels)
-    assert t > 2 and nll(overconfident, labels, t) < nll(overconfident, labels) - 0.2
+    scaled, raw = Calibration(t).probabilities(overconfident), Calibration().probabilities(overconfident)
+    assert t > 2 and nll(labels, scaled) < nll(labels, raw) - 0.2
 
 
 def test_gradcam_and_augment(tmp_path: Path) -> None:
