@@ -13,12 +13,12 @@ Imports the official train and validation splits with ``import_medmnist`` (cache
 OUT/import), trains on train (into OUT/train, or OUT/seed_S/train for --ensemble N > 1) and
 selects the epoch with the best validation AUC, then prints the validation AUC (with its
 bootstrap 95% CI), accuracy, the best epoch and the minutes spent. The per-epoch curve is
-OUT/train/history.csv. ``--ensemble N`` trains N seeds into OUT/seed_S and also scores the
-average of their calibrated validation probabilities (as ``medpipe infer`` averages models);
-``--max-minutes`` bounds the whole run, each seed getting an equal share of what is left. The
-default, 8 seeds of 30 epochs, takes about 22 minutes on 2 CPU cores. One seed's best-epoch AUC
-ranges over 0.83-0.89 on this 98-study validation split; 8-seed averages narrow that to about
-0.86-0.89 around a median of 0.88 (benchmarks/RESULTS.md).
+history.csv in that train folder. ``--ensemble N`` trains N seeds into OUT/seed_S and also
+scores the average of their calibrated validation probabilities (as ``medpipe infer`` averages
+models); ``--max-minutes`` bounds the whole run, each seed getting an equal share of what is
+left. The default, 8 seeds of 30 epochs, takes about 22 minutes on 2 CPU cores. One seed's best-
+epoch AUC ranges over 0.83-0.89 on this 98-study validation split; 8-seed averages narrow that
+to about 0.86-0.89 around a median of 0.88 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--freeze-epochs", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ensemble", type=int, default=8, help="train this many seeds (seed, seed+1, ...) into "
-                        "OUT/seed_S and also print the AUC of their averaged validation probabilities")
+                        "OUT/seed_S and also print the AUC of their averaged calibrated validation probabilities")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     imported = args.out / "import"
