@@ -5,9 +5,9 @@
     .venv/bin/python benchmarks/adrenal.py --out /tmp/adrenal_ft --seed 0 --ensemble 1 \\
         --pretrained /tmp/adrenal_pre/train/model/model.pt --freeze-epochs 1      # transfer learning
     .venv/bin/python benchmarks/adrenal.py --out /tmp/adrenal_seg --network segmentation_encoder \\
-        --pretrained RUN/03_train/model --freeze-epochs 1 --ensemble 1    # from a segmentation model's encoder
+        --pretrained RUN/03_train/model --freeze-epochs 1 --ensemble 1     # from a segmentation model's encoder
     .venv/bin/python benchmarks/adrenal.py --out /tmp/adrenal_seg0 --network segmentation_encoder \\
-        --segmentation-model RUN/03_train/model --ensemble 1 # same architecture from scratch
+        --segmentation-model RUN/03_train/model --ensemble 1   # same architecture from scratch
 
 Imports the official train and validation splits with ``import_medmnist`` (cached in
 OUT/import), trains on train (into OUT/train, or OUT/seed_S/train for --ensemble N > 1) and
@@ -16,9 +16,8 @@ bootstrap 95% CI), accuracy, the best epoch and the minutes spent. The per-epoch
 history.csv in that train folder. ``--ensemble N`` trains N seeds into OUT/seed_S and also
 scores the average of their calibrated validation probabilities (as ``medpipe infer`` averages
 models); ``--max-minutes`` bounds the whole run, each seed getting an equal share of what is
-left. The default, 8 seeds of 30 epochs, takes about 22 minutes on 2 CPU cores. One seed's best-
-epoch AUC ranges over 0.83-0.89 on this 98-study validation split; 8-seed averages narrow that
-to about 0.86-0.89 around a median of 0.88 (benchmarks/RESULTS.md).
+left. The default, 8 seeds of 30 epochs, takes about 22 minutes on 2 CPU cores; why 8, and the
+spread of single seeds and of their averages, is in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
