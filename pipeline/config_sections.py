@@ -292,7 +292,9 @@ class ClassifyConfig(_Section):
     fits one temperature on the validation logits and ``calibration_bias`` one logit offset per class
     with it (bias-corrected temperature scaling: undoes the shift that class weights or balanced
     sampling put into the probabilities; the AUC of two classes is unchanged). ``fold``: as train.fold (k of ``num_folds``, stratified; ``all``:
-    every fold, then the cross-validated metrics)."""
+    every fold, then the cross-validated metrics). ``seeds`` > 1 trains that many models on one split
+    (seeds ``seed``, ``seed`` + 1, ...; ``max_minutes`` bounds each) and infers with the average of their
+    calibrated probabilities (a seed ensemble)."""
 
     network: str = "resnet18"
     network_kwargs: dict[str, Any] = {}
@@ -317,6 +319,7 @@ class ClassifyConfig(_Section):
     gradcam_slices: int = Field(3, ge=1)
     fold: int | Literal["all"] | None = None
     num_folds: int = Field(5, ge=2)
+    seeds: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     threads: int | None = Field(None, ge=1)
@@ -334,7 +337,10 @@ class ClassifyConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _encoder_source(self) -> ClassifyConfig:
+    def _consistent(self) -> ClassifyConfig:
+        if self.seeds > 1 and self.fold is not None:
+            raise ValueError("classify.seeds trains several models on one split and classify.fold cross-validates "
+                             "(its folds are already an ensemble): set classify.seeds to 1 or classify.fold to null")
         if self.network == "segmentation_encoder":
             if self.pretrained is None and "segmentation" not in self.network_kwargs:
                 raise ValueError("network 'segmentation_encoder' takes the encoder of a medpipe segmentation model: "

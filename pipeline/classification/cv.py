@@ -20,7 +20,7 @@ from pipeline.fileio import read_json, write_json_atomic
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.stages.common import execute_stage
-from pipeline.training.split import SPLIT_NAME, make_split
+from pipeline.training.split import SPLIT_NAME, make_split, read_split
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,16 @@ def stratified_split(ids: Sequence[str], labels: Sequence[int], *, val_fraction:
     return {"seed": int(seed), "train": sorted(train), "validation": sorted(validation)}
 
 
+def choose_split(config: PipelineConfig, folder: Path, ids: list[str], labels: list[int]) -> dict[str, Any]:
+    """``data.split_file``, else ``folder/split.json`` (MedMNIST import), else a seeded stratified hold-out."""
+    if config.data.split_file is not None:
+        return read_split(config.data.split_file, ids)
+    if (folder / SPLIT_NAME).is_file():
+        log.info("train: using the split of %s", folder / SPLIT_NAME)
+        return read_split(folder / SPLIT_NAME, ids)
+    return stratified_split(ids, labels, val_fraction=config.classify.val_fraction, seed=config.seed)
+
+
 def read_validation_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, labels, logits) of a fold's validation_predictions.csv."""
     if not path.is_file():
@@ -121,7 +131,14 @@ def read_validation_predictions(path: Path) -> tuple[list[str], np.ndarray, np.n
     return ids, labels, logits
 
 
-def _picked(metrics: dict[str, Any]) -> dict[str, Any]:
+def metric_options(config: PipelineConfig) -> dict[str, Any]:
+    """Operating point and bootstrap settings of the metrics a run reports."""
+    ev = config.evaluate
+    return {"operating_point": config.classify.operating_point, "bootstrap": ev.bootstrap,
+            "confidence": ev.confidence, "seed": ev.bootstrap_seed}
+
+
+def summary_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in _SUMMARY_METRICS if k in metrics}
 
 
@@ -132,15 +149,14 @@ def cross_validation_summary(out: Path, folds: Sequence[int], *, config: Pipelin
     probabilities after its own calibration (fitted on that fold's validation studies).
     """
     ev, c = config.evaluate, config.classify
-    options = {"operating_point": c.operating_point, "bootstrap": ev.bootstrap, "confidence": ev.confidence,
-               "seed": ev.bootstrap_seed}
+    options = metric_options(config)
     per_fold, all_ids, all_labels, all_logits, all_probs = [], [], [], [], []
     for k in folds:
         ids, labels, logits = read_validation_predictions(fold_dir(out, k) / VALIDATION_PREDICTIONS)
         model_json = fold_dir(out, k) / MODEL_DIR / "model.json"
         calibration = Calibration.from_json(read_json(model_json), where=str(model_json), num_classes=logits.shape[1])
         metrics = classification_metrics(labels, logits, calibration=calibration, **options)
-        per_fold.append({"fold": k, **calibration.as_json(), **_picked(metrics)})
+        per_fold.append({"fold": k, **calibration.as_json(), **summary_metrics(metrics)})
         all_ids += ids
         all_labels.append(labels)
         all_logits.append(logits)
@@ -157,8 +173,8 @@ def cross_validation_summary(out: Path, folds: Sequence[int], *, config: Pipelin
         "schema_version": 1, "task": "classification", "num_folds": c.num_folds, "seed": config.seed,
         "folds": per_fold,
         "across_folds": {name: spread(name) for name in ("auc", "accuracy", "balanced_accuracy")},
-        "pooled": {**_picked(pooled), "confusion_matrix": pooled["confusion_matrix"]},
-        "pooled_calibrated": {**_picked(calibrated), "confusion_matrix": calibrated["confusion_matrix"]},
+        "pooled": {**summary_metrics(pooled), "confusion_matrix": pooled["confusion_matrix"]},
+        "pooled_calibrated": {**summary_metrics(calibrated), "confusion_matrix": calibrated["confusion_matrix"]},
         "studies": len(all_ids),
         "definitions": {"folds": "stratified k-fold (scikit-learn StratifiedKFold, shuffled, random_state = seed)",
                         "pooled": "metrics over the out-of-fold predictions of every fold together",
@@ -167,13 +183,29 @@ def cross_validation_summary(out: Path, folds: Sequence[int], *, config: Pipelin
     }
 
 
-def ensemble_metadata(out: Path, folds: Sequence[int]) -> dict[str, Any]:
-    """OUT/model/model.json of a cross-validated run: the fold models, for inference (ensemble or out-of-fold)."""
-    first = read_json(fold_dir(out, folds[0]) / MODEL_DIR / "model.json")
+def ensemble_json(out: Path, members: Sequence[str], **extra: Any) -> dict[str, Any]:
+    """OUT/model/model.json of an ensemble whose members are OUT/<member>/model (fold or seed models)."""
+    first = read_json(Path(out) / members[0] / MODEL_DIR / "model.json")
     shared = {k: first[k] for k in ("num_classes", "classes", "input_size", "normalization", "operating_point",
                                     "gradcam_slices", "network", "seed") if k in first}
     return {"schema_version": 1, "task": "classification", **shared,
-            "ensemble": [f"../{fold_dir(Path('.'), k).name}/{MODEL_DIR}" for k in folds], "folds": list(folds)}
+            "ensemble": [f"../{member}/{MODEL_DIR}" for member in members], **extra}
+
+
+def ensemble_metadata(out: Path, folds: Sequence[int]) -> dict[str, Any]:
+    """OUT/model/model.json of a cross-validated run: the fold models, for inference (ensemble or out-of-fold)."""
+    return ensemble_json(out, [fold_dir(Path("."), k).name for k in folds], folds=list(folds))
+
+
+def ensemble_inputs(input_dir: Path, config: PipelineConfig) -> dict[str, Path]:
+    """The files an ensemble's training depends on: the manifest, the split files and the pretrained weights."""
+    c = config.classify
+    inputs = {"manifest": Path(input_dir) / MANIFEST_NAME}
+    for name, path in (("split", Path(input_dir) / SPLIT_NAME), ("split_file", config.data.split_file),
+                       ("pretrained", weights_path(c.pretrained) if c.pretrained is not None else None)):
+        if path is not None and Path(path).is_file():
+            inputs[name] = Path(path)
+    return inputs
 
 
 def train_folds(input_dir: Path, out: Path, *, config: PipelineConfig, force: bool = False,
@@ -189,11 +221,7 @@ def train_folds(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
     ids, labels = labelled_studies(input_dir, config)
     folds = stratified_folds(ids, labels, num_folds=c.num_folds, seed=config.seed)
     wanted = list(range(c.num_folds)) if c.fold == "all" else [int(c.fold)]  # type: ignore[arg-type]
-    inputs = {"manifest": input_dir / MANIFEST_NAME}
-    for name, path in (("split", input_dir / SPLIT_NAME), ("split_file", config.data.split_file),
-                       ("pretrained", weights_path(c.pretrained) if c.pretrained is not None else None)):
-        if path is not None and Path(path).is_file():
-            inputs[name] = Path(path)
+    inputs = ensemble_inputs(input_dir, config)
     call = {"task": config.task, "classify": config_dict(c), "evaluate": config_dict(config.evaluate),
             "folds": [folds[k] for k in wanted]}
 

@@ -85,13 +85,15 @@ def model_members(model_dir: str | Path) -> list[Path]:
     return members
 
 
-def _held_out(members: list[Path]) -> dict[str, int]:
-    """{study id: member index} for the studies each fold model held out for validation (its split.json)."""
-    held: dict[str, int] = {}
+def _held_out(members: list[Path]) -> dict[str, list[int]]:
+    """{study id: indices of the members that held it out for validation (their split.json)}: one fold of a
+    cross-validated model, every member of a seed ensemble."""
+    held: dict[str, list[int]] = {}
     for i, member in enumerate(members):
         split = member.parent / SPLIT_NAME
         if split.is_file():
-            held.update({str(sid): i for sid in read_json(split).get("validation", [])})
+            for sid in read_json(split).get("validation", []):
+                held.setdefault(str(sid), []).append(i)
     return held
 
 
@@ -151,8 +153,9 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
 
     Writes predictions.csv (study, probability per class, predicted class), classification.json
     (classes, operating point, models), explanations/<id>.png (Grad-CAM) and, when every study
-    is labelled, metrics.json. A cross-validated model averages its folds' probabilities;
-    ``out_of_fold`` predicts a study a fold held out for validation with that fold only.
+    is labelled, metrics.json. An ensemble (cross-validation folds, seeds) averages its members'
+    calibrated probabilities; ``out_of_fold`` predicts a study that members held out for validation
+    with those members only (its fold's model; every seed of a seed ensemble).
     """
     config = config or PipelineConfig()
     model_dir, input, out = Path(model_dir), Path(input), Path(out)
@@ -182,7 +185,7 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
 
         def classify(item: _Item) -> dict[str, Any]:
             volume = to_input(load_nifti(item.path).array, size, meta["normalization"])
-            chosen = [held[item.id]] if item.id in held else list(range(len(loaded)))
+            chosen = held.get(item.id, list(range(len(loaded))))
             probs = np.zeros(len(classes))
             for i in chosen:
                 model = loaded[i][0]

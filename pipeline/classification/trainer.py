@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.classification.cv import VALIDATION_PREDICTIONS, stratified_split, train_folds
+from pipeline.classification.cv import VALIDATION_PREDICTIONS, choose_split, train_folds
 from pipeline.classification.data import LabelledSet, augment, load_labelled
 from pipeline.classification.calibration import describe, fit_calibration
 from pipeline.classification.metrics import auc, classification_metrics, reliability_diagram, softmax
@@ -26,6 +26,7 @@ from pipeline.classification.networks import (
     set_frozen,
 )
 from pipeline.classification.pretrained_files import ENCODER_NETWORK, segmentation_spec, weights_path
+from pipeline.classification.seeds import train_seeds
 from pipeline.config import PipelineConfig, config_dict, config_hash
 from pipeline.errors import StageError
 from pipeline.fileio import atomic_path, sha256_file, write_json_atomic
@@ -43,7 +44,7 @@ from pipeline.training.checkpoints import (
     save_checkpoint,
     save_weights,
 )
-from pipeline.training.split import SPLIT_NAME, check_split, read_split, write_split
+from pipeline.training.split import SPLIT_NAME, check_split, write_split
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ HISTORY = "history.csv"
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "frozen", "seconds")
 _RUNTIME_ONLY = ("epochs", "max_minutes", "device", "amp", "threads", "gradcam_slices", "temperature_scaling",
                  "calibration_bias", "operating_point")
-_FOLD_ONLY = ("fold", "num_folds")  # which fold to train; a fold's own split says what it trains on
+_FOLD_ONLY = ("fold", "num_folds", "seeds")  # ensemble choices; a member's own split and seed say what it trains
 
 
 def _write_history(rows: list[dict[str, Any]], path: Path) -> None:
@@ -171,16 +172,6 @@ def run_epochs(*, model: nn.Module, train: LabelledSet, val: LabelledSet, config
             "seconds": elapsed_before + time.monotonic() - began}
 
 
-def _split(config: PipelineConfig, folder: Path, data: LabelledSet) -> dict[str, Any]:
-    if config.data.split_file is not None:
-        return read_split(config.data.split_file, data.ids)
-    if (folder / SPLIT_NAME).is_file():
-        log.info("train: using the split of %s", folder / SPLIT_NAME)
-        return read_split(folder / SPLIT_NAME, data.ids)
-    return stratified_split(data.ids, data.labels.tolist(), val_fraction=config.classify.val_fraction,
-                            seed=config.seed)
-
-
 def _load(input_dir: Path, config: PipelineConfig) -> tuple[LabelledSet, Manifest]:
     """The labelled studies (unlabelled ones are for inference only)."""
     c = config.classify
@@ -208,12 +199,15 @@ def train_classifier(input_dir: Path, out: Path, *, config: PipelineConfig | Non
     ``classify.fold`` null: one split, ``data.split_file``, else ``input_dir/split.json``
     (MedMNIST import), else a seeded stratified hold-out of ``val_fraction``. Unlabelled
     studies are left out (inference only). ``k``/``all``: stratified cross-validation
-    into ``out/fold_k`` (see ``pipeline.classification.cv``). A stopped run resumes from
-    ``checkpoints/last.pt``.
+    into ``out/fold_k`` (see ``pipeline.classification.cv``). ``classify.seeds`` > 1: that
+    many models on the one split into ``out/seed_S`` (see ``pipeline.classification.seeds``).
+    A stopped run resumes from ``checkpoints/last.pt``.
     """
     config = config or PipelineConfig()
     if config.classify.fold is not None:
         return train_folds(Path(input_dir), Path(out), config=config, force=force, train_one=train_split)
+    if config.classify.seeds > 1:
+        return train_seeds(Path(input_dir), Path(out), config=config, force=force, train_one=train_split)
     return train_split(Path(input_dir), Path(out), config=config, force=force)
 
 
@@ -238,8 +232,8 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
         data, manifest = _load(input_dir, config)
         classes = manifest.classes or {str(v): f"class_{v}" for v in sorted(set(data.labels.tolist()))}
         k = max(len(classes), int(data.labels.max()) + 1)
-        chosen = _split(config, input_dir, data) if split is None else check_split(split, data.ids,
-                                                                                   source=f"fold {fold}")
+        chosen = (choose_split(config, input_dir, data.ids, data.labels.tolist()) if split is None else
+                  check_split(split, data.ids, source="the shared split" if fold is None else f"fold {fold}"))
         split_path = write_split({**chosen, **({"fold": fold} if fold is not None else {})}, out)
         if not chosen["validation"]:
             raise StageError(f"{input_dir}: the split has no validation studies; model selection and calibration "

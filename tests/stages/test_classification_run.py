@@ -205,6 +205,50 @@ def test_cross_validation_run(scans: tuple[Path, Path], tmp_path: Path) -> None:
     assert all(r.get("skipped") for r in run_pipeline(config, layout.root).values())
 
 
+def test_seed_ensemble_run(scans: tuple[Path, Path], tmp_path: Path) -> None:
+    layout = RunLayout(tmp_path / "run")
+    records = run_pipeline(_config(*scans, seeds=2, epochs=1), layout.root)
+    assert all(r["status"] == "complete" for r in records.values())
+    split = json.loads((layout.train / "split.json").read_text())
+    members = [layout.train / f"seed_{s}" for s in (0, 1)]
+    for member in members:  # one split for every member, each its own seed
+        assert {k: v for k, v in json.loads((member / "split.json").read_text()).items() if k != "seed"} == \
+            {k: v for k, v in split.items() if k != "seed"}
+    infos = [json.loads((m / "model" / "model.json").read_text()) for m in members]
+    assert [i["seed"] for i in infos] == [0, 1] and infos[0]["sha256"] != infos[1]["sha256"]
+    model = json.loads((layout.train / "model" / "model.json").read_text())
+    assert model["ensemble"] == ["../seed_0/model", "../seed_1/model"] and model["seeds"] == [0, 1]
+    assert not (layout.train / "model" / "model.pt").exists()
+
+    # the ensemble's validation AUC is scikit-learn's on the mean of the members' calibrated probabilities ...
+    probs, ids, y = [], None, None
+    for member, info in zip(members, infos, strict=True):
+        rows = _csv_rows(member / "validation_predictions.csv")
+        ids, y = [r["study"] for r in rows], [int(r["label"]) for r in rows]
+        logits = np.array([[float(r["logit_0"]), float(r["logit_1"])] for r in rows])
+        probs.append(Calibration(info["temperature"], tuple(info["logit_bias"] or ())).probabilities(logits)[:, 1])
+    mean = np.mean(probs, axis=0)
+    assert sorted(ids) == split["validation"]
+    metrics = json.loads((layout.train / "validation_metrics.json").read_text())
+    assert metrics["calibrated"]["auc"] == pytest.approx(skm.roc_auc_score(y, mean))
+    assert [m["seed"] for m in metrics["members"]] == [0, 1]
+    assert metrics["members"][1]["auc"] == pytest.approx(skm.roc_auc_score(y, probs[1]))
+    # ... and those are the probabilities infer writes for the validation studies
+    predicted = {r["study"]: float(r["prob_tumour"]) for r in _csv_rows(layout.infer / "predictions.csv")}
+    assert [predicted[i] for i in ids] == pytest.approx(mean.tolist(), abs=1e-5)
+    info = json.loads((layout.infer / "classification.json").read_text())
+    assert [m["name"] for m in info["models"]] == ["seed_0", "seed_1"]
+
+    # a third seed trains only the new member
+    before = [(m / "model" / "model.pt").stat().st_mtime_ns for m in members]
+    record = run_pipeline(_config(*scans, seeds=3, epochs=1), layout.root, stages=("train",))["train"]
+    assert record["status"] == "complete" and record["seeds"] == [0, 1, 2]
+    assert [(m / "model" / "model.pt").stat().st_mtime_ns for m in members] == before
+    assert json.loads((layout.train / "model" / "model.json").read_text())["seeds"] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="classify.seeds"):
+        _config(*scans, seeds=2, fold="all")
+
+
 def test_medmnist_npz_is_the_runs_ingest(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     labels = np.array([[i % 2] for i in range(6)], dtype=np.uint8)
