@@ -75,7 +75,7 @@ def per_study_text(rows: list[dict[str, Any]], classes: list[str]) -> str:
         label = r["label"]
         writer.writerow([r["study"], "" if label is None else label, "" if label is None else classes[label],
                          r["predicted"], classes[r["predicted"]], "" if label is None else int(label == r["predicted"]),
-                         *(f"{p:.6f}" for p in r["probs"])])
+                         *(repr(float(p)) for p in r["probs"])])
     return buffer.getvalue()
 
 

@@ -136,7 +136,7 @@ def _csv_text(rows: list[dict[str, Any]], classes: list[str]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["study", *(f"prob_{c}" for c in classes), "predicted"])
     for row in rows:
-        writer.writerow([row["id"], *(f"{p:.6f}" for p in row["probs"]), row["predicted"]])
+        writer.writerow([row["id"], *(repr(float(p)) for p in row["probs"]), row["predicted"]])  # lossless
     return buffer.getvalue()
 
 

@@ -210,3 +210,14 @@ def test_cli_import_medmnist(blob_npz: Path, tmp_path: Path, capsys: pytest.Capt
     assert main(["import-medmnist", str(blob_npz), "--out", str(tmp_path), "--limit", "3", "-q"]) == 0
     assert "6 studies" in capsys.readouterr().out
     assert len(load_manifest(tmp_path).studies) == 6
+
+
+def test_predictions_csv_keeps_every_digit() -> None:
+    """Saturated probabilities stay distinct in predictions.csv (6 decimals would tie them and move the AUC)."""
+    from pipeline.classification.inference import _csv_text
+
+    probs = [np.array([3e-9, 1 - 3e-9]), np.array([1e-9, 1 - 1e-9]), np.array([0.25, 0.75])]
+    text = _csv_text([{"id": f"s{i}", "probs": p, "predicted": "b"} for i, p in enumerate(probs)], ["a", "b"])
+    rows = list(csv.DictReader(text.splitlines()))
+    assert [float(r["prob_b"]) for r in rows] == [float(p[1]) for p in probs]
+    assert [float(r["prob_a"]) for r in rows] == [float(p[0]) for p in probs]
