@@ -9,7 +9,8 @@
     .venv/bin/python benchmarks/adrenal.py --out /tmp/adrenal_seg0 --network segmentation_encoder \\
         --segmentation-model RUN/03_train/model --ensemble 1   # same architecture from scratch
 
-Imports the official train and validation splits with ``import_medmnist`` (cached in
+The recipe is configs/adrenal.yaml (what ``medpipe run configs/adrenal.yaml`` trains); the
+options above override it. Imports the official train and validation splits with ``import_medmnist`` (cached in
 OUT/import), trains on train into OUT/train and selects the epoch with the best validation AUC,
 then prints the validation AUC (with its bootstrap 95% CI), accuracy, the best epoch and the
 minutes spent. The per-epoch curve is history.csv in the model's folder. ``--ensemble N`` is
@@ -35,34 +36,35 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.classification.medmnist import import_medmnist  # noqa: E402
 from pipeline.classification.pretrained_files import segmentation_spec  # noqa: E402
-from pipeline.config import PipelineConfig, validate  # noqa: E402
+from pipeline.config import PipelineConfig, parse_yaml, validate  # noqa: E402
 from pipeline.stages.train import train  # noqa: E402
 
 DEFAULT = REPO.parent / "shared" / "data" / "adrenalmnist3d" / "adrenalmnist3d_64_trainval.npz"
+CONFIG = REPO / "configs" / "adrenal.yaml"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--npz", type=Path, default=DEFAULT)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--network", default="resnet10")
-    parser.add_argument("--widen", type=float, default=0.5)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--network", default=None, help="classify.network (default: the config's)")
+    parser.add_argument("--widen", type=float, default=None, help="a ResNet's widen_factor (default: the config's)")
+    parser.add_argument("--size", type=int, default=None, help="input edge in voxels (default: the config's)")
+    parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--max-minutes", type=float, default=28.0,
-                        help="training budget of the whole run; with --ensemble N, each seed gets 1/N of it")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+                        help="training budget of the whole run; with N seeds, each gets 1/N of it")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="the first seed (default: the config's)")
     parser.add_argument("--pretrained", type=Path, default=None, help="weights to start from: a state-dict file "
                         "or a medpipe model folder (with --network segmentation_encoder: a segmentation model)")
     parser.add_argument("--segmentation-model", type=Path, default=None,
                         help="with --network segmentation_encoder and no --pretrained: take only the architecture "
                              "of this segmentation model folder (the from-scratch baseline of a transfer run)")
-    parser.add_argument("--freeze-epochs", type=int, default=0)
+    parser.add_argument("--freeze-epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--ensemble", type=int, default=8, help="train this many seeds (seed, seed+1, ...) into "
-                        "OUT/train/seed_S (classify.seeds) and also print the AUC of their average")
+    parser.add_argument("--ensemble", type=int, default=None, help="train this many seeds (seed, seed+1, ...) "
+                        "into OUT/train/seed_S (classify.seeds; default: the config's) and print their average's AUC")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     imported = args.out / "import"
@@ -72,7 +74,7 @@ def main() -> int:
     began = time.monotonic()
     record = train(imported, args.out / "train", config=config, force=True)
     minutes = (time.monotonic() - began) / 60
-    seeds = record.get("seeds") or [args.seed]
+    seeds = record.get("seeds") or [config.seed]
     for seed in seeds:
         _print_model(args.out / "train" / (f"seed_{seed}" if len(seeds) > 1 else ""), seed=seed)
     if len(seeds) > 1:
@@ -86,15 +88,26 @@ def main() -> int:
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
-    kwargs: dict = {"widen_factor": args.widen, "conv1_t_stride": 2} if args.network.startswith("resnet") else {}
+    """configs/adrenal.yaml with the options given on the command line, on the CPU."""
+    data = parse_yaml(CONFIG.read_text(encoding="utf-8"), source=str(CONFIG))
+    c = data["classify"]
+    if args.network is not None:
+        c["network"] = args.network
+    if not c["network"].startswith("resnet"):
+        c["network_kwargs"] = {}
+    elif args.widen is not None:
+        c["network_kwargs"] = {**c.get("network_kwargs", {}), "widen_factor": args.widen}
     if args.segmentation_model is not None:
-        kwargs["segmentation"] = segmentation_spec(args.segmentation_model)
-    return validate({"seed": args.seed, "task": "classification", "classify": {
-        "network": args.network, "network_kwargs": kwargs, "seeds": args.ensemble,
-        "input_size": [args.size] * 3, "epochs": args.epochs, "max_minutes": args.max_minutes / args.ensemble,
-        "batch_size": args.batch_size, "learning_rate": args.lr, "optimizer": "adamw", "balance": "weights",
-        "label_smoothing": 0.05, "pretrained": str(args.pretrained) if args.pretrained else None,
-        "freeze_epochs": args.freeze_epochs, "threads": args.threads, "device": "cpu"}})
+        c["network_kwargs"]["segmentation"] = segmentation_spec(args.segmentation_model)
+    given = {"input_size": [args.size] * 3 if args.size else None, "epochs": args.epochs, "seeds": args.ensemble,
+             "batch_size": args.batch_size, "learning_rate": args.lr, "freeze_epochs": args.freeze_epochs,
+             "pretrained": str(args.pretrained) if args.pretrained else None, "threads": args.threads}
+    c.update({k: v for k, v in given.items() if v is not None})
+    c.update({"device": "cpu", "max_minutes": args.max_minutes / c.get("seeds", 1)})
+    data["data"]["root"] = str(args.npz)
+    if args.seed is not None:
+        data["seed"] = args.seed
+    return validate(data, source=str(CONFIG))
 
 
 def _print_model(folder: Path, *, seed: int) -> None:

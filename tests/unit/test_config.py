@@ -31,7 +31,7 @@ def test_defaults_file_matches_the_models() -> None:
 
 def test_every_shipped_config_validates() -> None:
     paths = sorted((REPO / "configs").glob("*.yaml"))
-    assert {p.name for p in paths} >= {"defaults.yaml", "hippocampus.yaml"}
+    assert {p.name for p in paths} >= {"adrenal.yaml", "defaults.yaml", "hippocampus.yaml"}
     for path in paths:
         assert isinstance(load_config(path), PipelineConfig), path
 
