@@ -24,15 +24,15 @@ from pipeline.classification.cv import (
     choose_split,
     ensemble_inputs,
     ensemble_json,
+    labelled_studies,
     metric_options,
     read_validation_predictions,
     summary_metrics,
 )
-from pipeline.classification.metrics import classification_metrics, probability_metrics, reliability_diagram, softmax
+from pipeline.classification.metrics import probability_metrics, reliability_diagram, softmax
 from pipeline.config import PipelineConfig, config_dict
-from pipeline.errors import ManifestError, StageError
+from pipeline.errors import StageError
 from pipeline.fileio import read_json, write_json_atomic
-from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.stages.common import execute_stage
 from pipeline.training.split import write_split
@@ -48,12 +48,8 @@ def seed_dir(out: Path, seed: int) -> Path:
 
 def shared_split(input_dir: Path, config: PipelineConfig) -> dict[str, Any]:
     """The one split every member trains on, chosen as a single model's would be (with the base seed)."""
-    manifest = load_manifest(input_dir)
-    pairs = sorted((s.id, int(s.class_label)) for s in manifest.ok_studies() if s.image and s.class_label is not None)
-    if not pairs:
-        raise ManifestError(f"{Path(input_dir) / MANIFEST_NAME}: no ok study has a class_label to train on; set "
-                            "data.labels_csv and run ingest again")
-    return choose_split(config, Path(input_dir), [p[0] for p in pairs], [p[1] for p in pairs])
+    ids, labels = labelled_studies(input_dir, config)
+    return choose_split(config, Path(input_dir), ids, labels)
 
 
 def ensemble_validation(out: Path, seeds: list[int], *, config: PipelineConfig) -> dict[str, Any]:
@@ -76,15 +72,15 @@ def ensemble_validation(out: Path, seeds: list[int], *, config: PipelineConfig) 
         calibration = Calibration.from_json(read_json(model_json), where=str(model_json), num_classes=logits.shape[1])
         calibrated.append(calibration.probabilities(logits))
         raw.append(softmax(logits))
-        metrics = classification_metrics(labels, logits, calibration=calibration, **{**options, "bootstrap": 0})
-        members.append({"seed": seed, **calibration.as_json(), **summary_metrics(metrics)})
+        own = read_json(folder / VALIDATION_METRICS)["calibrated"]  # written by the member's training
+        members.append({"seed": seed, **calibration.as_json(), **summary_metrics(own)})
     return {"schema_version": 1, "seeds": seeds,
             "calibrated": probability_metrics(labels0, np.mean(calibrated, axis=0), **options),
             "uncalibrated": probability_metrics(labels0, np.mean(raw, axis=0), **options),
             "members": members,
             "definitions": {"calibrated": "the mean of the members' calibrated probabilities (as infer averages them)",
                             "uncalibrated": "the mean of the members' softmax probabilities",
-                            "members": "each member's calibrated probabilities at its best epoch, no bootstrap"}}
+                            "members": "each member's calibrated probabilities at its best epoch"}}
 
 
 def train_seeds(input_dir: Path, out: Path, *, config: PipelineConfig, force: bool = False,
