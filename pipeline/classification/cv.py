@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 CV_JSON = "cv.json"
 MODEL_DIR = "model"
 VALIDATION_PREDICTIONS = "validation_predictions.csv"  # written by the trainer in each fold folder
+VALIDATION_METRICS = "validation_metrics.json"  # a model's (or an ensemble's) validation figures
 _SUMMARY_METRICS = ("auc", "auc_ci", "accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci", "f1",
                     "sensitivity", "specificity", "ece", "n")
 

@@ -19,6 +19,7 @@ from pipeline.classification.calibration import Calibration
 from pipeline.classification.cv import (
     CV_JSON,
     MODEL_DIR,
+    VALIDATION_METRICS,
     VALIDATION_PREDICTIONS,
     TrainOne,
     choose_split,
@@ -39,8 +40,6 @@ from pipeline.training.split import write_split
 
 log = logging.getLogger(__name__)
 
-VALIDATION_METRICS = "validation_metrics.json"
-
 
 def seed_dir(out: Path, seed: int) -> Path:
     return Path(out) / f"seed_{seed}"
@@ -57,14 +56,12 @@ def ensemble_validation(out: Path, seeds: list[int], *, config: PipelineConfig) 
     calibrated probabilities (as ``medpipe infer`` does), ``uncalibrated`` their softmax; ``members``
     holds each member's own figures."""
     options = metric_options(config)
-    ids0: list[str] | None = None
+    runs = [read_validation_predictions(seed_dir(out, seed) / VALIDATION_PREDICTIONS) for seed in seeds]
+    ids0, labels0, _ = runs[0]
     calibrated, raw, members = [], [], []
-    for seed in seeds:
+    for seed, (ids, _, logits) in zip(seeds, runs, strict=True):
         folder = seed_dir(out, seed)
-        ids, labels, logits = read_validation_predictions(folder / VALIDATION_PREDICTIONS)
-        if ids0 is None:
-            ids0, labels0 = ids, labels
-        elif ids != ids0:
+        if ids != ids0:
             raise StageError(f"{folder / VALIDATION_PREDICTIONS} lists other validation studies than "
                              f"{seed_dir(out, seeds[0]) / VALIDATION_PREDICTIONS}; train again with --force",
                              code="fold_incomplete")

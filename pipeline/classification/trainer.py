@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.classification.cv import VALIDATION_PREDICTIONS, choose_split, train_folds
+from pipeline.classification.cv import VALIDATION_METRICS, VALIDATION_PREDICTIONS, choose_split, train_folds
 from pipeline.classification.data import LabelledSet, augment, load_labelled
 from pipeline.classification.calibration import describe, fit_calibration
 from pipeline.classification.metrics import auc, classification_metrics, reliability_diagram, softmax
@@ -286,7 +286,7 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
             "calibrated": classification_metrics(labels, logits, calibration=calibration,
                                                  operating_point=c.operating_point, seed=config.seed),
         }
-        write_json_atomic(out / "validation_metrics.json", evaluation)
+        write_json_atomic(out / VALIDATION_METRICS, evaluation)
         reliability_diagram(evaluation["calibrated"]["reliability"], out / "reliability.png",
                             title=f"Validation, {describe(calibration)}")
         model_dir = out / "model"
@@ -311,7 +311,7 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
                              "epochs_run": len(result["history"]), "stopped_by": result["stopped_by"],
                              "resumed_from_epoch": result["resumed_from_epoch"],
                              "train_minutes": round(result["seconds"] / 60, 3)})
-        return [split_path, out / HISTORY, out / "validation_metrics.json", out / "reliability.png",
+        return [split_path, out / HISTORY, out / VALIDATION_METRICS, out / "reliability.png",
                 out / VALIDATION_PREDICTIONS, model_dir / "model.pt", model_dir / "model.json"]
 
     return execute_stage(STAGE, out, config=config, inputs=inputs, work=work, force=force, extra_hash=call)
