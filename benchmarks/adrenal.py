@@ -12,8 +12,8 @@
 The recipe is configs/adrenal.yaml (what ``medpipe run configs/adrenal.yaml`` trains); the
 options above override it. Imports the official train and validation splits with
 ``import_medmnist`` (cached in OUT/import), trains on train into OUT/train and selects the epoch
-with the best validation AUC, then prints the validation AUC (with its bootstrap 95% CI), accuracy, the best epoch and the
-minutes spent. The per-epoch curve is history.csv in the model's folder. ``--ensemble N`` is
+with the best validation AUC, then prints the validation AUC (with its bootstrap 95% CI), accuracy,
+the best epoch and the minutes spent. The per-epoch curve is history.csv in the model's folder. ``--ensemble N`` is
 ``classify.seeds: N``: N seeds trained into OUT/train/seed_S, their average scored on the
 validation studies (OUT/train/validation_metrics.json) exactly as ``medpipe infer
 OUT/train/model`` averages their calibrated probabilities. ``--max-minutes`` bounds the whole run,

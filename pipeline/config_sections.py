@@ -287,14 +287,15 @@ class ClassifyConfig(_Section):
     (class-balanced sampling) or ``none``. ``pretrained`` is a local state-dict file (or a medpipe
     model folder) loaded partially; its layers stay frozen for ``freeze_epochs`` and then train at
     ``pretrained_lr_factor`` times ``learning_rate``. ``network: segmentation_encoder`` builds the
-    encoder of the medpipe segmentation model that ``pretrained`` names, with a new head. ``operating_point`` is the positive-class
-    probability threshold for sensitivity/specificity (binary tasks); ``temperature_scaling``
-    fits one temperature on the validation logits and ``calibration_bias`` one logit offset per class
-    with it (bias-corrected temperature scaling: undoes the shift that class weights or balanced
-    sampling put into the probabilities; the AUC of two classes is unchanged). ``fold``: as train.fold (k of ``num_folds``, stratified; ``all``:
-    every fold, then the cross-validated metrics). ``seeds`` > 1 trains that many models on one split
-    (seeds ``seed``, ``seed`` + 1, ...; ``max_minutes`` bounds each) and infers with the average of their
-    calibrated probabilities (a seed ensemble)."""
+    encoder of the medpipe segmentation model that ``pretrained`` names, with a new head.
+    ``operating_point`` is the positive-class probability threshold for sensitivity/specificity
+    (binary tasks); ``temperature_scaling`` fits one temperature on the validation logits and
+    ``calibration_bias`` one logit offset per class with it (bias-corrected temperature scaling:
+    undoes the shift that class weights or balanced sampling put into the probabilities; the AUC of
+    two classes is unchanged). ``fold``: as train.fold (k of ``num_folds``, stratified; ``all``:
+    every fold, then the cross-validated metrics). ``seeds`` > 1 trains that many models on one
+    split (seeds ``seed``, ``seed`` + 1, ...; ``max_minutes`` bounds each) and infers with the
+    average of their calibrated probabilities (a seed ensemble)."""
 
     network: str = "resnet18"
     network_kwargs: dict[str, Any] = {}

@@ -46,7 +46,7 @@ class Topology:
         """What each patch axis must be divisible by: the product of the strides along it."""
         out = [1, 1, 1]
         for stride in self.strides:
-            out = [o * s for o, s in zip(out, stride)]
+            out = [o * s for o, s in zip(out, stride, strict=True)]
         return out[0], out[1], out[2]
 
     def as_dict(self) -> dict[str, Any]:
@@ -110,12 +110,12 @@ def network_topology(patch_size: Sequence[int], spacing: Sequence[float], *, exa
 
 def fit_patch(patch_size: Sequence[int], topology: Topology) -> list[int]:
     """``patch_size`` rounded up on each axis to a multiple of the topology's divisor."""
-    return [int(math.ceil(p / d) * d) for p, d in zip(patch_size, topology.divisor)]
+    return [int(math.ceil(p / d) * d) for p, d in zip(patch_size, topology.divisor, strict=True)]
 
 
 def check_patch(patch_size: Sequence[int], topology: Topology) -> None:
     """Raise ValueError when the patch is not divisible by the product of the strides per axis."""
-    bad = [a for a, (p, d) in enumerate(zip(patch_size, topology.divisor)) if int(p) % d]
+    bad = [a for a, (p, d) in enumerate(zip(patch_size, topology.divisor, strict=True)) if int(p) % d]
     if bad:
         raise ValueError(f"patch size {list(patch_size)} is not divisible by the network's strides "
                          f"(per-axis products {list(topology.divisor)}) along axis {bad}")
@@ -124,7 +124,7 @@ def check_patch(patch_size: Sequence[int], topology: Topology) -> None:
 def _parameters(topology: Topology, in_channels: int, num_classes: int) -> int:
     total, previous = 0, in_channels
     last = topology.levels - 1
-    for level, (kernel, f) in enumerate(zip(topology.kernel_sizes, topology.filters)):
+    for level, (kernel, f) in enumerate(zip(topology.kernel_sizes, topology.filters, strict=True)):
         k = math.prod(kernel)
         total += k * (previous * f + f * f)  # encoder: two convolutions
         if level < last:
@@ -155,8 +155,8 @@ def estimate_training_memory_mb(
     topo = topology if isinstance(topology, Topology) else Topology.from_dict(topology)
     size = [int(s) for s in patch_size]
     features = 0
-    for stride, f in zip(topo.strides, topo.filters):
-        size = [math.ceil(s / st) for s, st in zip(size, stride)]
+    for stride, f in zip(topo.strides, topo.filters, strict=True):
+        size = [math.ceil(s / st) for s, st in zip(size, stride, strict=True)]
         features += math.prod(size) * f
     full = math.prod(int(s) for s in patch_size)
     heads = max(topo.levels - 2, 1)
@@ -180,7 +180,8 @@ def initial_patch(shape: Sequence[float], spacing: Sequence[float]) -> list[int]
     """A patch covering equal millimetres on each axis, of 256^3 voxels, clipped to ``shape``."""
     inverse = [1.0 / s for s in spacing]
     scale = (INITIAL_PATCH_VOXELS / math.prod(inverse)) ** (1 / 3)
-    return [max(min(int(round(i * scale)), int(round(s))), MIN_FEATURE_MAP) for i, s in zip(inverse, shape)]
+    return [max(min(int(round(i * scale)), int(round(s))), MIN_FEATURE_MAP)
+            for i, s in zip(inverse, shape, strict=True)]
 
 
 def plan_patch_and_batch(

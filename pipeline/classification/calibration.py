@@ -83,7 +83,8 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, temperature: bool
     (logits, labels): the summed NLL plus weak Gaussian priors centred on no change, by LBFGS.
 
     Nothing is fitted when a class occurring in ``labels`` has fewer than 5 studies. Offsets are
-    fitted only when every class occurs: an absent class's offset would run off to minus infinity. T is kept within [0.05, 20] and offsets within +-20.
+    fitted only when every class occurs: an absent class's offset would run off to minus infinity.
+    T is kept within [0.05, 20] and offsets within +-20.
     """
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)

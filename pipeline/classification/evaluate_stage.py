@@ -174,7 +174,8 @@ def evaluate_classification(pred: Path, ref: Path, out: Path, *, config: Pipelin
             "metrics": _rounded(metrics), "headline": list(_HEADLINE),
             "studies": [e["study"] for e in scored], "unlabelled": [e["study"] for e in unlabelled],
             "not_in_manifest": unknown, "failed": failed, "out_of_fold": bool(info.get("out_of_fold")),
-            "models": [{k: m.get(k) for k in ("name", "fold", "temperature", "logit_bias")} for m in info.get("models", [])],
+            "models": [{k: m.get(k) for k in ("name", "fold", "temperature", "logit_bias")}
+                       for m in info.get("models", [])],
             "definitions": {
                 "auc": "ROC AUC of the positive class (2 classes) or macro one-vs-rest (more), scikit-learn",
                 "operating_point": f"positive when p(class 1) >= {operating_point} (2 classes), else the argmax",

@@ -18,9 +18,9 @@ from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.reporting import classification_pages as cp
 from pipeline.reporting import pages
+from pipeline.reporting.naming import safe_name, scrub_source, study_problems
 from pipeline.reporting.provenance import provenance_section, stage_records
 from pipeline.stages.common import execute_stage
-from pipeline.reporting.naming import safe_name, scrub_source
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def classification_report(evaluation: Path, out: Path, *, predictions: Path | No
             if png is not None:
                 write_bytes_atomic(out / STUDIES_DIR / f"{name}.png", png)
                 written.append(out / STUDIES_DIR / f"{name}.png")
-            problems = [{"code": p.code, "message": scrub_source(p.message, study)} for p in study.problems] if study else []
+            problems = study_problems(study)
             notes = [] if png is not None else ["no Grad-CAM picture: inference ran without explanations"]
             paths = {"image": study.image if study else None, "picture": f"{name}.png" if png is not None else None}
             label, predicted = row["label"], row["predicted"]

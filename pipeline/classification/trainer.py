@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.classification.calibration import describe, fit_calibration
 from pipeline.classification.cv import VALIDATION_METRICS, VALIDATION_PREDICTIONS, choose_split, train_folds
 from pipeline.classification.data import LabelledSet, augment, load_labelled
-from pipeline.classification.calibration import describe, fit_calibration
 from pipeline.classification.metrics import auc, classification_metrics, reliability_diagram, softmax
 from pipeline.classification.networks import (
     build_classifier,

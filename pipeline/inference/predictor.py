@@ -41,8 +41,8 @@ from pipeline.inference.model_loading import (
 from pipeline.inference.postprocess import keep_largest_component
 from pipeline.io import nib
 from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem
-from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
 from pipeline.io.volume import Volume
+from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
 from pipeline.runtime import resolve_device
 from pipeline.transforms.preprocessing import preprocessing_transforms
 

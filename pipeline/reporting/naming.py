@@ -29,3 +29,10 @@ def scrub_source(message: str, study: Study | None) -> str:
         if len(piece) >= 3:
             message = message.replace(piece, "<source>")
     return message
+
+
+def study_problems(study: Study | None) -> list[dict[str, str]]:
+    """The manifest's problems of a study for its report page, each message scrubbed of source paths."""
+    if study is None:
+        return []
+    return [{"code": p.code, "message": scrub_source(p.message, study)} for p in study.problems]

@@ -19,8 +19,8 @@ from pipeline.fileio import read_json, sha256_file, write_json_atomic
 from pipeline.io.nifti import load_nifti, save_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import Manifest, Study, load_manifest
-from pipeline.plans_file import load_plans_file
 from pipeline.planning import StudyFingerprint, dataset_fingerprint, make_plans, study_fingerprint
+from pipeline.plans_file import load_plans_file
 from pipeline.preprocess_cache import PreprocessCache, key_digest, preprocessing_code_version, study_key
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.sharding import shard_out, study_selector

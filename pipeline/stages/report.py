@@ -21,9 +21,9 @@ from pipeline.metrics.table import DECIMALS, read_per_study
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.reporting import pages
 from pipeline.reporting.figures import box_plots, study_figure
+from pipeline.reporting.naming import safe_name, scrub_source, study_problems
 from pipeline.reporting.provenance import provenance_section, stage_records
 from pipeline.stages.common import execute_stage
-from pipeline.reporting.naming import safe_name, scrub_source
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def report(
             if png is not None:
                 write_bytes_atomic(out / STUDIES_DIR / f"{name}.png", png)
                 written.append(out / STUDIES_DIR / f"{name}.png")
-            problems = [{"code": p.code, "message": scrub_source(p.message, study)} for p in study.problems] if study else []
+            problems = study_problems(study)
             relative = prediction.relative_to(predictions).as_posix() if prediction and predictions else None
             paths = {"image": study.image if study else None,
                      "reference": study.label if study else None,

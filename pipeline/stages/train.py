@@ -22,8 +22,8 @@ from pipeline.inference.postprocess import VALIDATION_JSON, decide_postprocessin
 from pipeline.provenance import RECORD_NAME, StageRecord, StudyStatus, hash_inputs, is_up_to_date
 from pipeline.runtime import device_description, resolve_device, seed_everything, set_threads
 from pipeline.stages.common import execute_stage
-from pipeline.training.checkpoints import LAST, PREVIOUS, load_latest, load_weights, save_weights
 from pipeline.training import distributed as ddp
+from pipeline.training.checkpoints import LAST, PREVIOUS, load_latest, load_weights, save_weights
 from pipeline.training.data import read_preprocessed, study_items
 from pipeline.training.loop import BEST_WEIGHTS, run_training
 from pipeline.training.split import resolve_folds, resolve_split, write_split

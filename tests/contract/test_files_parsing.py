@@ -28,7 +28,6 @@ from pipeline.stages.ingest import ingest
 from tests.fixtures.bad_inputs import mutate, single_slice_copies, small_stored, write_deflate_bomb
 from tests.fixtures.dicom_writer import write_series
 
-
 REPO = Path(__file__).resolve().parents[2]
 
 

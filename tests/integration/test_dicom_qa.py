@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pipeline.config import PipelineConfig
 from pipeline.io.dicom_header import _pydicom_header, header_from_bytes
 from pipeline.manifest import load_manifest
-from pipeline.config import PipelineConfig
 from pipeline.stages.ingest import ingest
 from tests.shared_data import shared_data
 
@@ -112,7 +112,9 @@ def _nrrd_affine(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
             if ":" in text and not text.startswith("#"):
                 key, value = text.split(":", 1)
                 fields[key.strip()] = value.strip().lstrip("=").strip()
-    vectors = lambda s: [[float(v) for v in part.strip("()").split(",")] for part in s.split()]
+    def vectors(s: str) -> list[list[float]]:
+        return [[float(v) for v in part.strip("()").split(",")] for part in s.split()]
+
     directions = np.array(vectors(fields["space directions"])).T
     origin = np.array(vectors(fields["space origin"])[0])
     affine = np.eye(4)

@@ -49,7 +49,8 @@ def test_folder_input_naming_and_exact_grids(model_dir: Path, image_folder: Path
     assert [p["id"] for p in index["predictions"]] == ["beta", "alpha", "gamma"]  # sorted by source path
     by_id = {p["id"]: p for p in index["predictions"]}
     assert set(by_id) == {"alpha", "beta", "gamma"}
-    assert by_id["alpha"] == {"id": "alpha", "image": "site1/sub/alpha.nii.gz", "prediction": "predictions/alpha.nii.gz"}
+    assert by_id["alpha"] == {"id": "alpha", "image": "site1/sub/alpha.nii.gz",
+                              "prediction": "predictions/alpha.nii.gz"}
     assert by_id["beta"]["image"] == "beta.nii"
     assert index["model"]["sha256"] == sha256_file(model_dir / "model.pt")
     assert index["model"]["config_hash"] == "abc123"
@@ -174,7 +175,8 @@ def test_workers_give_the_same_outputs_and_the_command_never_imports_torch(model
     assert runs[1] == ["complete", "True"] and runs[2] == ["complete", "False"]
     index = read_json(tmp_path / "out2" / "predictions.json")
     assert index["model"]["forward_passes_per_window"] == 8 and index["model"]["tta_flip_axes"] == [0, 1, 2]
-    assert (tmp_path / "out1" / "predictions.json").read_bytes() == (tmp_path / "out2" / "predictions.json").read_bytes()
+    first, second = (tmp_path / out / "predictions.json" for out in ("out1", "out2"))
+    assert first.read_bytes() == second.read_bytes()
     for path in sorted((tmp_path / "out1" / "predictions").iterdir()):
         assert path.read_bytes() == (tmp_path / "out2" / "predictions" / path.name).read_bytes()
 

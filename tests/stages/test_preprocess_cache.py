@@ -79,8 +79,8 @@ def test_dataset_entries_name_their_source_and_plans_hold_the_topology(ingest_di
     assert network["strides"][0] == [1, 1, 1] and network["filters"][:3] == [32, 64, 128]
     divisor = [1, 1, 1]
     for stride in network["strides"]:
-        divisor = [d * s for d, s in zip(divisor, stride)]
-    assert all(p % d == 0 for p, d in zip(plans["patch_size"], divisor))
+        divisor = [d * s for d, s in zip(divisor, stride, strict=True)]
+    assert all(p % d == 0 for p, d in zip(plans["patch_size"], divisor, strict=True))
 
 
 def test_plans_file_overrides_and_reruns_when_edited(ingest_dir: Path, tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ from pipeline.stages.train import train
 from pipeline.training.checkpoints import LAST, PREVIOUS, load_checkpoint
 from tests.stages.test_preprocess import make_ingest
 
-
 PREPROCESS = load_config(None, overrides=["preprocess.patch_size=[24,24,24]"])
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
+from pipeline.classification.calibration import Calibration, fit_temperature
 from pipeline.classification.data import augment, to_input
 from pipeline.classification.explain import gradcam_map, relevant_slices, save_gradcam_png
 from pipeline.classification.medmnist import apply_label_csv, import_medmnist
-from pipeline.classification.calibration import Calibration, fit_temperature
 from pipeline.classification.metrics import classification_metrics, expected_calibration_error, nll
 from pipeline.classification.networks import build_classifier, load_partial, pretrained_parameters, set_frozen
 from pipeline.config import ConfigError, validate

@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_defaults_file_matches_the_models() -> None:
     """configs/defaults.yaml is the config reference; it must equal the models' defaults."""
     text = (REPO / "configs" / "defaults.yaml").read_text()
-    assert text == defaults_yaml(), "regenerate it: python -c 'from pipeline.config import defaults_yaml as d; print(d(), end=\"\")' > configs/defaults.yaml"
+    regenerate = ("python -c 'from pipeline.config import defaults_yaml as d; print(d(), end=\"\")'"
+                  " > configs/defaults.yaml")
+    assert text == defaults_yaml(), f"regenerate it: {regenerate}"
     assert yaml.safe_load(text) == config_dict(PipelineConfig())
 
 

@@ -23,7 +23,8 @@ def test_pseudonym_is_keyed_stable_and_opaque() -> None:
 
 def test_manifest_round_trip_is_byte_stable(tmp_path: Path) -> None:
     m = Manifest(dataset="d", labels={"0": "bg", "1": "x"},
-                 studies=[Study(id="case_1", source="a.nii.gz", format="nifti", status="ok", image="images/case_1.nii.gz")])
+                 studies=[Study(id="case_1", source="a.nii.gz", format="nifti", status="ok",
+                                image="images/case_1.nii.gz")])
     first = save_manifest(m, tmp_path / "a")
     second = save_manifest(load_manifest(first), tmp_path / "b")
     assert sha256_file(first) == sha256_file(second)

@@ -10,8 +10,14 @@ import torch
 
 from pipeline.config import AugmentationConfig
 from pipeline.transforms.augmentation import training_transforms
-from pipeline.transforms.sampling import (MIN_LOCATIONS, ClassIndicesd, RandPatchSamplerd, class_locations,
-                                          rotation_matrix, spatial_margin)
+from pipeline.transforms.sampling import (
+    MIN_LOCATIONS,
+    ClassIndicesd,
+    RandPatchSamplerd,
+    class_locations,
+    rotation_matrix,
+    spatial_margin,
+)
 
 PATCH = (16, 16, 16)
 

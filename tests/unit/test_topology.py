@@ -98,7 +98,7 @@ def test_small_budget_shrinks_the_largest_axis_relative_to_the_median() -> None:
     small = plan_patch_and_batch(shape=[160, 160, 160], spacing=[1, 1, 1], budget_mb=2000, dataset_voxels=1e12)
     assert estimate_training_memory_mb(small.patch_size, 2, small.topology) <= 2000
     assert max(small.patch_size) - min(small.patch_size) <= 32  # shrunk evenly, one divisor step at a time
-    assert all(p % d == 0 for p, d in zip(small.patch_size, small.topology.divisor))
+    assert all(p % d == 0 for p, d in zip(small.patch_size, small.topology.divisor, strict=True))
     # a long axis shrinks first: 96 x 96 x 320 median
     long = plan_patch_and_batch(shape=[96, 96, 320], spacing=[1, 1, 1], budget_mb=2000, dataset_voxels=1e12)
     assert long.patch_size == [48, 48, 160]  # starts at [96, 96, 256]; every axis ends at half its median
