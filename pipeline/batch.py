@@ -235,8 +235,29 @@ class _Clock:
                 handle.write(json.dumps(stats) + "\n")
 
 
+class _NoBar:
+    """What _bar gives where tqdm would draw nothing."""
+
+    def update(self, n: int = 1) -> None:
+        """Nothing to draw."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # None, a wrapper without isatty, a closed stream
+        return False
+
+
 def _bar(total: int, desc: str, initial: int = 0) -> Any:
-    from tqdm.auto import tqdm  # here, not at import: it costs every command ~0.05 s (asyncio, IPython checks)
+    """A tqdm bar on a terminal or in a notebook; elsewhere (logs to a file, batch jobs) tqdm would hide its bar
+    (``disable=None``), so it is not even imported: tqdm.auto costs a command 0.02-0.05 s (asyncio, IPython)."""
+    if "IPython" not in sys.modules and not _terminal(sys.stderr):
+        return _NoBar()
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="study", disable=None, leave=False, initial=initial)
 

@@ -198,6 +198,9 @@ def defaults_yaml() -> str:
 def save_resolved(config: PipelineConfig, folder: str | Path) -> str:
     """Write ``config.yaml`` (resolved, all defaults filled) and return the config hash."""
     digest = config_hash(config)
-    text = f"# resolved medpipe config, hash {digest}\n" + yaml.safe_dump(config_dict(config), sort_keys=True)
+    # libyaml's emitter when PyYAML has it: the same text as safe_dump, ~8x faster, on every stage run
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    text = f"# resolved medpipe config, hash {digest}\n" + yaml.dump(config_dict(config), Dumper=dumper,
+                                                                       sort_keys=True)
     write_text_atomic(Path(folder) / "config.yaml", text)
     return digest

@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.config import InferConfig
 from pipeline.errors import CheckpointError, GeometryError, ManifestError
-from pipeline.fileio import atomic_path, read_json
+from pipeline.fileio import read_json
 from pipeline.inference.ensemble import EnsembleWindow, Member, mirror_dims
 from pipeline.inference.model_loading import (
     LEGACY_FLIP_AXES,
@@ -40,7 +40,7 @@ from pipeline.inference.model_loading import (
 )
 from pipeline.inference.postprocess import keep_largest_component
 from pipeline.io import nib
-from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem
+from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem, write_image
 from pipeline.io.volume import Volume
 from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
 from pipeline.runtime import resolve_device
@@ -228,9 +228,7 @@ def save_probability_map(probabilities: Volume, path: str | Path) -> Path:
     img.set_sform(probabilities.affine, code=1)
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1.0 / PROBABILITY_SCALE, 0.0)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return path
+    return write_image(img, path)
 
 
 # ---- the prediction index that evaluate and report read --------------------------------------

@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import re
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
-
-import numpy as np
 
 from pipeline.io.dicom_geometry import SliceGeometry
 from pipeline.io.dicom_tags import (
@@ -105,7 +104,7 @@ def _fixed(tags: Tags, tag: int, count: int, name: str, rel: str) -> tuple[tuple
         return None, f"{rel}: {name} {bad!r} is not {count} numbers"
     if values is None or (not values and count):
         return None, None
-    if len(values) != count or not all(np.isfinite(values)):
+    if len(values) != count or not all(map(math.isfinite, values)):
         return None, f"{rel}: {name} must hold {count} finite numbers, got {values[:8]}"
     return tuple(values), None
 
@@ -141,7 +140,7 @@ def rescale(tags: Tags, rel: str) -> tuple[float, float, str | None]:
         return 1.0, 0.0, f"{rel}: RescaleSlope/RescaleIntercept are not numbers"
     slope = slope_v[0] if slope_v else 1.0
     intercept = inter_v[0] if inter_v else 0.0
-    if not np.isfinite(slope) or slope == 0 or not np.isfinite(intercept):
+    if not math.isfinite(slope) or slope == 0 or not math.isfinite(intercept):
         return 1.0, 0.0, f"{rel}: RescaleSlope {slope} / RescaleIntercept {intercept} would destroy the values"
     return float(slope), float(intercept), None
 
@@ -162,8 +161,10 @@ def _uid(tags: Tags, tag: int) -> str | None:
 
 
 def header_from_tags(tags: Tags, *, path: str, rel: str, transfer_syntax: str | None, has_meta: bool,
-                     pixels: bool, float_pixels: bool = False, dataset: Any = None) -> DicomHeader | None:
-    """A DicomHeader, or None for files that are not DICOM objects of a series (junk, DICOMDIR)."""
+                     pixels: bool, float_pixels: bool = False, dataset: Any = None,
+                     extra: dict[str, Any] | None = None) -> DicomHeader | None:
+    """A DicomHeader (with the fields in ``extra`` set too), or None for files that are not DICOM objects of
+    a series (junk, DICOMDIR). Built once: a frozen dataclass of 27 fields is slow to copy."""
     sop_class = _uid(tags, SOP_CLASS) or _uid(tags, MEDIA_SOP_CLASS)
     series_uid = _uid(tags, SERIES_UID)
     modality = (tags.text(MODALITY) or "").strip().upper()
@@ -175,47 +176,49 @@ def header_from_tags(tags: Tags, *, path: str, rel: str, transfer_syntax: str | 
     if sop_class is None or series_uid is None:
         log.debug("%s: no SOPClassUID/SeriesInstanceUID; ignored", rel)
         return None
-    base: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "path": path, "rel": rel, "series_uid": series_uid, "series_uid_missing": missing,
         "sop_uid": _uid(tags, SOP_UID) or _uid(tags, MEDIA_SOP_UID) or "",
         "sop_class": sop_class, "modality": modality if _MODALITY_RE.match(modality) else None,
         "transfer_syntax": transfer_syntax, "has_meta": has_meta,
         "image_type": tuple(v.upper() for v in (tags.strings(IMAGE_TYPE) or ())),
-        "burned_in": (tags.text(BURNED_IN) or "").upper() == "YES",
+        "burned_in": (tags.text(BURNED_IN) or "").upper() == "YES", **(extra or {}),
     }
     if not pixels:
-        return DicomHeader(**base, pixels=False, n_frames=0)
+        return DicomHeader(**fields, pixels=False, n_frames=0)
     rows, columns = tags.number(ROWS), tags.number(COLUMNS)
     if rows is None or columns is None or rows < 1 or columns < 1:
         log.debug("%s: Rows/Columns are not positive integers; ignored", rel)
         return None
-    n_frames = tags.number(FRAMES) or 1
-    header = DicomHeader(
-        **base, n_frames=max(n_frames, 1), rows=rows, columns=columns, samples=tags.number(SAMPLES) or 1,
+    fields.update(
+        n_frames=max(tags.number(FRAMES) or 1, 1), rows=rows, columns=columns, samples=tags.number(SAMPLES) or 1,
         photometric=(tags.text(PHOTOMETRIC) or "").strip().upper() or None,
         bits_allocated=tags.number(BITS_ALLOCATED) or 0, bits_stored=tags.number(BITS_STORED) or 0,
         pixel_representation=tags.number(PIXEL_REPRESENTATION) or 0, float_pixels=float_pixels,
         modality_lut=tags.has(MODALITY_LUT) and not tags.has(SLOPE),
     )
-    return _with_frames(header, tags, dataset)
+    return _with_frames(fields, tags, dataset)
 
 
-def _with_frames(header: DicomHeader, tags: Tags, dataset: Any) -> DicomHeader:
+def _with_frames(fields: dict[str, Any], tags: Tags, dataset: Any) -> DicomHeader:
+    """The header of ``fields`` with its layout and frames."""
     if dataset is not None and (PER_FRAME_GROUPS in dataset or SHARED_GROUPS in dataset):
         from pipeline.io.dicom_enhanced import enhanced_frames
 
-        return replace(header, layout="multiframe", frames=enhanced_frames(dataset, header))
-    geometry, geometry_error = slice_geometry(tags, header.rel, rows=header.rows, columns=header.columns)
-    slope, intercept, rescale_error = rescale(tags, header.rel)
-    echo = tags.number(ECHO)
+        header = DicomHeader(**fields, layout="multiframe")
+        return replace(header, frames=enhanced_frames(dataset, header))
+    rel, image_type = fields["rel"], fields["image_type"]
+    geometry, geometry_error = slice_geometry(tags, rel, rows=fields["rows"], columns=fields["columns"])
+    slope, intercept, rescale_error = rescale(tags, rel)
     frame = FrameInfo(index=0, geometry=geometry, slope=slope, intercept=intercept, order=order_key(tags),
-                      split=(header.image_type, echo), rescale_error=rescale_error, geometry_error=geometry_error)
-    if "MOSAIC" in header.image_type and header.n_frames == 1:
+                      split=(image_type, tags.number(ECHO)), rescale_error=rescale_error,
+                      geometry_error=geometry_error)
+    if "MOSAIC" in image_type and fields["n_frames"] == 1:
         from pipeline.io.dicom_mosaic import mosaic_frames
 
-        return replace(header, layout="mosaic", frames=mosaic_frames(tags, frame, rel=header.rel))
-    layout = "legacy_multiframe" if header.n_frames > 1 else "single"
-    return replace(header, layout=layout, frames=(frame,))
+        return DicomHeader(**fields, layout="mosaic", frames=mosaic_frames(tags, frame, rel=rel))
+    layout = "legacy_multiframe" if fields["n_frames"] > 1 else "single"
+    return DicomHeader(**fields, layout=layout, frames=(frame,))
 
 
 def _needs_dataset(raw: RawHeader) -> bool:
@@ -223,13 +226,12 @@ def _needs_dataset(raw: RawHeader) -> bool:
 
 
 def _fast_header(raw: RawHeader, data: bytes, *, path: str, rel: str) -> DicomHeader | None:
-    header = header_from_tags(Tags(raw=raw), path=path, rel=rel, transfer_syntax=raw.transfer_syntax,
-                              has_meta=raw.has_meta, pixels=raw.pixel_offset is not None,
-                              float_pixels=raw.float_pixels)
-    if header is None or raw.pixel_offset is None:
-        return header
-    return replace(header, pixel_offset=raw.pixel_offset, pixel_length=raw.pixel_length,
-                   header_sha256=hashlib.sha256(data[:raw.pixel_offset]).hexdigest())
+    extra = None if raw.pixel_offset is None else {
+        "pixel_offset": raw.pixel_offset, "pixel_length": raw.pixel_length,
+        "header_sha256": hashlib.sha256(data[:raw.pixel_offset]).hexdigest()}
+    return header_from_tags(Tags(raw=raw), path=path, rel=rel, transfer_syntax=raw.transfer_syntax,
+                            has_meta=raw.has_meta, pixels=raw.pixel_offset is not None,
+                            float_pixels=raw.float_pixels, extra=extra)
 
 
 def _pydicom_header(source: Any, *, path: str, rel: str, full: bool) -> tuple[DicomHeader | None, Any]:

@@ -114,6 +114,18 @@ def test_save_resolved_round_trips(tmp_path: Path) -> None:
     assert config_hash(reloaded) == digest
 
 
+def test_resolved_config_text_is_pyyamls_safe_dump(tmp_path: Path) -> None:
+    """save_resolved uses libyaml's emitter where PyYAML has it; the text must be what safe_dump writes."""
+    import yaml
+
+    from pipeline.config import config_dict
+
+    config = load_config(None, overrides=["name=x", "train.epochs=7", "preprocess.patch_size=[16,24,32]"])
+    digest = save_resolved(config, tmp_path)
+    expected = f"# resolved medpipe config, hash {digest}\n" + yaml.safe_dump(config_dict(config), sort_keys=True)
+    assert (tmp_path / "config.yaml").read_text() == expected
+
+
 def test_orientation_validated() -> None:
     assert load_config(None, overrides=["preprocess.orientation=lps"]).preprocess.orientation == "LPS"
     with pytest.raises(ConfigError, match="orientation"):

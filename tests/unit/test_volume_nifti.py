@@ -58,6 +58,28 @@ def test_save_load_round_trip_is_exact_and_deterministic(tmp_path: Path) -> None
     assert int(hdr["qform_code"]) == 1 and int(hdr["sform_code"]) == 1
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+def test_gzip_output_holds_exactly_nibabels_bytes(tmp_path: Path, dtype: type) -> None:
+    """save_nifti compresses with ISA-L (python-isal), not nibabel's zlib writer: the .nii.gz must inflate, with
+    Python's own gzip module, to the very bytes nibabel writes uncompressed, carry no time stamp or file name in
+    its gzip header (so reruns are byte-identical), and be about as small as zlib's level 1."""
+    rng = np.random.default_rng(1)
+    array = (rng.normal(size=(40, 30, 20)) * 100).astype(dtype)
+    array[:10] = 0  # compressible, like background
+    v = Volume(array, _affine())
+    gz = save_nifti(v, tmp_path / "v.nii.gz", dtype=dtype)
+    plain = save_nifti(v, tmp_path / "v.nii", dtype=dtype)
+    packed = gz.read_bytes()
+    assert gzip.decompress(packed) == plain.read_bytes()
+    assert packed[:4] == b"\x1f\x8b\x08\x00"  # deflate, no flags: no FNAME, FEXTRA or FCOMMENT
+    assert packed[4:8] == b"\0\0\0\0"  # MTIME 0
+    reference = tmp_path / "nibabel.nii.gz"
+    nib.save(nib.load(str(plain)), str(reference))  # nibabel's own writer: zlib level 1
+    assert len(packed) <= 1.05 * reference.stat().st_size
+    np.testing.assert_array_equal(load_nifti(gz).array, array)
+    assert save_nifti(v, tmp_path / "again.nii.gz", dtype=dtype).read_bytes() == packed
+
+
 def _write_raw(path: Path, img: nib.Nifti1Image) -> Path:
     nib.save(img, str(path))
     return path
