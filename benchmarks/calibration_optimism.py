@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline.classification.calibration import Calibration, fit_calibration  # noqa: E402
-from pipeline.classification.cv import VALIDATION_PREDICTIONS, read_validation_predictions  # noqa: E402
+from pipeline.classification.cv import MODEL_DIR, VALIDATION_PREDICTIONS, read_validation_predictions  # noqa: E402
 from pipeline.classification.metrics import expected_calibration_error, nll, predict  # noqa: E402
+from pipeline.fileio import read_json  # noqa: E402
 
 
 def draw(n: int, *, rng: np.random.Generator, truth: Calibration) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +88,9 @@ def real_run(train_dir: Path) -> None:
     for folder in folders:
         _, labels, logits = read_validation_predictions(folder / VALIDATION_PREDICTIONS)
         labels = np.asarray(labels)
-        inside = scores(labels, fit_calibration(logits, labels).probabilities(logits))
+        model_json = folder / MODEL_DIR / "model.json"  # the calibration the model ships with
+        shipped = Calibration.from_json(read_json(model_json), where=str(model_json), num_classes=logits.shape[1])
+        inside = scores(labels, shipped.probabilities(logits))
         outside = scores(labels, cross_fitted(logits, labels))
         print(f"  {folder.name}: " + ", ".join(f"{k} {inside[k]:.4f} -> {outside[k]:.4f}" for k in inside))
 
