@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from pipeline.errors import GeometryError, IngestError
 from pipeline.fileio import atomic_path
@@ -19,6 +21,8 @@ _MAX_SHEAR = 1e-4
 _QFORM_SFORM_TOL_MM = 1e-3
 # ISA-L's deflate level 2: the size of zlib's level 1 (nibabel's default) at about six times its speed
 GZIP_LEVEL = 2
+_GZIP_WBITS = 16 + isal_zlib.MAX_WBITS
+_BLOCK = 1 << 20
 
 
 def is_nifti(path: Path) -> bool:
@@ -65,15 +69,74 @@ def _choose_affine(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     return np.asarray(affine, dtype=np.float64)
 
 
-def load_nifti(path: str | Path, *, allow_4d: bool = False, check_finite: bool = True) -> Volume:
+def inflate_checked(path: Path, *, keep: int) -> bytes:
+    """The first ``keep`` bytes a gzip file inflates to, inflating the rest to nowhere (ISA-L), so that every
+    member's CRC-32 and length are checked: readers stop at the data's end and never look at the trailer,
+    so a corrupted stream that still inflates would otherwise pass as good voxels. Memory: ``keep`` bytes."""
+    kept = bytearray()
+    inflater = isal_zlib.decompressobj(_GZIP_WBITS)
+    try:
+        with open(path, "rb") as handle:
+            pending = b""
+            while True:
+                if inflater.eof:  # a multi-member gzip file (bgzip, concatenated streams): the next member
+                    pending = inflater.unused_data + pending or handle.read(_BLOCK)
+                    if not pending:
+                        break
+                    inflater = isal_zlib.decompressobj(_GZIP_WBITS)
+                if not pending:
+                    pending = handle.read(_BLOCK)
+                    if not pending:
+                        break
+                wanted = keep - len(kept)
+                out = inflater.decompress(pending, min(max(wanted, _BLOCK), 1 << 24))
+                if wanted > 0:
+                    kept += out[:wanted]
+                pending = inflater.unconsumed_tail
+    except isal_zlib.error as exc:
+        raise IngestError(f"{path.name}: corrupt gzip stream ({exc}); the file is damaged, copy or export it again",
+                          code="nifti_corrupt") from None
+    except OSError as exc:
+        raise IngestError(f"{path.name}: cannot read the file ({exc.strerror})", code="file_unreadable") from None
+    if not inflater.eof:
+        raise IngestError(f"{path.name}: the gzip stream ends early (truncated file); copy or export it again",
+                          code="nifti_corrupt")
+    return bytes(kept)
+
+
+def _open_verified(path: Path) -> nib.Nifti1Image:
+    """A ``.nii.gz`` read with one inflate whose CRC-32 and length are checked (see inflate_checked)."""
+    img = nib.load(str(path))  # the header alone: which NIfTI class, and how many bytes the data take
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        return img
+    proxy = img.dataobj  # where the voxels start in the file (the image's header copy has vox_offset reset)
+    data_bytes = math.prod(int(n) for n in proxy.shape) * np.dtype(proxy.dtype).itemsize
+    return type(img).from_bytes(inflate_checked(path, keep=int(proxy.offset) + data_bytes))
+
+
+def _own_copy(data: np.ndarray, order: Literal["C", "K"]) -> np.ndarray:
+    """``data`` in memory (never a map of the file), C-ordered or in the file's own (Fortran) order."""
+    if order == "C":
+        return np.ascontiguousarray(data)
+    if isinstance(data, np.memmap) or not data.flags.writeable:
+        return np.array(data, order="K")
+    return np.asarray(data)
+
+
+def load_nifti(path: str | Path, *, allow_4d: bool = False, check_finite: bool = True, verify_gzip: bool = False,
+               order: Literal["C", "K"] = "C") -> Volume:
     """Load and validate a NIfTI file; errors name the file and the problem.
 
     Trailing singleton dimensions are squeezed (a 3D image stored as X*Y*Z*1); a real
-    4D image is refused unless ``allow_4d``.
+    4D image is refused unless ``allow_4d``. ``verify_gzip`` checks a ``.nii.gz`` file's CRC-32
+    and length too (inflating it once, with ISA-L), for files from outside. ``order="K"`` keeps
+    the voxels in the file's Fortran order: no transposing copy (about 1 s for a 512 x 512 x 300
+    CT), and nibabel writes such an array back without one either.
     """
     path = Path(path)
     try:
-        img = nib.load(str(path))
+        compressed = verify_gzip and path.name.lower().endswith(".gz")
+        img = _open_verified(path) if compressed else nib.load(str(path))
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             raise IngestError(f"{path.name}: not a NIfTI-1/2 image", code="nifti_unreadable")
         affine = _choose_affine(img, path)
@@ -96,7 +159,7 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False, check_finite: bool =
     if check_finite and np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise IngestError(f"{path.name}: {bad} NaN or infinite voxels", code="nifti_nonfinite")
-    return Volume(array=np.ascontiguousarray(data), affine=affine, meta={"source_dtype": str(img.get_data_dtype())})
+    return Volume(array=_own_copy(data, order), affine=affine, meta={"source_dtype": str(img.get_data_dtype())})
 
 
 def write_image(img: nib.Nifti1Image, path: str | Path) -> Path:
