@@ -52,13 +52,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from _timed import timed
+
 REPO = Path(__file__).resolve().parent.parent
-_WRAPPER = (
-    "import json, resource, subprocess, sys, time\n"
-    "t = time.perf_counter(); rc = subprocess.run(sys.argv[1:]).returncode; dt = time.perf_counter() - t\n"
-    "print(json.dumps({'rc': rc, 'seconds': dt, 'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss"
-    " / 1024}))\n"
-)
 TINY = ["--set", "preprocess.patch_size=[24,24,24]", "--set", "preprocess.spacing=[1.0,1.0,1.0]",
         "--set", "train.epochs=1", "--set", "train.batch_size=2", "--set", "train.samples_per_volume=1",
         "--set", "train.network.name=unet", "--set", "train.network.channels=[8,16,32]",
@@ -118,21 +114,15 @@ def _timed(args: list[str], *, work: Path, env: dict[str, str]) -> dict[str, Any
     stats = work / "stats.jsonl"
     stats.unlink(missing_ok=True)
     memory = ProcessMemory()
-    done = subprocess.run([sys.executable, "-c", _WRAPPER, sys.executable, "-m", "pipeline", *args, "-q"],
-                          capture_output=True, text=True, env={**env, "MEDPIPE_BATCH_STATS": str(stats)})
+    result = timed([sys.executable, "-m", "pipeline", *args, "-q"], env={**env, "MEDPIPE_BATCH_STATS": str(stats)})
     sampled_mb = memory.stop()
-    if done.returncode != 0 or not done.stdout.strip():
-        raise SystemExit(f"medpipe {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    if result["rc"] != 0:
-        raise SystemExit(f"medpipe {' '.join(args)} exited with {result['rc']}:\n{done.stderr[-3000:]}")
     lines = [json.loads(line) for line in stats.read_text().splitlines()] if stats.is_file() else []
     if len(lines) != 1:
         raise SystemExit(f"medpipe {' '.join(args)}: expected one batch in {stats}, found {len(lines)}")
     batch = lines[0]
-    return {"command": result["seconds"], "batch": batch["seconds"], "first": batch["first_s"],
+    return {"command": result["wall"], "batch": batch["seconds"], "first": batch["first_s"],
             "steady": batch["steady_per_s"], "threads": batch.get("threads"),
-            "peak_mb": max(result["peak_mb"], sampled_mb)}
+            "peak_mb": max(result["rss_kb"] / 1024, sampled_mb)}
 
 
 def _model(work: Path) -> Path:

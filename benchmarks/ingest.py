@@ -32,24 +32,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _timed import timed
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO.parent / "shared" / "data" / "dicom_qa" / "dcm_qa_nih" / "In"
-_WRAPPER = (
-    "import json, resource, subprocess, sys, time\n"
-    "start = time.perf_counter()\n"
-    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode\n"
-    "wall = time.perf_counter() - start\n"
-    "print(json.dumps({'rc': rc, 'wall': wall, 'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
-)
 
 
 def _measure(command: list[str]) -> dict:
-    """Run ``command`` under the wrapper: {'rc', 'wall' (s), 'rss_kb' (largest process peak)}."""
-    done = subprocess.run([sys.executable, "-c", _WRAPPER, *command], capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    if result["rc"] not in (0, 3):  # 3: partial (some studies failed), still a full run
-        raise SystemExit(f"command failed with exit status {result['rc']}: {' '.join(command)}")
-    return result
+    """``command`` timed (see _timed.py): {'rc', 'wall' (s), 'rss_kb' (largest process peak), 'stderr'}."""
+    return timed(command, ok=(0, 3))  # 3: partial (some studies failed), still a full run
 
 
 def _medpipe() -> list[str]:

@@ -16,20 +16,13 @@ noise, int16), so it compresses about as well as a real CT.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-_WRAPPER = (
-    "import json, resource, subprocess, sys, time\n"
-    "start = time.perf_counter()\n"
-    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode\n"
-    "wall = time.perf_counter() - start\n"
-    "print(json.dumps({'rc': rc, 'wall': wall, 'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
-)
+from _timed import timed
+
 _NIBABEL_COPY = (
     "import sys\nfrom pathlib import Path\nimport nibabel as nib\nimport numpy as np\n"
     "src, dst = Path(sys.argv[1]), Path(sys.argv[2])\n"
@@ -38,14 +31,6 @@ _NIBABEL_COPY = (
     "    data = np.asanyarray(img.dataobj)\n"
     "    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(dst / path.name))\n"
 )
-
-
-def _measure(command: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", _WRAPPER, *command], capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    if result["rc"] != 0:
-        raise SystemExit(f"command failed with exit status {result['rc']}: {' '.join(command)}")
-    return result
 
 
 def make_ct(folder: Path, shape: tuple[int, int, int]) -> Path:
@@ -87,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             copy_out = scratch / f"copy_{r}"
             copy_out.mkdir()
-            runs["nibabel copy"].append(_measure([sys.executable, "-c", _NIBABEL_COPY, str(folder), str(copy_out)]))
-            runs["medpipe ingest"].append(_measure([*medpipe, "ingest", str(folder), "--out", str(scratch / f"in_{r}"),
+            runs["nibabel copy"].append(timed([sys.executable, "-c", _NIBABEL_COPY, str(folder), str(copy_out)]))
+            runs["medpipe ingest"].append(timed([*medpipe, "ingest", str(folder), "--out", str(scratch / f"in_{r}"),
                                                     "--workers", "1"]))
         size = sum(p.stat().st_size for p in files)
     medians = {name: statistics.median(x["wall"] for x in results) for name, results in runs.items()}
