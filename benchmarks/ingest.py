@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ingest.py                      # ../shared/data/dicom_qa/dcm_qa_nih/In
     .venv/bin/python benchmarks/ingest.py FOLDER ... --repeats 7 --workers 2
+    .venv/bin/python benchmarks/ingest.py --synthetic-ct 300 --repeats 3   # a generated 512 x 512 x 300 CT
 
 Each repetition runs, interleaved so that they share the machine's load: dcm2niix writing
 uncompressed .nii (``-z n``, its default), dcm2niix writing .nii.gz (``-z y``, like medpipe,
@@ -120,11 +121,13 @@ def memory_check(folder: Path, *, workers: int, scratch: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="*", type=Path, default=[DEFAULT])
+    parser.add_argument("folders", nargs="*", type=Path, help=f"DICOM folders (default: {DEFAULT})")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dcm2niix", help="path of the dcm2niix binary (default: next to python, then PATH)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument("--synthetic-ct", type=int, metavar="SLICES",
+                        help="also time a generated 512 x 512 x SLICES CT series (int16, one file per slice)")
     parser.add_argument("--cold-bytecode", action="store_true",
                         help="do not precompile medpipe's modules (with PYTHONDONTWRITEBYTECODE set, every command "
                              "then compiles them again)")
@@ -136,7 +139,31 @@ def main(argv: list[str] | None = None) -> int:
           f"cpus: {os.cpu_count()}")
     print(bytecode)
     results = []
-    for folder in args.folders:
+    with tempfile.TemporaryDirectory(prefix="medpipe_bench_ct_") as generated:
+        folders = list(args.folders) or ([] if args.synthetic_ct else [DEFAULT])
+        if args.synthetic_ct:
+            folders.append(_synthetic_ct(Path(generated), args.synthetic_ct))
+        results = _run(folders, args=args, exe=exe, bytecode=bytecode)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _synthetic_ct(root: Path, slices: int) -> Path:
+    """A 512 x 512 x ``slices`` CT series written with pydicom (the tests' series writer)."""
+    sys.path.insert(0, str(REPO))
+    from ingest_nifti import ct_like
+
+    from tests.fixtures.dicom_writer import write_series
+
+    write_series(root / "ct", ct_like((512, 512, slices)), modality="CT", pixel_spacing=(0.8, 0.8), step=1.5,
+                 intercept=-1024.0)
+    return root
+
+
+def _run(folders: list[Path], *, args: argparse.Namespace, exe: str, bytecode: str) -> list[dict]:
+    results = []
+    for folder in folders:
         with tempfile.TemporaryDirectory(prefix="medpipe_bench_") as tmp:
             result = bench_folder(folder, repeats=args.repeats, workers=args.workers, dcm2niix=exe,
                                   scratch=Path(tmp))
@@ -156,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  memory: largest study {mem['largest_study']} ({mem['study_bytes'] / 1e6:.1f} MB) alone "
               f"{mem['peak_rss_study_mb']:.0f} MB, whole folder ({mem['folder_bytes'] / 1e6:.1f} MB) "
               f"{mem['peak_rss_folder_mb']:.0f} MB")
-    if args.json:
-        print(json.dumps(results, indent=2))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from _timed import timed
 
 _NIBABEL_COPY = (
@@ -33,17 +34,20 @@ _NIBABEL_COPY = (
 )
 
 
-def make_ct(folder: Path, shape: tuple[int, int, int]) -> Path:
-    """A CT-like int16 volume (smooth structures plus noise) at 0.8 x 0.8 x 1.5 mm, qform = sform."""
-    import nibabel as nib
-    import numpy as np
-
+def ct_like(shape: tuple[int, int, int]) -> np.ndarray:
+    """A CT-like int16 volume: smooth structures plus noise (compresses about as well as a real CT)."""
     rng = np.random.default_rng(0)
     x, y, z = (np.linspace(0.0, 1.0, n) for n in shape)
     body = 1000 * np.sin(6 * x)[:, None, None] * np.cos(5 * y)[None, :, None] + 300 * z[None, None, :]
-    data = body.astype(np.int16) + rng.integers(-20, 20, size=shape, dtype=np.int16)
+    return body.astype(np.int16) + rng.integers(-20, 20, size=shape, dtype=np.int16)
+
+
+def make_ct(folder: Path, shape: tuple[int, int, int]) -> Path:
+    """ct_like at 0.8 x 0.8 x 1.5 mm as folder/ct.nii.gz, qform = sform."""
+    import nibabel as nib
+
     affine = np.diag([0.8, 0.8, 1.5, 1.0])
-    img = nib.Nifti1Image(data, affine)
+    img = nib.Nifti1Image(ct_like(shape), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     path = folder / "ct.nii.gz"

@@ -230,6 +230,20 @@ def _frames_of(item: _File) -> np.ndarray:
     return stored
 
 
+def _place(dest: np.ndarray, stored: np.ndarray, slope: float, intercept: float) -> None:
+    """``dest[...] = (stored * slope + intercept).T`` in float32, computed in float64 and rounded once.
+
+    The common case (slope 1, a whole intercept, 8- or 16-bit stored values) is done in float32
+    directly: every value is then a whole number below 2**24, which float32 holds exactly."""
+    if (slope == 1.0 and float(intercept).is_integer() and abs(intercept) < 2**23 and stored.dtype.kind in "iu"
+            and stored.dtype.itemsize <= 2):
+        dest[...] = stored.T
+        if intercept:
+            dest += intercept
+        return
+    dest[...] = (stored.astype(np.float64) * slope + intercept).T
+
+
 def decode_series(series: DicomSeries, blobs: Sequence[bytes], *, options: DicomOptions | None = None) -> Volume:
     """Decode one stack into a float32 RAS Volume (voxel order: column, row, slice[, volume]).
 
@@ -251,7 +265,9 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes], *, options: Dicom
     slot = {position: z for z, position in enumerate(stack.order)}  # index in volume -> sorted slice
     place = {ref: (slot[pos], t) for t, volume in enumerate(volumes) for pos, ref in enumerate(volume)}
     first = slices[0]
-    data = np.empty((first.columns, first.rows, len(stack.order), len(volumes)), dtype=np.float32)
+    # Fortran order: each slice is one contiguous block (a frame's rows, transposed, are copied straight in),
+    # and NIfTI stores voxels in this order, so writing needs no transposing copy either.
+    data = np.empty((first.columns, first.rows, len(stack.order), len(volumes)), dtype=np.float32, order="F")
     by_file: dict[int, list[int]] = defaultdict(list)
     for ref_index, (f_index, _) in enumerate(refs):
         by_file[f_index].append(ref_index)
@@ -262,7 +278,7 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes], *, options: Dicom
         for ref_index in ref_indices:
             frame = refs[ref_index][1]
             z, t = place[ref_index]
-            data[:, :, z, t] = (stored[frame.index].astype(np.float64) * frame.slope + frame.intercept).T
+            _place(data[:, :, z, t], stored[frame.index], frame.slope, frame.intercept)
         decoder = decoder_for(item.header.transfer_syntax, item.header.rel)
         if decoder is not None:
             decoders.add(decoder_note(decoder))
@@ -288,7 +304,10 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes], *, options: Dicom
 
 
 def storage_dtype(array: np.ndarray) -> type:
-    """int16 when every value is a whole number in its range (lossless, half the bytes), else float32."""
-    if array.size and array.min() >= -32768 and array.max() <= 32767 and np.array_equal(np.trunc(array), array):
-        return np.int16
-    return np.float32
+    """int16 when every value is a whole number in its range (lossless, half the bytes), else float32.
+
+    Checked one slice at a time, so that it needs no second volume-sized array."""
+    if not array.size or array.min() < -32768 or array.max() > 32767:
+        return np.float32
+    whole = all(np.array_equal(np.trunc(part), part) for part in (array[:, :, z] for z in range(array.shape[2])))
+    return np.int16 if whole else np.float32

@@ -63,7 +63,7 @@ def resample_stack(data: np.ndarray, stack: StackGeometry, *, regularise: bool,
     else:
         step = stack.step
         targets = stack.along.copy()
-    out = np.empty(data.shape[:2] + (len(targets),) + data.shape[3:], dtype=np.float32)
+    out = np.empty(data.shape[:2] + (len(targets),) + data.shape[3:], dtype=np.float32, order="F")
     cache: dict[int, np.ndarray] = {}  # the last few resampled input slices (neighbours are reused)
 
     def plane(k: int) -> np.ndarray:
