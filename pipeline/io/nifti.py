@@ -72,7 +72,8 @@ def _choose_affine(img: nib.Nifti1Image, path: Path) -> np.ndarray:
 def inflate_checked(path: Path, *, keep: int) -> bytes:
     """The first ``keep`` bytes a gzip file inflates to, inflating the rest to nowhere (ISA-L), so that every
     member's CRC-32 and length are checked: readers stop at the data's end and never look at the trailer,
-    so a corrupted stream that still inflates would otherwise pass as good voxels. Memory: ``keep`` bytes."""
+    so a corrupted stream that still inflates would otherwise pass as good voxels. Memory: the ``keep`` bytes
+    kept, plus their copy returned (and one inflated block of at most 16 MB), whatever the file inflates to."""
     kept = bytearray()
     inflater = isal_zlib.decompressobj(_GZIP_WBITS)
     try:
