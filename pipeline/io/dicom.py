@@ -231,16 +231,7 @@ def _frames_of(item: _File) -> np.ndarray:
 
 
 def _place(dest: np.ndarray, stored: np.ndarray, slope: float, intercept: float) -> None:
-    """``dest[...] = (stored * slope + intercept).T`` in float32, computed in float64 and rounded once.
-
-    The common case (slope 1, a whole intercept, 8- or 16-bit stored values) is done in float32
-    directly: every value is then a whole number below 2**24, which float32 holds exactly."""
-    if (slope == 1.0 and float(intercept).is_integer() and abs(intercept) < 2**23 and stored.dtype.kind in "iu"
-            and stored.dtype.itemsize <= 2):
-        dest[...] = stored.T
-        if intercept:
-            dest += intercept
-        return
+    """``dest[...] = (stored * slope + intercept).T`` in float32, computed in float64 and rounded once."""
     dest[...] = (stored.astype(np.float64) * slope + intercept).T
 
 

@@ -16,9 +16,9 @@ def _reference(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray
 
 
 @pytest.mark.parametrize(("dtype", "slope", "intercept"), [
-    (np.int16, 1.0, -1024.0),  # CT: the float32 shortcut
-    (np.uint16, 1.0, 8_388_000.0),  # the shortcut's edge: 65535 + intercept stays below 2**24
-    (np.uint16, 1.0, 9_000_000.0),  # past it: float64, rounded once
+    (np.int16, 1.0, -1024.0),  # CT
+    (np.uint16, 1.0, 8_388_000.0),  # sums near 2**23
+    (np.uint16, 1.0, 9_000_000.0),  # and past it
     (np.int16, 1.0, 0.5),  # a fractional intercept
     (np.int16, 0.000244140625, -7.25),  # a real slope
     (np.int32, 1.0, 3.0),  # 32-bit stored values
