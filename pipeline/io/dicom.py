@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.errors import GeometryError, IngestError
+from pipeline.heap import trim_heap
 from pipeline.io.dicom_geometry import analyse_stack, group_volumes, spacing_error, tilt_error
 from pipeline.io.dicom_header import DicomHeader, FrameInfo, header_from_bytes, read_header
 from pipeline.io.dicom_mosaic import untile
@@ -166,6 +167,7 @@ class _File:
     frames: list[FrameInfo]  # the frames of this stack
     dataset: Any
     blob: bytes
+    position: int = 0  # index of the file's bytes in the series' list
 
 
 def _unchanged(h: DicomHeader, blob: bytes) -> bool:
@@ -199,11 +201,14 @@ def _reparse(h: DicomHeader, blob: bytes, series: DicomSeries) -> _File:
     return _File(header=fresh, frames=frames, dataset=ds, blob=blob)
 
 
-def _files(series: DicomSeries, blobs: Sequence[bytes], problems: list[tuple[str, str]]) -> list[_File]:
+def _files(series: DicomSeries, blobs: Sequence[bytes | None], problems: list[tuple[str, str]]) -> list[_File]:
     seen: dict[str, tuple[str, bytes]] = {}
     files = []
-    for h, blob in zip(series.headers, blobs, strict=True):
+    for position, (h, blob) in enumerate(zip(series.headers, blobs, strict=True)):
+        if blob is None:
+            raise ValueError(f"{h.rel}: its bytes were released by an earlier decode_series(release=True)")
         item = _reparse(h, blob, series)
+        item.position = position
         sop = item.header.sop_uid
         if sop and sop in seen:
             other, other_blob = seen[sop]
@@ -235,11 +240,59 @@ def _place(dest: np.ndarray, stored: np.ndarray, slope: float, intercept: float)
     dest[...] = (stored.astype(np.float64) * slope + intercept).T
 
 
-def decode_series(series: DicomSeries, blobs: Sequence[bytes], *, options: DicomOptions | None = None) -> Volume:
-    """Decode one stack into a float32 RAS Volume (voxel order: column, row, slice[, volume]).
+_INT16 = np.iinfo(np.int16)
+_TRIM_EVERY = 64 << 20  # with ``release``: the freed file bytes are handed back to the OS every 64 MB
+
+
+def _whole_rescale(slope: float, intercept: float) -> bool:
+    """True when ``stored * slope + intercept`` is exact in int64 for any stored value (up to 32 bits)."""
+    return (float(slope).is_integer() and float(intercept).is_integer()
+            and abs(slope) <= 1 << 16 and abs(intercept) <= 1 << 40)
+
+
+def _place_int16(dest: np.ndarray, stored: np.ndarray, slope: float, intercept: float) -> bool:
+    """``dest[...] = (stored * slope + intercept).T`` exactly, in int16; False (``dest`` untouched) when a value
+    falls outside int16. The range is checked on the stored extremes (the rescale is monotone); then the
+    sum is written straight into ``dest``, computed in a type that holds every term."""
+    if not stored.size:
+        return True
+    s, i = int(slope), int(intercept)
+    ends = (int(stored.min()) * s + i, int(stored.max()) * s + i)
+    if min(ends) < _INT16.min or max(ends) > _INT16.max:
+        return False
+    wide = np.int32 if stored.dtype.itemsize <= 2 and abs(s) <= 1 << 14 and abs(i) < 1 << 30 else np.int64
+    scaled = stored if s == 1 else np.multiply(stored, s, dtype=wide)
+    np.add(scaled.T, i, out=dest, dtype=wide, casting="unsafe")  # exact: every sum lies in int16's range
+    return True
+
+
+@dataclass
+class _Target:
+    """The stack being filled: int16 while every value so far is a whole number in its range, else float32.
+
+    Both hold exactly the rescaled values (float64 rounded once to float32, as ``_place``); a value that int16
+    cannot hold turns the stack into float32 once, keeping the slices placed so far (exact in float32)."""
+
+    data: np.ndarray
+
+    def place(self, index: tuple[int, int], stored: np.ndarray, slope: float, intercept: float) -> None:
+        z, t = index
+        if self.data.dtype == np.int16:
+            if _whole_rescale(slope, intercept) and _place_int16(self.data[:, :, z, t], stored, slope, intercept):
+                return
+            self.data = self.data.astype(np.float32, order="F")
+        _place(self.data[:, :, z, t], stored, slope, intercept)
+
+
+def decode_series(series: DicomSeries, blobs: Sequence[bytes | None], *, options: DicomOptions | None = None,
+                  release: bool = False) -> Volume:
+    """Decode one stack into a RAS Volume (voxel order: column, row, slice[, volume]), int16 when every rescaled
+    value is a whole number in int16's range (as ``storage_dtype`` would store it), else float32.
 
     Volumes of a 4D stack are in acquisition order (time last). ``volume.meta`` holds
     ``modality``, ``problems`` (a list of (code, message) oddities accepted) and ``volumes``.
+    ``release`` (``blobs`` a list): each entry is set to None once its file is decoded, so that the series'
+    bytes and its voxels are not all held at once (where the caller holds no other reference to them).
     """
     options = options or DicomOptions()
     check_supported(series)
@@ -256,28 +309,40 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes], *, options: Dicom
     slot = {position: z for z, position in enumerate(stack.order)}  # index in volume -> sorted slice
     place = {ref: (slot[pos], t) for t, volume in enumerate(volumes) for pos, ref in enumerate(volume)}
     first = slices[0]
+    resampled = stack.tilted or stack.irregular  # interpolated: float32 throughout
     # Fortran order: each slice is one contiguous block (a frame's rows, transposed, are copied straight in),
     # and NIfTI stores voxels in this order, so writing needs no transposing copy either.
-    data = np.empty((first.columns, first.rows, len(stack.order), len(volumes)), dtype=np.float32, order="F")
+    target = _Target(np.empty((first.columns, first.rows, len(stack.order), len(volumes)),
+                              dtype=np.float32 if resampled else np.int16, order="F"))
     by_file: dict[int, list[int]] = defaultdict(list)
     for ref_index, (f_index, _) in enumerate(refs):
         by_file[f_index].append(ref_index)
     decoders = set()
+    released = 0
     for f_index, ref_indices in by_file.items():
         item = files[f_index]
         stored = _frames_of(item)
         for ref_index in ref_indices:
             frame = refs[ref_index][1]
-            z, t = place[ref_index]
-            _place(data[:, :, z, t], stored[frame.index], frame.slope, frame.intercept)
+            target.place(place[ref_index], stored[frame.index], frame.slope, frame.intercept)
+        del stored
         decoder = decoder_for(item.header.transfer_syntax, item.header.rel)
         if decoder is not None:
             decoders.add(decoder_note(decoder))
         if item.header.photometric == "MONOCHROME1":
             problems.append(("dicom_monochrome1", (f"{series.folder}: MONOCHROME1 (inverted grey scale); stored "
                                                    "values inverted so that higher values are brighter")))
+        if release:
+            released += len(item.blob)
+            item.blob, item.dataset = b"", None
+            if isinstance(blobs, list):
+                blobs[item.position] = None
+            if released >= _TRIM_EVERY:
+                released = 0
+                trim_heap()
+    data = target.data
     problems += [("dicom_decoder", f"{series.folder}: {note}") for note in sorted(decoders)]
-    if stack.tilted or stack.irregular:
+    if resampled:
         data, affine, notes = resample_stack(data, stack, regularise=options.irregular_slices == "resample",
                                              name=series.folder)
         problems += notes
@@ -287,7 +352,7 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes], *, options: Dicom
         problems.append(("dicom_4d", (f"{series.folder}: {len(volumes)} volumes of {len(stack.order)} slices, "
                                       "stored as 4D (time last) in acquisition order")))
     array = data[..., 0] if len(volumes) == 1 else data
-    if not np.all(np.isfinite(array)):
+    if array.dtype != np.int16 and not np.all(np.isfinite(array)):
         raise IngestError(f"{series.folder}: rescaled values overflow float32", code="dicom_bad_rescale")
     unique = list(dict.fromkeys(problems))
     return Volume(array=array, affine=affine, meta={"modality": series.modality, "problems": unique,
@@ -298,6 +363,8 @@ def storage_dtype(array: np.ndarray) -> type:
     """int16 when every value is a whole number in its range (lossless, half the bytes), else float32.
 
     Checked one slice at a time, so that it needs no second volume-sized array."""
+    if array.dtype == np.int16:
+        return np.int16
     if not array.size or array.min() < -32768 or array.max() > 32767:
         return np.float32
     whole = all(np.array_equal(np.trunc(part), part) for part in (array[:, :, z] for z in range(array.shape[2])))

@@ -142,7 +142,11 @@ def _with_pydicom(blob: bytes, header: DicomHeader, dataset: Any, decoder: Decod
 
 
 def decode_stored(blob: bytes, header: DicomHeader, dataset: Any = None) -> np.ndarray:
-    """Stored values of every frame, (frames, rows, columns) int64, masked to BitsStored and sign-extended."""
+    """Stored values of every frame, (frames, rows, columns), masked to BitsStored and sign-extended.
+
+    An integer array: the decoded pixels as they are (for native data, a read-only view of ``blob``) when
+    no bit needs changing, else a copy in int32 (BitsAllocated up to 16) or int64 (32).
+    """
     if header.float_pixels:
         raise IngestError(f"{header.rel}: float pixel data is not supported", code="unsupported_dicom")
     _check_bits(header)
@@ -163,15 +167,21 @@ def decode_stored(blob: bytes, header: DicomHeader, dataset: Any = None) -> np.n
     if pixels.size != np.prod(shape):
         raise IngestError(f"{header.rel}: decoded pixels have shape {pixels.shape}, expected {shape}",
                           code="dicom_pixel_error")
-    values = pixels.reshape(shape).astype(np.int64)
+    values = pixels.reshape(shape)
     bits_stored = header.bits_stored
-    if bits_stored < header.bits_allocated:  # bits above BitsStored carry no value (overlays, garbage)
+    masked = bits_stored < header.bits_allocated  # bits above BitsStored carry no value (overlays, garbage)
+    inverted = header.photometric == "MONOCHROME1"
+    if values.dtype.kind in "iu" and not masked and not inverted:
+        return values
+    values = values.astype(np.int32 if header.bits_allocated <= 16 else np.int64)
+    if masked:
         values &= (1 << bits_stored) - 1
         if header.pixel_representation == 1:
             sign = 1 << (bits_stored - 1)
-            values = (values ^ sign) - sign
-    if header.photometric == "MONOCHROME1":  # minimum is white: invert within the stored range
+            values ^= sign
+            values -= sign
+    if inverted:  # minimum is white: invert within the stored range
         low = -(1 << (bits_stored - 1)) if header.pixel_representation == 1 else 0
         high = (1 << (bits_stored - 1)) - 1 if header.pixel_representation == 1 else (1 << bits_stored) - 1
-        values = (low + high) - values
+        np.subtract(low + high, values, out=values)
     return values

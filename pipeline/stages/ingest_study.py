@@ -129,7 +129,7 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         inputs = {"input": digest, "options": sha256_bytes(repr(options).encode())}
         if _reusable(task, inputs):
             return task.previous, True  # type: ignore[return-value]
-        volume = decode_series(task.series, blobs, options=options)
+        volume = decode_series(task.series, blobs, options=options, release=True)
         del blobs
         return _write(task, volume, storage_dtype(volume.array), None, inputs,
                       [*task.problems, *volume.meta["problems"]]), False

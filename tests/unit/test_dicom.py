@@ -46,7 +46,7 @@ def test_axial_series_exact_affine_and_values(tmp_path: Path) -> None:
     expected = np.array([[-0.6, 0, 0, 20.0], [0, -0.8, 0, 30.0], [0, 0, 2.0, 10.0], [0, 0, 0, 1]])
     np.testing.assert_allclose(volume.affine, expected, atol=1e-4)
     np.testing.assert_allclose(written.expected_affine_ras, expected, atol=1e-9)
-    assert volume.array.dtype == np.float32
+    assert volume.array.dtype == np.int16  # whole numbers in range: decoded straight into int16
     np.testing.assert_array_equal(volume.array, written.expected_values.astype(np.float32))
     assert volume.orientation == "LPS" and volume.spacing == pytest.approx((0.6, 0.8, 2.0))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import shutil
@@ -195,6 +196,17 @@ def test_ct_small_rescales_to_hounsfield_units(tmp_path: Path) -> None:
     np.testing.assert_array_equal(volume.array[:, :, 0], expected.T.astype(np.float32))
     assert volume.spacing == pytest.approx((float(ds.PixelSpacing[1]), float(ds.PixelSpacing[0]),
                                             float(ds.SliceThickness)))
+
+
+def test_native_pixels_needing_no_change_are_not_copied(tmp_path: Path) -> None:
+    data = Path(get_testdata_file("MR_small.dcm")).read_bytes()  # 16 bits stored of 16, MONOCHROME2
+    header, _, _ = header_from_bytes(data, path="x", rel="x")
+    assert header is not None and header.bits_stored == header.bits_allocated == 16
+    stored = decode_stored(data, header)
+    assert np.shares_memory(stored, np.frombuffer(data, np.uint8)) and not stored.flags.writeable
+    masked = decode_stored(data, dataclasses.replace(header, bits_stored=12))
+    assert masked.dtype == np.int32  # a copy, wide enough for the sign extension
+    np.testing.assert_array_equal(masked, ((stored.astype(np.int64) & 0xFFF) ^ 0x800) - 0x800)
 
 
 @pytest.mark.parametrize("name", ["image_dfl.dcm", "JPEG2000.dcm", "JPGExtended.dcm", "JPEGLSNearLossless_16.dcm"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.io.dicom import _place, decode_series, discover_series, read_series_bytes, storage_dtype
+from pipeline.io.dicom import _place, _place_int16, decode_series, discover_series, read_series_bytes, storage_dtype
 from tests.fixtures.dicom_writer import write_series
 
 
@@ -39,8 +39,69 @@ def test_decoded_series_is_fortran_ordered_with_exact_values(tmp_path: Path) -> 
     (series,) = discover_series(sorted(written.files), root=tmp_path).series
     volume = decode_series(series, read_series_bytes(series)[1])
     assert volume.array.flags.f_contiguous  # NIfTI's order: written without a transposing copy
-    np.testing.assert_array_equal(volume.array, written.expected_values.astype(np.float32))
+    assert volume.array.dtype == np.int16  # whole numbers in range: decoded straight into what is stored
+    np.testing.assert_array_equal(volume.array, written.expected_values)
     assert storage_dtype(volume.array) is np.int16
+
+
+@pytest.mark.parametrize(("dtype", "slope", "intercept"), [
+    (np.uint16, 1.0, -1024.0),  # CT, unsigned
+    (np.int16, 1.0, 0.0),  # no rescale
+    (np.uint16, 1.0, -32768.0),  # stored values past int16, sums inside it
+    (np.int16, -3.0, 7.0),  # a negative whole slope
+    (np.uint32, 2.0, -4_294_000_000.0),  # wide terms
+])
+def test_int16_placement_is_exact(dtype: type, slope: float, intercept: float) -> None:
+    info = np.iinfo(dtype)
+    low = max(info.min, int(np.ceil((-32768 - intercept) / slope)) if slope > 0 else -10_000)
+    high = min(info.max, int((32767 - intercept) // slope) if slope > 0 else 10_000)
+    stored = np.random.default_rng(3).integers(low, high, size=(5, 6), endpoint=True).astype(dtype)
+    stored.flat[:2] = [low, high]
+    dest = np.zeros((6, 5), dtype=np.int16, order="F")
+    assert _place_int16(dest, stored, slope, intercept)
+    np.testing.assert_array_equal(dest, stored.astype(np.float64).T * slope + intercept)
+
+
+def test_int16_placement_refuses_values_outside_int16() -> None:
+    dest = np.full((3, 2), 5, dtype=np.int16, order="F")
+    stored = np.array([[0, 1, 2], [3, 4, 32767]], dtype=np.uint16)
+    assert not _place_int16(dest, stored, 1.0, 1.0)  # one sum is 32768
+    assert not _place_int16(dest, stored, 2.0, 0.0)
+    assert (dest == 5).all()  # untouched
+    assert _place_int16(dest, stored, 1.0, -1.0)
+
+
+def test_series_turns_float32_at_the_first_slice_past_int16(tmp_path: Path) -> None:
+    """Slices 0-1 fit int16, slice 2 does not: the stack becomes float32 there, every value exact."""
+    stored = np.random.default_rng(1).integers(-500, 1500, size=(7, 5, 4)).astype(np.int16)
+    written = write_series(tmp_path / "s", stored, intercept=[0.0, -1024.0, 40_000.0, 3.0], modality="CT")
+    (series,) = discover_series(sorted(written.files), root=tmp_path).series
+    volume = decode_series(series, read_series_bytes(series)[1])
+    assert volume.array.dtype == np.float32 and volume.array.flags.f_contiguous
+    np.testing.assert_array_equal(volume.array, written.expected_values)
+    assert written.expected_values.max() > 32767 and storage_dtype(volume.array) is np.float32
+
+
+def test_fractional_rescale_decodes_to_float32(tmp_path: Path) -> None:
+    stored = np.arange(7 * 5 * 3, dtype=np.int16).reshape(7, 5, 3)
+    written = write_series(tmp_path / "s", stored, slope=[1.0, 0.5, 1.0])
+    (series,) = discover_series(sorted(written.files), root=tmp_path).series
+    volume = decode_series(series, read_series_bytes(series)[1])
+    assert volume.array.dtype == np.float32
+    np.testing.assert_array_equal(volume.array, written.expected_values.astype(np.float32))
+
+
+def test_release_drops_each_file_once_decoded(tmp_path: Path) -> None:
+    stored = np.random.default_rng(2).integers(-500, 1500, size=(7, 5, 4)).astype(np.int16)
+    written = write_series(tmp_path / "s", stored, intercept=-1024.0, modality="CT")
+    (series,) = discover_series(sorted(written.files), root=tmp_path).series
+    blobs = read_series_bytes(series)[1]
+    kept = decode_series(series, list(blobs))
+    released = decode_series(series, blobs, release=True)
+    assert blobs == [None] * 4  # the caller's list no longer holds the files
+    np.testing.assert_array_equal(released.array, kept.array)
+    with pytest.raises(ValueError, match="released"):
+        decode_series(series, blobs)
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
