@@ -16,7 +16,7 @@ from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, group_series
 from pipeline.io.nifti import is_nifti
 from pipeline.isolation import Isolation, deflated_size_over
 from pipeline.manifest import Manifest, Problem, Study, load_manifest, pseudonym, save_manifest
-from pipeline.privacy import Scrubber, scan_scrubber, scrubbed_logs
+from pipeline.privacy import SCRUBBED, Scrubber, scan_scrubber, scrubbed_logs
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
@@ -276,7 +276,7 @@ def _studies(tasks: list[IngestTask], outcomes: dict[str, Any], scrubber: Scrubb
         if study.status != "ok":
             problem = study.error or study.problems[0]
             log.warning("study %s (%s) %s: [%s] %s", study.id, study.source, study.status, problem.code,
-                        problem.message)
+                        problem.message, extra=SCRUBBED)  # every field is the manifest's, scrubbed
         studies.append(study)
         problem = study.error or (study.problems[0] if study.status == "skipped" else None)
         record.add(StudyStatus(id=study.id, status=study.status, code=problem.code if problem else None,

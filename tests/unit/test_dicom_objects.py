@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,20 @@ def test_skipped_series_carry_their_reason_and_the_rest_converts(mixed_export: P
     assert all(s.image is None for s in studies if s.status == "skipped")
     messages = " ".join(p.message for s in studies for p in s.problems)
     assert "structured report" in messages and "encapsulated document" in messages
+
+
+def test_log_keeps_the_skip_code_when_a_series_is_described_by_the_same_word(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SeriesDescription is scrubbed wherever it appears; the code in the log line is not rewritten."""
+    def seg(ds, k) -> None:
+        _sop_class(SEG)(ds, k)
+        ds.SeriesDescription = "Segmentation"
+
+    write_series(tmp_path / "scan" / "seg", _stored(2), series_tag="seg", edit=seg)
+    write_series(tmp_path / "scan" / "Segmentation", _stored(1), series_tag="img")  # a folder named by it
+    with caplog.at_level(logging.WARNING):
+        ingest(tmp_path / "scan", tmp_path / "out")
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "[dicom_segmentation] seg: a DICOM SEG object" in line
+    sources = {s.source for s in load_manifest(tmp_path / "out").studies}
+    assert "seg" in sources and not any("egmentation" in s for s in sources)  # the folder still scrubbed
