@@ -213,20 +213,21 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def train_loader(dataset: Dataset, *, batch_size: int, num_workers: int | None, generator: torch.Generator,
-                 rank: int = 0, world_size: int = 1) -> DataLoader:
+                 rank: int = 0, world_size: int = 1, shuffle_seed: int = 0) -> DataLoader:
     """Shuffled batches of ``batch_size`` volumes (each gives samples_per_volume patches).
 
     The order and every random transform come from ``generator`` (see ``SeededSampler``): the
     batches are identical for any ``num_workers``. Reseed the generator before each epoch (what
     ``run_training`` does) and, with ``world_size > 1`` (each rank gets its share of a permutation
     common to all ranks), call ``loader.sampler.set_epoch(epoch)`` too, as with
-    ``DistributedSampler``. Worker processes (``None``: ``resolve_num_workers``) are persistent,
+    ``DistributedSampler``; that shared permutation comes from ``shuffle_seed`` (the run's seed, the
+    same on every rank). Worker processes (``None``: ``resolve_num_workers``) are persistent,
     so the cached dataset is forked once, not per epoch.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not one of the {world_size} processes of the run")
     workers = resolve_num_workers(num_workers)
-    sampler = SeededSampler(dataset, generator=generator, rank=rank, world_size=world_size)
+    sampler = SeededSampler(dataset, generator=generator, rank=rank, world_size=world_size, shuffle_seed=shuffle_seed)
     worker_seeds = torch.Generator().manual_seed((generator.initial_seed() + 7_919 * rank) % 2**63)
     return DataLoader(
         _SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,

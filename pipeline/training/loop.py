@@ -173,7 +173,7 @@ def run_training(
     dataset = train_dataset(train_items, transform)
     generator = torch.Generator()
     loader = train_loader(dataset, batch_size=batch, num_workers=cfg.num_workers, generator=generator,
-                          rank=ctx.rank, world_size=ctx.world_size)
+                          rank=ctx.rank, world_size=ctx.world_size, shuffle_seed=config.seed)
     volumes = validation_volumes(val_items) if ctx.is_main else []
     has_validation = bool(val_items)
 

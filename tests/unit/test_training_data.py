@@ -127,6 +127,18 @@ def test_ranks_share_one_permutation_and_split_it() -> None:
         train_loader(dataset, batch_size=1, num_workers=0, generator=torch.Generator(), rank=2, world_size=2)
 
 
+def test_shared_permutation_follows_the_run_seed() -> None:
+    """Several ranks: the permutation they share comes from the run's seed, so another seed reshuffles."""
+    def order(shuffle_seed: int) -> list[int]:
+        loader = train_loader(_Indexed(12), batch_size=1, num_workers=0, generator=torch.Generator().manual_seed(1),
+                              rank=0, world_size=2, shuffle_seed=shuffle_seed)
+        loader.sampler.set_epoch(1)
+        return [i for i, _ in loader.sampler]
+
+    assert order(0) == order(0)
+    assert len({tuple(order(seed)) for seed in range(4)}) == 4
+
+
 def test_sampler_seeds_follow_the_generator_and_set_epoch() -> None:
     dataset = _Indexed(10)
 
