@@ -312,8 +312,9 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes | None], *, options
     resampled = stack.tilted or stack.irregular  # interpolated: float32 throughout
     # Fortran order: each slice is one contiguous block (a frame's rows, transposed, are copied straight in),
     # and NIfTI stores voxels in this order, so writing needs no transposing copy either.
+    whole = not resampled and all(_whole_rescale(frame.slope, frame.intercept) for _, frame in refs)
     target = _Target(np.empty((first.columns, first.rows, len(stack.order), len(volumes)),
-                              dtype=np.float32 if resampled else np.int16, order="F"))
+                              dtype=np.int16 if whole else np.float32, order="F"))
     by_file: dict[int, list[int]] = defaultdict(list)
     for ref_index, (f_index, _) in enumerate(refs):
         by_file[f_index].append(ref_index)
