@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import mmap
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -266,6 +268,19 @@ def _place_int16(dest: np.ndarray, stored: np.ndarray, slope: float, intercept: 
     return True
 
 
+def _fresh_volume(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """An uninitialised Fortran-ordered array in an anonymous memory map of its own.
+
+    Not ``np.empty``: NumPy asks the kernel for huge pages on large arrays, and where the kernel's
+    ``transparent_hugepage/defrag`` is ``madvise`` (Debian's default) the first touch can stall on
+    memory compaction (numpy/numpy#31590); a 300-slice CT ingested 0.3 s slower for it. The map is
+    unmapped when the last array viewing it goes."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes < 1 << 22:  # below NumPy's huge-page threshold
+        return np.empty(shape, dtype=dtype, order="F")
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape, order="F")
+
+
 @dataclass
 class _Target:
     """The stack being filled: int16 while every value so far is a whole number in its range, else float32.
@@ -313,8 +328,8 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes | None], *, options
     # Fortran order: each slice is one contiguous block (a frame's rows, transposed, are copied straight in),
     # and NIfTI stores voxels in this order, so writing needs no transposing copy either.
     whole = not resampled and all(_whole_rescale(frame.slope, frame.intercept) for _, frame in refs)
-    target = _Target(np.empty((first.columns, first.rows, len(stack.order), len(volumes)),
-                              dtype=np.int16 if whole else np.float32, order="F"))
+    target = _Target(_fresh_volume((first.columns, first.rows, len(stack.order), len(volumes)),
+                                   np.int16 if whole else np.float32))
     by_file: dict[int, list[int]] = defaultdict(list)
     for ref_index, (f_index, _) in enumerate(refs):
         by_file[f_index].append(ref_index)

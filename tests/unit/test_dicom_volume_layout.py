@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.io.dicom import _place, _place_int16, decode_series, discover_series, read_series_bytes, storage_dtype
+from pipeline.io.dicom import (
+    _fresh_volume,
+    _place,
+    _place_int16,
+    decode_series,
+    discover_series,
+    read_series_bytes,
+    storage_dtype,
+)
 from tests.fixtures.dicom_writer import write_series
 
 
@@ -116,3 +124,15 @@ def test_storage_dtype_checks_every_slice(order: str) -> None:
     four_d = np.stack([whole, fractional], axis=-1)
     assert storage_dtype(four_d) is np.float32
     assert storage_dtype(np.stack([whole, whole], axis=-1)) is np.int16
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 5, 1), (256, 256, 40, 1)])  # below and above NumPy's huge-page size
+def test_fresh_volume_is_a_private_writable_fortran_array(shape: tuple[int, ...]) -> None:
+    first, second = _fresh_volume(shape, np.int16), _fresh_volume(shape, np.float32)
+    assert first.shape == second.shape == shape and first.dtype == np.int16 and second.dtype == np.float32
+    assert first.flags.f_contiguous and first.flags.writeable and not np.shares_memory(first, second)
+    values = (np.arange(np.prod(shape)) % 1000).reshape(shape, order="F")
+    first[...] = values
+    second[...] = first
+    np.testing.assert_array_equal(second, values)
+    assert np.array_equal(second.ravel(order="K"), values.ravel(order="F"))  # memory order is Fortran
