@@ -53,6 +53,7 @@ class StageRecord:
     studies: list[StudyStatus] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    digests: dict[Path, str] = field(default_factory=dict)  # output -> sha256 known already (hashed by a worker)
 
     def add(self, status: StudyStatus) -> None:
         self.studies.append(status)
@@ -67,9 +68,11 @@ class StageRecord:
         return "complete"
 
     def finish(self, *, outputs: list[Path] | None = None) -> dict[str, Any]:
-        """Hash the outputs and write the record atomically; return it."""
+        """Hash the outputs (those in ``digests`` were hashed where they were written) and write the record
+        atomically; return it."""
         ended = time.time()
-        out_hashes = {str(p.relative_to(self.stage_dir)): sha256_file(p) for p in sorted(outputs or []) if p.is_file()}
+        out_hashes = {str(p.relative_to(self.stage_dir)): self.digests.get(p) or sha256_file(p)
+                      for p in sorted(outputs or []) if p.is_file()}
         counts = {k: sum(1 for s in self.studies if s.status == k) for k in ("ok", "failed", "skipped")}
         record = {
             "stage": self.stage,

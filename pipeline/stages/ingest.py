@@ -326,6 +326,8 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
             keep = {p for s in studies if s.status == "ok" for p in (s.image, s.label) if p}
             _remove_orphans(out, keep)
             outputs += [out / p for p in sorted(keep)]
+            record.digests.update({out / rel: s.sha256[name] for s in studies if s.status == "ok"
+                                   for rel, name in ((s.image, "image"), (s.label, "label")) if rel})
             record.extra["ignored_files"] = header["ignored_files"]
             record.extra["reused_studies"] = sum(1 for s in record.studies if s.reused)
             return outputs

@@ -208,6 +208,27 @@ def test_rerun_is_byte_identical_and_reuses_studies(msd_dataset: Path, dicom_sca
     assert sum(1 for s in third["studies"] if s.get("reused")) == 7
 
 
+def test_record_lists_every_output_with_the_digest_its_worker_took(msd_dataset: Path, dicom_scan, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage record's output digests are true, and images are not hashed a second time at the end."""
+    import pipeline.provenance as provenance
+
+    root = _copy_msd(msd_dataset, tmp_path)
+    shutil.copytree(dicom_scan[0], root / "dicom")
+    hashed: list[str] = []
+    monkeypatch.setattr(provenance, "sha256_file", lambda p: hashed.append(Path(p).name) or sha256_file(p))
+    out = tmp_path / "out"
+    record = ingest(root, out)
+    images = sorted(p for p in out.rglob("*.nii.gz"))
+    written = {out / rel for study in load_manifest(out).studies for rel in (study.image, study.label) if rel}
+    assert set(images) == written and len(written) > 8  # images and labels
+    assert record["outputs"] == {str(p.relative_to(out)): sha256_file(p)
+                                 for p in [*images, out / "manifest.json", out / "config.yaml"]}
+    assert not any(name.endswith(".nii.gz") for name in hashed)  # only the manifest and the config
+    rerun = ingest(root, out)  # partial (one bad series): runs again, every study reused
+    assert rerun["outputs"] == record["outputs"]
+
+
 def test_pseudonymous_ids_are_stable_keyed_and_hide_names(msd_dataset: Path, tmp_path: Path) -> None:
     ingest(msd_dataset, tmp_path / "a")
     ids_a = [s.id for s in load_manifest(tmp_path / "a").studies]
