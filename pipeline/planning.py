@@ -90,19 +90,29 @@ def study_fingerprint(
                          study_id=study_id, code="label_not_integer")
     if lab.size and lab.min() < 0:
         raise StageError(f"study {study_id}: label holds negative values", study_id=study_id, code="label_negative")
-    classes = lab.astype(np.int64, copy=False)
-    counts = np.bincount(classes.ravel())
+    counts = np.bincount(lab.ravel(order="K").astype(np.intp, copy=False))  # counting: any voxel order will do
     order = axis_order(image.affine, orientation)
     img = np.asarray(image.array)
     return StudyFingerprint(
         id=study_id,
         spacing=tuple(_reoriented(image.spacing, order)),  # type: ignore[arg-type]
         shape=tuple(int(s) for s in _reoriented(image.spatial_shape, order)),  # type: ignore[arg-type]
-        foreground=foreground_samples(img[classes > 0], max_samples=max_samples),
+        foreground=foreground_samples(_masked_in_c_order(img, lab > 0), max_samples=max_samples),
         class_counts={int(c): int(n) for c, n in enumerate(counts) if n},
         modality=modality,
         cropped_shape=tuple(int(s) for s in _reoriented(_positive_extent(img), order)),  # type: ignore[arg-type]
     )
+
+
+def _masked_in_c_order(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``image[mask]`` (its values in C order, which the even-stride samples depend on), without walking a
+    Fortran-ordered pair across its memory: the mask is searched in memory order and only the hits sorted."""
+    if not (image.flags.f_contiguous and mask.flags.f_contiguous) or image.flags.c_contiguous:
+        return image[mask]
+    hits = np.flatnonzero(mask.ravel(order="K"))  # Fortran-order positions
+    values = image.ravel(order="K")[hits]
+    c_positions = np.ravel_multi_index(np.unravel_index(hits, mask.shape, order="F"), mask.shape)
+    return values[np.argsort(c_positions, kind="stable")]
 
 
 def _positive_extent(image: np.ndarray) -> list[int]:

@@ -91,8 +91,8 @@ def _skip_reason(study: Study) -> tuple[str, str] | None:
 
 def fingerprint_study(item: StudyInput, *, orientation: str) -> StudyFingerprint:
     """Load one study and measure it (module level, so worker processes can pickle it)."""
-    image = load_nifti(item.image)
-    label = load_nifti(item.label)
+    image = load_nifti(item.image, order="K")  # the file's voxel order: no transposing copies
+    label = load_nifti(item.label, order="K")
     return study_fingerprint(item.id, image, label, orientation=orientation, modality=item.modality)
 
 
@@ -120,8 +120,8 @@ def _reusable(item: StudyInput, out: Path, key: dict[str, Any]) -> bool:
 
 def _compute(item: StudyInput, plans: dict[str, Any], image_out: Path, label_out: Path) -> list[int]:
     """Transform one study per the plans and write its image (float32) and label (uint8); return the shape."""
-    data = preprocessing_transforms(plans, keys=("image", "label"))({"image": str(item.image),
-                                                                     "label": str(item.label)})
+    data = preprocessing_transforms(plans, keys=("image", "label"), file_order=True)({"image": str(item.image),
+                                                                                      "label": str(item.label)})
     image, label = data["image"], data["label"]
     affine = np.asarray(image.affine, dtype=np.float64)
     if not np.allclose(affine, np.asarray(label.affine, dtype=np.float64), atol=1e-4) or image.shape != label.shape:
@@ -131,9 +131,9 @@ def _compute(item: StudyInput, plans: dict[str, Any], image_out: Path, label_out
     if classes.min() < 0 or classes.max() >= plans["num_classes"]:
         raise StageError(f"study {item.id}: label values {int(classes.min())}..{int(classes.max())} lie outside "
                          f"the plans' {plans['num_classes']} classes", study_id=item.id, code="label_out_of_range")
-    save_nifti(Volume(np.ascontiguousarray(np.asarray(image[0], dtype=np.float32)), affine), image_out,
-               dtype=np.float32)
-    save_nifti(Volume(np.ascontiguousarray(classes.astype(np.uint8)), affine), label_out, dtype=np.uint8)
+    # in whatever voxel order the transforms left (nibabel writes Fortran order; an F-ordered array needs no copy)
+    save_nifti(Volume(np.asarray(image[0], dtype=np.float32), affine), image_out, dtype=np.float32)
+    save_nifti(Volume(classes.astype(np.uint8, order="K"), affine), label_out, dtype=np.uint8)
     return [int(s) for s in image.shape[1:]]
 
 

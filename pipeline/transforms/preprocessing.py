@@ -41,14 +41,21 @@ class LoadVolumed(mt.MapTransform):
     """Load NIfTI paths with ``load_nifti`` (geometry-validated) into MetaTensors carrying their affine.
 
     Used instead of ``LoadImaged`` so preprocessing refuses the same broken headers as ingest
-    (qform/sform disagreement, shear, no orientation) and never guesses a grid.
+    (qform/sform disagreement, shear, no orientation) and never guesses a grid. ``file_order``:
+    the tensor keeps the file's (Fortran) voxel order as strides, sparing the transposing copy
+    (about 1 s for a 512 x 512 x 300 CT); only for transforms whose results do not depend on the
+    order in which voxels are summed (see ``preprocessing_transforms``).
     """
+
+    def __init__(self, keys: Sequence[str], *, file_order: bool = False) -> None:
+        super().__init__(keys)
+        self.file_order = file_order
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         out = dict(data)
         for key in self.key_iterator(out):
             path = str(out[key])
-            volume = load_nifti(path)
+            volume = load_nifti(path, order="K" if self.file_order else "C")
             affine = torch.as_tensor(volume.affine, dtype=torch.float64)
             meta = {
                 "filename_or_obj": path,
@@ -57,7 +64,8 @@ class LoadVolumed(mt.MapTransform):
                 "original_channel_dim": "no_channel",
                 "space": "RAS",
             }
-            out[key] = MetaTensor(torch.as_tensor(np.ascontiguousarray(volume.array)), affine=affine, meta=meta)
+            array = volume.array if self.file_order else np.ascontiguousarray(volume.array)
+            out[key] = MetaTensor(torch.from_numpy(array), affine=affine, meta=meta)
         return out
 
 
@@ -67,16 +75,21 @@ def preprocessing_transforms(
     keys: Sequence[str] = ("image", "label"),
     crop_foreground: bool | None = None,
     load: bool = True,
+    file_order: bool = False,
 ) -> mt.Compose:
     """Load NIfTI files named in a dict and bring them to the plans' orientation, spacing and intensities.
 
     ``keys`` lists the image first; a ``label`` key is resampled with nearest neighbour.
     ``crop_foreground`` overrides the plans (inference keeps the whole field of view).
     ``load=False`` starts from MetaTensors already loaded (with their affine) instead of paths.
+    ``file_order``: load in the files' voxel order where the normalisation uses fixed statistics
+    (``ct``, ``none``), so that every output value is computed as from C-ordered data; a per-image
+    ``zscore`` sums the voxels, whose rounding would follow their order, so it loads C-ordered.
     """
     keys = list(keys)
     modes = ["nearest" if k == "label" else "bilinear" for k in keys]
-    steps: list[mt.MapTransform] = [LoadVolumed(keys=keys)] if load else []
+    fixed = resolve_normalization(plans.get("normalization", "zscore"), plans.get("modality")) in ("ct", "none")
+    steps: list[mt.MapTransform] = [LoadVolumed(keys=keys, file_order=file_order and fixed)] if load else []
     steps += [
         mt.EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
         mt.EnsureTyped(keys=keys, dtype=np.float32),

@@ -209,3 +209,20 @@ def test_hippocampus_plans_match_nnunet_layout() -> None:
     assert plans["network"]["filters"] == [32, 64, 128, 256]
     cap = int(0.05 * fingerprint["total_cropped_volume_mm3"] // (40 * 56 * 40))
     assert plans["batch_size"] == cap == 7  # 5 % of 210 cases' 13.1 M voxels / 89,600 per patch
+
+
+@pytest.mark.parametrize("label_dtype", [np.uint8, np.float32])
+def test_fingerprint_is_the_same_for_either_voxel_order(label_dtype: type) -> None:
+    """Volumes loaded in the file's (Fortran) order measure exactly like C-ordered ones, samples included."""
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(30, 40, 50)).astype(np.float32)
+    label = (rng.random((30, 40, 50)) < 0.4).astype(label_dtype) * rng.integers(1, 3, size=(30, 40, 50))
+    affine = np.diag([0.8, 0.9, 2.0, 1.0])
+    c_order = study_fingerprint("s", Volume(image, affine), Volume(label.astype(label_dtype), affine))
+    f_order = study_fingerprint("s", Volume(np.asfortranarray(image), affine),
+                                Volume(np.asfortranarray(label.astype(label_dtype)), affine))
+    assert c_order.foreground.size == 10_000 < np.count_nonzero(label)  # strided samples: order matters
+    np.testing.assert_array_equal(f_order.foreground, c_order.foreground)
+    assert f_order.class_counts == c_order.class_counts and sum(c_order.class_counts.values()) == label.size
+    assert (f_order.spacing, f_order.shape, f_order.cropped_shape) == (c_order.spacing, c_order.shape,
+                                                                       c_order.cropped_shape)
