@@ -226,3 +226,14 @@ def test_fingerprint_is_the_same_for_either_voxel_order(label_dtype: type) -> No
     assert f_order.class_counts == c_order.class_counts and sum(c_order.class_counts.values()) == label.size
     assert (f_order.spacing, f_order.shape, f_order.cropped_shape) == (c_order.spacing, c_order.shape,
                                                                        c_order.cropped_shape)
+
+
+def test_class_counts_by_slab_equal_one_bincount() -> None:
+    from pipeline.planning import _class_counts
+
+    rng = np.random.default_rng(6)
+    label = rng.integers(0, 5, size=(9, 8, 7)).astype(np.uint8)
+    label[-1, -1, -1] = 6  # a class that first appears in the last slab: the counts grow
+    for array in (label, np.asfortranarray(label), label.astype(np.float32), label[:, ::2]):
+        for slab in (1, 7, 64, 1 << 22):
+            np.testing.assert_array_equal(_class_counts(array, slab=slab), np.bincount(array.ravel().astype(int)))
