@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/ingest.py                      # ../shared/data/dicom_qa/dcm_qa_nih/In
     .venv/bin/python benchmarks/ingest.py FOLDER ... --repeats 7 --workers 2
     .venv/bin/python benchmarks/ingest.py --synthetic-ct 300 --repeats 3   # a generated 512 x 512 x 300 CT
+    .venv/bin/python benchmarks/ingest.py --synthetic-patients 300 --repeats 3   # 24,000 small files, 600 series
 
 Each repetition runs, interleaved so that they share the machine's load: dcm2niix writing
 uncompressed .nii (``-z n``, its default), dcm2niix writing .nii.gz (``-z y``, like medpipe,
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     parser.add_argument("--synthetic-ct", type=int, metavar="SLICES",
                         help="also time a generated 512 x 512 x SLICES CT series (int16, one file per slice)")
+    parser.add_argument("--synthetic-patients", type=int, metavar="N",
+                        help="also time a generated folder of N patients, each with two 32 x 32 x 40 MR series in a "
+                             "folder named after the patient (a PACS export: many small files, thousands of PHI "
+                             "values; 300 patients are 24,000 files)")
     parser.add_argument("--cold-bytecode", action="store_true",
                         help="do not precompile medpipe's modules (with PYTHONDONTWRITEBYTECODE set, every command "
                              "then compiles them again)")
@@ -140,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     print(bytecode)
     results = []
     with tempfile.TemporaryDirectory(prefix="medpipe_bench_ct_") as generated:
-        folders = list(args.folders) or ([] if args.synthetic_ct else [DEFAULT])
+        folders = list(args.folders) or ([] if args.synthetic_ct or args.synthetic_patients else [DEFAULT])
         if args.synthetic_ct:
-            folders.append(_synthetic_ct(Path(generated), args.synthetic_ct))
+            folders.append(_synthetic_ct(Path(generated) / "ct", args.synthetic_ct))
+        if args.synthetic_patients:
+            folders.append(_synthetic_patients(Path(generated) / "patients", args.synthetic_patients))
         results = _run(folders, args=args, exe=exe, bytecode=bytecode)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -156,8 +163,41 @@ def _synthetic_ct(root: Path, slices: int) -> Path:
 
     from tests.fixtures.dicom_writer import write_series
 
-    write_series(root / "ct", ct_like((512, 512, slices)), modality="CT", pixel_spacing=(0.8, 0.8), step=1.5,
+    write_series(root, ct_like((512, 512, slices)), modality="CT", pixel_spacing=(0.8, 0.8), step=1.5,
                  intercept=-1024.0)
+    return root
+
+
+def _synthetic_patients(root: Path, patients: int) -> Path:
+    """``patients`` folders ``LAST_FIRST_ID``, each with two 32 x 32 x 40 MR series whose headers carry that
+    patient's (made-up) name, ID, birth date and accession number; the same every time."""
+    import random
+    import string
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from tests.fixtures.dicom_writer import write_series
+
+    rng = random.Random(0)
+
+    def word(low: int, high: int) -> str:
+        return "".join(rng.choice(string.ascii_uppercase) for _ in range(rng.randint(low, high)))
+
+    stored = (np.arange(32 * 32 * 40) % 1000).astype(np.int16).reshape(32, 32, 40)
+    for index in range(patients):
+        last, first, pid = word(4, 9), word(3, 7), str(rng.randint(10 ** 6, 10 ** 7))
+        birth = f"19{rng.randint(30, 99)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+        physician = f"{word(6, 6)}^{word(4, 4)}"
+
+        def edit(ds: object, _: int, last: str = last, first: str = first, pid: str = pid, birth: str = birth,
+                 physician: str = physician, index: int = index) -> None:
+            ds.PatientName, ds.PatientID, ds.PatientBirthDate = f"{last}^{first}", pid, birth  # type: ignore[attr-defined]
+            ds.AccessionNumber, ds.ReferringPhysicianName = f"ACC{index:05d}{pid[-3:]}", physician  # type: ignore[attr-defined]
+
+        for series in range(2):
+            write_series(root / f"{last}_{first}_{pid}" / f"series{series}", stored, series_tag=f"p{index}s{series}",
+                         name_pattern="IM{index:05d}.dcm", edit=edit)
     return root
 
 

@@ -171,6 +171,7 @@ def _failure_reply(exc: BaseException, memory_setting: str) -> Reply:
 def _worker_main(conn: Connection, memory_limit_mb: int | None, log_level: int, memory_setting: str) -> None:
     """Run jobs from ``conn`` until it closes or sends None; reply with ("done", index, reply)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    gc.enable()  # forked where the parent paused its collector (pipeline.collector): a worker collects its own
     # A crashing decoder is reported by the parent with the signal's name; a faulthandler
     # inherited from the parent (pytest enables one) would only dump the module list to stderr.
     faulthandler.disable()
@@ -223,11 +224,13 @@ def _start(process: Any, *, forked: bool) -> None:
     if not forked:
         process.start()
         return
+    frozen = gc.get_freeze_count() > 0  # by pipeline.collector.long_lived, which unfreezes them when it ends
     gc.freeze()
     try:
         process.start()
     finally:
-        gc.unfreeze()
+        if not frozen:
+            gc.unfreeze()
 
 
 class _Worker:

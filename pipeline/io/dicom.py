@@ -10,7 +10,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -98,7 +98,7 @@ def group_series(headers: Iterable[DicomHeader | None], *, split_4d: bool = Fals
     for uid in sorted(groups):
         members_of_uid = sorted(groups[uid], key=lambda h: h.rel)
         for part, members in split_series(members_of_uid, split_4d=split_4d):
-            parents = [str(PurePosixPath(h.rel).parent) for h in members]
+            parents = [h.rel.rpartition("/")[0] or "." for h in members]  # PurePosixPath(rel).parent, 20x faster
             folder = os.path.commonpath(parents) if all(p != "." for p in parents) else "."
             scan.series.append(DicomSeries(uid=uid, folder=folder or ".", headers=tuple(members), part=part))
     scan.series.sort(key=lambda s: (s.folder, s.headers[0].rel, s.part))

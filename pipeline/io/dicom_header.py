@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -261,9 +262,15 @@ def header_from_bytes(data: bytes, *, path: str, rel: str) -> tuple[DicomHeader 
     return header, raw, ds
 
 
-def read_header(path: Path, *, root: Path) -> DicomHeader | None:
-    """The header of a DICOM object of a series, or None for anything else (junk, DICOMDIR)."""
-    rel = path.relative_to(root).as_posix()
+def read_header(path: Path, *, root: Path, rel: str | None = None,
+                guard: Callable[[Path, str], None] | None = None) -> DicomHeader | None:
+    """The header of a DICOM object of a series, or None for anything else (junk, DICOMDIR).
+
+    ``rel``: the path relative to ``root`` when the caller has it. ``guard(path, rel)`` runs before
+    pydicom reads a file that the fast walker leaves to it, and may raise to refuse the file unread
+    (a deflated data set that would inflate past a memory limit); what it raises propagates.
+    """
+    rel = path.relative_to(root).as_posix() if rel is None else rel
     raw: RawHeader | None
     data: bytes
     try:
@@ -277,9 +284,12 @@ def read_header(path: Path, *, root: Path) -> DicomHeader | None:
     except OSError as exc:
         log.debug("%s: cannot be read (%s); ignored", rel, exc.strerror)
         return None
+    fast = raw if raw is not None and not _needs_dataset(raw) else None
+    if fast is None and guard is not None:
+        guard(path, rel)
     try:
-        if raw is not None and not _needs_dataset(raw):
-            return _fast_header(raw, data, path=str(path), rel=rel)
+        if fast is not None:
+            return _fast_header(fast, data, path=str(path), rel=rel)
         return _pydicom_header(str(path), path=str(path), rel=rel, full=False)[0]
     except Exception as exc:  # noqa: BLE001 - any parse failure of an arbitrary file means "not DICOM"
         log.debug("%s: not readable as DICOM (%s); ignored", rel, type(exc).__name__)

@@ -24,6 +24,8 @@ _ALL_VRS = _LONG_VRS | frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT
                                    b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 _BINARY_INT = {b"US": "<H", b"UL": "<I", b"SS": "<h", b"SL": "<i"}
 _BINARY_FLOAT = {b"FL": "<f", b"FD": "<d"}
+_BINARY = _BINARY_INT | _BINARY_FLOAT
+
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 16
@@ -248,8 +250,9 @@ def parse_header(data: bytes) -> RawHeader:
 # ---- one accessor over both readers --------------------------------------------------------
 
 
-def _text(value: bytes) -> str:
-    return value.decode("latin-1").rstrip("\0 ").strip()
+def _unpack_all(fmt: str, value: bytes) -> tuple[Any, ...]:
+    """Every whole value of ``fmt`` (one little-endian number) in ``value``."""
+    return struct.unpack_from(f"<{len(value) // struct.calcsize(fmt)}{fmt[1]}", value)
 
 
 class Tags:
@@ -282,18 +285,24 @@ class Tags:
             return None
         return elem.VR.encode(), elem.value
 
+    def _raw_element(self, tag: int) -> tuple[bytes, bytes] | None:
+        """(VR, value bytes) of a walked element (the hot path of discovery: ~25 lookups a file)."""
+        found = self._raw.values.get(tag)  # type: ignore[union-attr]
+        if found is not None and (self._raw.implicit or found[0] == b"UN"):  # type: ignore[union-attr]
+            return VR_OF.get(tag, found[0]), found[1]
+        return found
+
     def strings(self, tag: int) -> list[str] | None:
         """The value split on backslashes (numbers formatted back to text)."""
-        found = self._element(tag)
+        found = self._raw_element(tag) if self._raw is not None else self._element(tag)
         if found is None:
             return None
         vr, value = found
         if isinstance(value, bytes):
-            if vr in _BINARY_INT or vr in _BINARY_FLOAT:
-                fmt = _BINARY_INT.get(vr) or _BINARY_FLOAT[vr]
-                count = len(value) // struct.calcsize(fmt)
-                return [repr(v) for v in struct.unpack_from(f"<{count}{fmt[1]}", value)]
-            text = _text(value)
+            binary = _BINARY.get(vr)
+            if binary is not None:
+                return [repr(v) for v in _unpack_all(binary, value)]
+            text = value.decode("latin-1").rstrip("\0 ").strip()
             return [part.strip() for part in text.split("\\")] if text else []
         if isinstance(value, str):
             return [part.strip() for part in value.split("\\")] if value.strip() else []
@@ -307,6 +316,11 @@ class Tags:
 
     def number(self, tag: int) -> int | None:
         """An integer (US/UL/SS/SL or IS); None when absent or not an integer."""
+        if self._raw is not None:
+            found = self._raw_element(tag)
+            if found is not None and found[0] in _BINARY_INT:  # what the text route gives, without the text
+                values = _unpack_all(_BINARY_INT[found[0]], found[1])
+                return values[0] if values else None
         parts = self.strings(tag)
         if not parts:
             return None

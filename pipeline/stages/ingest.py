@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pipeline.batch import run_batch
 from pipeline.classification.labels_csv import apply_class_labels
+from pipeline.collector import long_lived
 from pipeline.config import IngestConfig, PipelineConfig
 from pipeline.errors import IngestError, PipelineError
-from pipeline.fileio import read_json, sha256_bytes
+from pipeline.fileio import read_json
 from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, group_series, skip_reason
 from pipeline.io.nifti import is_nifti
-from pipeline.isolation import Isolation, deflated_size_over
+from pipeline.isolation import Isolation
 from pipeline.manifest import Manifest, Problem, Study, load_manifest, pseudonym, save_manifest
 from pipeline.privacy import SCRUBBED, Scrubber, scan_scrubber, scrubbed_logs
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
 from pipeline.stages.ingest_headers import read_headers
+from pipeline.stages.ingest_listing import list_scan_files, listing_digest, outside, relative
 from pipeline.stages.ingest_study import IngestTask, process_study
 
 __all__ = ["IngestTask", "discover", "ingest", "list_scan_files", "process_study"]
@@ -30,51 +31,13 @@ log = logging.getLogger(__name__)
 # ---- discovery -----------------------------------------------------------------------------
 
 
-def _outside(path: Path, real_root: Path) -> bool:
-    try:
-        return not path.resolve(strict=True).is_relative_to(real_root)
-    except (OSError, RuntimeError):  # a dangling link or a link loop
-        return True
-
-
-def list_scan_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
-    """Every regular file under ``root`` (sorted), leaving out links that point outside it (or nowhere)."""
-    real_root = root.resolve()
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):  # never follows links to folders
-        here = Path(dirpath)
-        if exclude is not None and here.resolve().is_relative_to(exclude):
-            dirnames[:] = []
-            continue
-        dirnames.sort()
-        for name in [d for d in dirnames if (here / d).is_symlink()] + sorted(filenames):
-            path = here / name
-            if path.is_symlink() and _outside(path, real_root):
-                log.warning("%s: a link pointing outside the scan folder (or nowhere); ignored",
-                            path.relative_to(root).as_posix())
-                continue
-            if name in filenames and path.is_file():
-                files.append(path)
-    return files
-
-
-def _listing_digest(root: Path, files: list[Path]) -> str:
-    """Names, sizes and change times: a file replaced at the same path changes its ctime even when it keeps
-    its size and mtime (``cp -p``, ``touch -r``), so the stage runs again and rechecks contents by checksum."""
-    lines = []
-    for p in files:
-        st = p.stat()
-        lines.append(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}")
-    return sha256_bytes(("\n".join([str(root.resolve()), *lines])).encode())
-
-
 def _inside(root: Path, rel: str) -> Path | None:
     """``root / rel`` when ``rel`` is relative and it (links resolved) stays inside ``root``, else None."""
     pure = PurePosixPath(rel)
     if pure.is_absolute() or ".." in pure.parts:
         return None
     path = root / pure
-    if (path.exists() or path.is_symlink()) and _outside(path, root.resolve()):
+    if (path.exists() or path.is_symlink()) and outside(path, root.resolve()):
         return None
     return path
 
@@ -128,7 +91,7 @@ def _msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list
     for path in sorted(p for p in files if p.parent in (root / "imagesTr", root / "imagesTs") and is_nifti(p)):
         if path in consumed:
             continue
-        rel = path.relative_to(root).as_posix()
+        rel = relative(root, path)
         problems = () if path.parent.name == "imagesTs" else (
             ("msd_unlisted_image", f"{rel}: in imagesTr but not in dataset.json's training list; ingested unlabeled"),)
         specs.append({**base, "source": rel, "image_path": str(path), "modality": modality, "problems": problems})
@@ -136,21 +99,10 @@ def _msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list
     return specs, consumed, {"dataset": meta.get("name"), "labels": labels}
 
 
-def _bombs(root: Path, files: list[Path], cfg: IngestConfig) -> dict[Path, tuple[str, str]]:
-    """Deflated DICOM files that would inflate past a quarter of the worker memory limit: refused unread,
-    since every DICOM reader (pydicom too, here in the main process) inflates the whole data set."""
-    limit = (cfg.memory_limit_mb or 4096) * (1 << 20) // 4
-    found = {}
-    for path in files:
-        try:
-            size = None if is_nifti(path) else deflated_size_over(path, limit)
-        except OSError:
-            continue  # unreadable: discovery ignores it the same way
-        if size is not None:
-            found[path] = ("too_large", f"{path.relative_to(root).as_posix()}: a deflated DICOM file that inflates to "
-                                        f"more than {limit >> 20} MB (a decompression bomb, or a huge data set); "
-                                        "not read. If it is genuine, raise ingest.memory_limit_mb")
-    return found
+def _inflate_limit(cfg: IngestConfig) -> int:
+    """Deflated DICOM files that would inflate past this many bytes (a quarter of a worker's memory limit) are
+    refused unread: every DICOM reader, pydicom too (in this process, reading headers), inflates the whole set."""
+    return (cfg.memory_limit_mb or 4096) * (1 << 20) // 4
 
 
 def _too_large(series: DicomSeries, max_voxels: int) -> tuple[str, str] | None:
@@ -167,33 +119,37 @@ def _too_large(series: DicomSeries, max_voxels: int) -> tuple[str, str] | None:
 def _discover_series(root: Path, files: list[Path], *,
                      config: IngestConfig) -> tuple[DicomScan, dict[Path, tuple[str, str]]]:
     """The series of ``files``, and the files set apart because reading their header failed."""
-    headers, broken = read_headers(root, files, workers=config.workers, limits=_isolation(config))
-    scan = group_series([h for path, h in zip(files, headers, strict=True) if path not in broken],
-                        split_4d=config.split_4d)
+    headers, broken = read_headers(root, files, workers=config.workers, limits=_isolation(config),
+                                   inflate_limit=_inflate_limit(config))
+    if broken:  # (hashing every Path costs more than reading a header's worth of bytes)
+        headers = [h for path, h in zip(files, headers, strict=True) if path not in broken]
+    scan = group_series(headers, split_4d=config.split_4d)
     return scan, broken
 
 
 def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConfig,
              previous: dict[str, Study]) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
     """All tasks under ``root``, the manifest header (dataset name, labels, ignored file count) and the
-    scrubber that keeps this scan's PHI out of sources and messages (task sources are already scrubbed)."""
+    scrubber that keeps this scan's PHI out of sources and messages (task sources are already scrubbed).
+    ``files``: the scan's listing, sorted (as :func:`list_scan_files` gives it)."""
     base: dict[str, Any] = {"out_dir": str(out_dir)}
     specs: list[dict[str, Any]] = []
     header: dict[str, Any] = {"dataset": None, "labels": None}
-    bombs = _bombs(root, files, config)
-    remaining = set(files) - set(bombs)
+    remaining = files
     if (root / "dataset.json").is_file():
-        msd_specs, consumed, header = _msd_tasks(root, base, remaining)
+        msd_specs, consumed, header = _msd_tasks(root, base, set(files))
         specs += [{**s, "format": "nifti", "id_key": s["source"]} for s in msd_specs]
-        remaining -= consumed
-    others = sorted(remaining)
-    for path in others:
+        remaining = [p for p in files if p not in consumed]
+    dicom = []
+    for path in remaining:
         if is_nifti(path):
-            rel = path.relative_to(root).as_posix()
+            rel = relative(root, path)
             specs.append({**base, "format": "nifti", "source": rel, "id_key": rel, "image_path": str(path)})
-    scan, broken = _discover_series(root, [p for p in others if not is_nifti(p)], config=config)
-    for path, error in sorted({**bombs, **broken}.items()):
-        rel = path.relative_to(root).as_posix()
+        else:
+            dicom.append(path)
+    scan, broken = _discover_series(root, dicom, config=config)
+    for path, error in sorted(broken.items()):
+        rel = relative(root, path)
         specs.append({**base, "format": "dicom", "source": rel, "id_key": rel, "error": error})
     options = DicomOptions(gantry_tilt=config.gantry_tilt, irregular_slices=config.irregular_slices)
     for series in scan.series:
@@ -201,7 +157,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
                       "modality": series.modality, "skip": skip_reason(series), "dicom_options": options,
                       "error": _too_large(series, config.max_voxels)})
     scrubber = scan_scrubber([[h.path for h in s.headers] for s in scan.series],
-                             [p.relative_to(root).as_posix() for p in files], key=config.pseudonym_key,
+                             [relative(root, p) for p in files], key=config.pseudonym_key,
                              enabled=config.scrub_phi)
     tasks = []
     for spec in specs:
@@ -303,34 +259,36 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
         files = list_scan_files(scan_dir, exclude=out.resolve())
         if not files:
             raise IngestError(f"scan folder {scan_dir} is empty; nothing to ingest", code="scan_dir_empty")
-        listing = _listing_digest(scan_dir, files)
+        listing = listing_digest(scan_dir, files)
 
         def work(record: StageRecord) -> list[Path]:
             previous = _previous_studies(out)
-            tasks, header, scrubber = discover(scan_dir, files, out_dir=out, config=settings, previous=previous)
-            logs.release(scrubber)
-            if not tasks:
-                raise IngestError(f"scan folder {scan_dir} holds {len(files)} files but no NIfTI image or DICOM "
-                                  "image series", code="no_studies")
-            tasks = [t for t in tasks if owns(t.id)]  # the whole scan when unsharded
-            runnable = [t for t in tasks if t.error is None and t.skip is None]
-            outcomes = {o.key: o for o in run_batch(runnable, process_study, key=lambda t: t.id,
-                                                    workers=settings.workers, desc="ingest",
-                                                    isolation=_isolation(settings),
-                                                    execution=config.execution)}
-            studies = _studies(tasks, outcomes, scrubber, record)
-            manifest = Manifest(dataset=header["dataset"], labels=header["labels"], studies=studies)
-            manifest = apply_class_labels(manifest, config.data.labels_csv, root=scan_dir,  # classification
-                                          partial=config.execution.shard is not None)
-            outputs = [save_manifest(manifest, out)]
-            keep = {p for s in studies if s.status == "ok" for p in (s.image, s.label) if p}
-            _remove_orphans(out, keep)
-            outputs += [out / p for p in sorted(keep)]
-            record.digests.update({out / rel: s.sha256[name] for s in studies if s.status == "ok"
-                                   for rel, name in ((s.image, "image"), (s.label, "label")) if rel})
-            record.extra["ignored_files"] = header["ignored_files"]
-            record.extra["reused_studies"] = sum(1 for s in record.studies if s.reused)
-            return outputs
+            # many objects (a header per file), no cycles, alive to the end: kept out of collections
+            with long_lived(lambda: discover(scan_dir, files, out_dir=out, config=settings,
+                                             previous=previous)) as (tasks, header, scrubber):
+                logs.release(scrubber)
+                if not tasks:
+                    raise IngestError(f"scan folder {scan_dir} holds {len(files)} files but no NIfTI image or "
+                                      "DICOM image series", code="no_studies")
+                tasks = [t for t in tasks if owns(t.id)]  # the whole scan when unsharded
+                runnable = [t for t in tasks if t.error is None and t.skip is None]
+                outcomes = {o.key: o for o in run_batch(runnable, process_study, key=lambda t: t.id,
+                                                        workers=settings.workers, desc="ingest",
+                                                        isolation=_isolation(settings),
+                                                        execution=config.execution)}
+                studies = _studies(tasks, outcomes, scrubber, record)
+                manifest = Manifest(dataset=header["dataset"], labels=header["labels"], studies=studies)
+                manifest = apply_class_labels(manifest, config.data.labels_csv, root=scan_dir,  # classification
+                                              partial=config.execution.shard is not None)
+                outputs = [save_manifest(manifest, out)]
+                keep = {p for s in studies if s.status == "ok" for p in (s.image, s.label) if p}
+                _remove_orphans(out, keep)
+                outputs += [out / p for p in sorted(keep)]
+                record.digests.update({out / rel: s.sha256[name] for s in studies if s.status == "ok"
+                                       for rel, name in ((s.image, "image"), (s.label, "label")) if rel})
+                record.extra["ignored_files"] = header["ignored_files"]
+                record.extra["reused_studies"] = sum(1 for s in record.studies if s.reused)
+                return outputs
 
         labels_csv = {"labels_csv": Path(config.data.labels_csv)} if config.data.labels_csv else {}
         return execute_stage("ingest", out, config=config, inputs=labels_csv, work=work, force=force,

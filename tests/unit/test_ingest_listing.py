@@ -1,0 +1,110 @@
+"""Listing a scan folder: the scandir walk gives what an os.walk + pathlib listing gives, in the same order."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.stages.ingest_listing import list_scan_files, listing_digest, relative
+
+
+def _reference(root: Path, *, exclude: Path | None = None) -> list[Path]:
+    """The listing by os.walk and pathlib (slow, obviously right), sorted: regular files, no links leaving the
+    root, never into linked folders."""
+    real_root = root.resolve()
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if exclude is not None and here.resolve().is_relative_to(exclude):
+            dirnames[:] = []
+            continue
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = here / name
+            if path.is_symlink():
+                try:
+                    if not path.resolve(strict=True).is_relative_to(real_root):
+                        continue
+                except OSError:
+                    continue
+            if path.is_file():
+                files.append(path)
+    return sorted(files)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "scan"
+    for rel in ("b.dcm", "a.txt", "a/z.dcm", "a/b/c.dcm", "a/b/a.dcm", "a-b/x", "A/upper", "out/old.nii.gz",
+                "deep/1/2/3/4/f"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "folder").mkdir(parents=True)
+    (elsewhere / "secret.dcm").write_bytes(b"x")
+    (root / "link_in.dcm").symlink_to(root / "a" / "z.dcm")
+    (root / "link_out.dcm").symlink_to(elsewhere / "secret.dcm")
+    (root / "dangling.dcm").symlink_to(root / "missing")
+    (root / "a" / "dirlink_in").symlink_to(root / "deep", target_is_directory=True)
+    (root / "dirlink_out").symlink_to(elsewhere / "folder", target_is_directory=True)
+    os.mkfifo(root / "a" / "fifo")
+    return root
+
+
+def test_the_listing_equals_the_os_walk_listing(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        files = list_scan_files(tree)
+    assert files == _reference(tree)
+    rels = [relative(tree, p) for p in files]
+    assert rels == ["A/upper", "a/b/a.dcm", "a/b/c.dcm", "a/z.dcm", "a-b/x", "a.txt", "b.dcm", "deep/1/2/3/4/f",
+                    "link_in.dcm", "out/old.nii.gz"]  # Path order: a folder's entries by name, depth first
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert all(name in warned for name in ("link_out.dcm", "dangling.dcm", "dirlink_out"))
+    assert "dirlink_in" not in warned and str(tree) not in warned  # relative paths only
+
+
+def test_an_excluded_folder_is_not_listed(tree: Path) -> None:
+    exclude = (tree / "out").resolve()
+    files = list_scan_files(tree, exclude=exclude)
+    assert files == _reference(tree, exclude=exclude)
+    assert not any("out" in p.parts for p in files)
+    assert list_scan_files(tree, exclude=tree.resolve()) == []  # an output folder holding the scan folder
+
+
+def test_relative_paths_match_pathlib(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for root in (tree, Path(os.path.relpath(tree))):
+        for path in list_scan_files(root):
+            assert relative(root, path) == path.relative_to(root).as_posix()
+    monkeypatch.chdir(tree)
+    here = list_scan_files(Path("."))
+    assert [relative(Path("."), p) for p in here] == [p.relative_to(".").as_posix() for p in here]
+    assert relative(Path("/"), Path("/etc/hosts")) == "etc/hosts"
+
+
+def test_the_digest_follows_names_sizes_and_change_times(tree: Path) -> None:
+    files = list_scan_files(tree)
+    first = listing_digest(tree, files)
+    assert listing_digest(tree, files) == first
+    (tree / "a" / "z.dcm").write_bytes(b"new content")  # new size and times
+    assert listing_digest(tree, files) != first
+
+
+def test_an_unreadable_folder_is_reported_and_the_rest_listed(tree: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    everything = _reference(tree)
+    real_scandir = os.scandir
+
+    def scandir(path: os.PathLike[str] | str) -> object:
+        if Path(path).name == "b":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING):
+        files = list_scan_files(tree)
+    assert "a/b: this folder cannot be read (Permission denied)" in caplog.text
+    assert [relative(tree, p) for p in files if p.parent.name == "a"] == ["a/z.dcm"]
+    assert files == [p for p in everything if p.parent.name != "b"] and len(files) == len(everything) - 2
