@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -37,19 +37,34 @@ def collector_paused() -> Iterator[None]:
         gc.enable()
 
 
+_FROZEN = [0]  # how many frozen() blocks are open in this process
+
+
+@contextmanager
+def frozen() -> Iterator[None]:
+    """The objects alive on entry left out of every collection until the outermost ``frozen()`` block ends
+    (``gc.freeze``; ``gc.unfreeze`` when the last one closes, which also returns objects frozen by others).
+
+    Objects that die meanwhile are freed as usual (by reference counting) unless they are in a
+    reference cycle: those wait for the end of the outermost block.
+    """
+    gc.freeze()
+    _FROZEN[0] += 1
+    try:
+        yield
+    finally:
+        _FROZEN[0] -= 1
+        if not _FROZEN[0]:
+            gc.unfreeze()
+
+
 @contextmanager
 def long_lived(build: Callable[[], T]) -> Iterator[T]:
-    """``build()``'s result, built with the collector paused and then, with everything else alive, left out of
-    the collections inside the block (``gc.freeze``); back in afterwards (``gc.unfreeze``).
-
-    For objects that live to the end of the block (a stage's headers and tasks), in no reference
-    cycle. Objects that die inside are freed as usual (by reference counting) unless they are in
-    a cycle: those wait for the end of the block.
-    """
-    with collector_paused():
-        value = build()
-        gc.freeze()  # before the collector resumes: not even one young collection walks them
-    try:
+    """``build()``'s result, built with the collector paused and then, with everything else alive, kept out of
+    the collections inside the block (:func:`frozen`). For objects that live to the end of the block (a
+    stage's headers and tasks) and form no reference cycles."""
+    with ExitStack() as stack:
+        with collector_paused():
+            value = build()
+            stack.enter_context(frozen())  # before the collector resumes: not even one young collection walks them
         yield value
-    finally:
-        gc.unfreeze()

@@ -45,6 +45,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.collector import frozen
 from pipeline.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -224,13 +225,8 @@ def _start(process: Any, *, forked: bool) -> None:
     if not forked:
         process.start()
         return
-    frozen = gc.get_freeze_count() > 0  # by pipeline.collector.long_lived, which unfreezes them when it ends
-    gc.freeze()
-    try:
+    with frozen():  # left frozen where an outer block (pipeline.collector.long_lived) froze them already
         process.start()
-    finally:
-        if not frozen:
-            gc.unfreeze()
 
 
 class _Worker:
