@@ -255,6 +255,24 @@ def _unpack_all(fmt: str, value: bytes) -> tuple[Any, ...]:
     return struct.unpack_from(f"<{len(value) // struct.calcsize(fmt)}{fmt[1]}", value)
 
 
+def _parts(found: tuple[bytes, Any] | None) -> list[str] | None:
+    """An element's (VR, value) split on backslashes, numbers formatted back to text; None when absent."""
+    if found is None:
+        return None
+    vr, value = found
+    if isinstance(value, bytes):
+        binary = _BINARY.get(vr)
+        if binary is not None:
+            return [repr(v) for v in _unpack_all(binary, value)]
+        text = value.decode("latin-1").rstrip("\0 ").strip()
+        return [part.strip() for part in text.split("\\")] if text else []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split("\\")] if value.strip() else []
+    if hasattr(value, "__iter__"):  # a pydicom MultiValue (or list) of numbers or strings
+        return [str(v).strip() for v in value]
+    return [str(value).strip()]
+
+
 class Tags:
     """Typed element access over a RawHeader or a pydicom Dataset (nested items included)."""
 
@@ -288,21 +306,7 @@ class Tags:
 
     def strings(self, tag: int) -> list[str] | None:
         """The value split on backslashes (numbers formatted back to text)."""
-        found = self._element(tag)
-        if found is None:
-            return None
-        vr, value = found
-        if isinstance(value, bytes):
-            binary = _BINARY.get(vr)
-            if binary is not None:
-                return [repr(v) for v in _unpack_all(binary, value)]
-            text = value.decode("latin-1").rstrip("\0 ").strip()
-            return [part.strip() for part in text.split("\\")] if text else []
-        if isinstance(value, str):
-            return [part.strip() for part in value.split("\\")] if value.strip() else []
-        if hasattr(value, "__iter__"):  # a pydicom MultiValue (or list) of numbers or strings
-            return [str(v).strip() for v in value]
-        return [str(value).strip()]
+        return _parts(self._element(tag))
 
     def text(self, tag: int) -> str | None:
         parts = self.strings(tag)
@@ -310,12 +314,11 @@ class Tags:
 
     def number(self, tag: int) -> int | None:
         """An integer (US/UL/SS/SL or IS); None when absent or not an integer."""
-        if self._raw is not None:
-            found = self._raw_element(tag)
-            if found is not None and found[0] in _BINARY_INT:  # what the text route gives, without the text
-                values = _unpack_all(_BINARY_INT[found[0]], found[1])
-                return values[0] if values else None
-        parts = self.strings(tag)
+        found = self._element(tag)
+        if found is not None and isinstance(found[1], bytes) and found[0] in _BINARY_INT:
+            values = _unpack_all(_BINARY_INT[found[0]], found[1])  # what the text route gives, without the text
+            return values[0] if values else None
+        parts = _parts(found)
         if not parts:
             return None
         try:

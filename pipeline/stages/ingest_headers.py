@@ -16,8 +16,9 @@ again in the main process: 0.34 s for 24,000 files).
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeline.io.dicom import DicomHeader, read_header
@@ -52,18 +53,17 @@ def _screen(path: Path, rel: str, *, limit: int) -> None:
                                    "ingest.memory_limit_mb")
 
 
-def _read(path: Path, root: Path, inflate_limit: int) -> DicomHeader | Refused | None:
+def _read(path: Path, root: Path, guard: Callable[[Path, str], None]) -> DicomHeader | Refused | None:
     try:
-        return read_header(path, root=root, rel=relative(root, path),
-                           guard=lambda p, rel: _screen(p, rel, limit=inflate_limit))
+        return read_header(path, root=root, rel=relative(root, path), guard=guard)
     except Refused as refused:
         return refused
 
 
 def read_chunk(root: str, paths: Sequence[str], inflate_limit: int) -> list[DicomHeader | Refused | None]:
     """Headers of ``paths`` (None for files that are not DICOM objects of a series); a worker job."""
-    base = Path(root)
-    return [_read(Path(path), base, inflate_limit) for path in paths]
+    base, guard = Path(root), functools.partial(_screen, limit=inflate_limit)
+    return [_read(Path(path), base, guard) for path in paths]
 
 
 def _read_in_process(root: Path, files: Sequence[Path],
@@ -71,9 +71,10 @@ def _read_in_process(root: Path, files: Sequence[Path],
     """Each header in this process; a file the reader fails on (a reader bug) is set apart, not fatal."""
     headers: list[DicomHeader | Refused | None] = []
     broken: Broken = {}
+    guard = functools.partial(_screen, limit=inflate_limit)
     for path in files:
         try:
-            headers.append(_read(path, root, inflate_limit))
+            headers.append(_read(path, root, guard))
         except Exception as exc:  # noqa: BLE001 - defence in depth against header-reader bugs on hostile files
             headers.append(None)
             message = (f"{relative(root, path)}: the DICOM header reader failed on this file ({type(exc).__name__}: "
