@@ -32,6 +32,16 @@ class IngestError(PipelineError):
     code = "ingest_error"
 
 
+class FileUnreadable(IngestError):
+    """A file of the scan folder could not be opened or read (permissions, a failing disk, a file removed)."""
+
+    code = "file_unreadable"
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason  # the operating system's words ("Permission denied"), never a path
+
+
 class GeometryError(IngestError):
     """Image geometry is missing, inconsistent or would have to be guessed."""
 

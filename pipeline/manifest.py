@@ -30,7 +30,7 @@ class Study(BaseModel):
 
     id: str
     source: str
-    format: Literal["nifti", "dicom"]
+    format: Literal["nifti", "dicom", "unknown"]  # unknown: a folder that could not be read
     status: Literal["ok", "failed", "skipped"]
     image: str | None = None
     label: str | None = None

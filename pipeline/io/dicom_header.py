@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.errors import FileUnreadable
 from pipeline.io.dicom_geometry import SliceGeometry
 from pipeline.io.dicom_tags import (
     PER_FRAME_GROUPS,
@@ -269,6 +270,7 @@ def read_header(path: Path, *, root: Path, rel: str | None = None,
     ``rel``: the path relative to ``root`` when the caller has it. ``guard(path, rel)`` runs before
     pydicom reads a file that the fast walker leaves to it, and may raise to refuse the file unread
     (a deflated data set that would inflate past a memory limit); what it raises propagates.
+    A file that cannot be opened or read raises FileUnreadable: it may be a slice of a series.
     """
     rel = path.relative_to(root).as_posix() if rel is None else rel
     raw: RawHeader | None
@@ -281,9 +283,10 @@ def read_header(path: Path, *, root: Path, rel: str | None = None,
         return None
     except FastParseError:  # and NeedMoreData at the end of the file: pydicom reads it instead
         raw, data = None, b""
-    except OSError as exc:
-        log.debug("%s: cannot be read (%s); ignored", rel, exc.strerror)
-        return None
+    except OSError as exc:  # never "not DICOM": the file may be a slice of a series
+        reason = exc.strerror or type(exc).__name__
+        raise FileUnreadable(f"{rel}: cannot be read ({reason}); check its permissions or the storage, then run "
+                             "again", reason=reason) from None
     fast = raw if raw is not None and not _needs_dataset(raw) else None
     if fast is None and guard is not None:
         guard(path, rel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
 from pipeline.stages.ingest_headers import read_headers
-from pipeline.stages.ingest_listing import list_scan_files, listing_digest, outside, relative
+from pipeline.stages.ingest_listing import list_scan_files, listing_digest, outside, relative, scan_listing
 from pipeline.stages.ingest_study import IngestTask, process_study
 
 __all__ = ["IngestTask", "discover", "ingest", "list_scan_files", "process_study"]
@@ -127,11 +128,45 @@ def _discover_series(root: Path, files: list[Path], *,
     return scan, broken
 
 
-def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConfig,
-             previous: dict[str, Study]) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
+def _unreadable_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, str]],
+                      folders: list[tuple[Path, str]]) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
+    """A failed entry for each file and folder that could not be read (their names withheld later), and a
+    problem for each series with such a file beside it, by series key: it may be missing slices."""
+    specs = [{"format": "unknown", "source": relative(root, path), "withhold": True,
+              "error": ("folder_unreadable", f"the folder cannot be read ({reason}); none of its files were "
+                                             "ingested. Fix its permissions and run ingest again (`find SCAN_DIR "
+                                             "! -readable` lists such folders)")}
+             for path, reason in folders]
+    files = [relative(root, path) for path, (code, _) in broken.items() if code == "file_unreadable"]
+    specs += [{"format": "dicom", "source": rel, "withhold": True, "error": broken[root / rel]} for rel in files]
+    counts = Counter(rel.rpartition("/")[0] or "." for rel in files)
+    problems = {}
+    for series in scan.series if counts else ():
+        beside = sum(counts[parent] for parent in {h.rel.rpartition("/")[0] or "." for h in series.headers})
+        if beside:
+            problems[series.key] = ("dicom_unreadable_neighbour",
+                                    f"{beside} file(s) in this series' folder cannot be read (see the file_unreadable "
+                                    "entries); the series may be missing slices")
+    return specs, problems
+
+
+def _known_folders(scan: DicomScan) -> set[str]:
+    """Every folder (and folder above it) that holds a file whose header was read."""
+    known: set[str] = set()
+    for header in (h for series in scan.series for h in series.headers):
+        folder = header.rel.rpartition("/")[0]
+        while folder and folder not in known:
+            known.add(folder)
+            folder = folder.rpartition("/")[0]
+    return known
+
+
+def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConfig, previous: dict[str, Study],
+             unreadable: list[tuple[Path, str]] | None = None) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
     """All tasks under ``root``, the manifest header (dataset name, labels, ignored file count) and the
     scrubber that keeps this scan's PHI out of sources and messages (task sources are already scrubbed).
-    ``files``: the scan's listing, sorted (as :func:`list_scan_files` gives it)."""
+    ``files``: the scan's listing, sorted (as :func:`list_scan_files` gives it); ``unreadable``: the
+    folders (and entries) that listing could not read, each with the reason: a failed entry each."""
     base: dict[str, Any] = {"out_dir": str(out_dir)}
     specs: list[dict[str, Any]] = []
     header: dict[str, Any] = {"dataset": None, "labels": None}
@@ -148,21 +183,28 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
         else:
             dicom.append(path)
     scan, broken = _discover_series(root, dicom, config=config)
+    unread, neighbours = _unreadable_specs(root, scan, broken, unreadable or [])
     for path, error in sorted(broken.items()):
-        rel = relative(root, path)
-        specs.append({**base, "format": "dicom", "source": rel, "id_key": rel, "error": error})
+        if error[0] != "file_unreadable":
+            rel = relative(root, path)
+            specs.append({**base, "format": "dicom", "source": rel, "id_key": rel, "error": error})
+    specs += [{**base, **spec, "id_key": spec["source"]} for spec in unread]
     options = DicomOptions(gantry_tilt=config.gantry_tilt, irregular_slices=config.irregular_slices)
     for series in scan.series:
         specs.append({**base, "format": "dicom", "source": series.folder, "id_key": series.key, "series": series,
                       "modality": series.modality, "skip": skip_reason(series), "dicom_options": options,
-                      "error": _too_large(series, config.max_voxels)})
+                      "error": _too_large(series, config.max_voxels),
+                      "problems": (neighbours[series.key],) if series.key in neighbours else ()})
     scrubber = scan_scrubber([[h.path for h in s.headers] for s in scan.series],
                              [relative(root, p) for p in files], key=config.pseudonym_key,
                              enabled=config.scrub_phi)
+    known = _known_folders(scan) if unread else set()
     tasks = []
     for spec in specs:
         study_id = pseudonym(spec.pop("id_key"), key=config.pseudonym_key)
+        withheld = spec.pop("withhold", False) and scrubber.withhold(spec["source"], known=known)
         spec.update({name: scrubber.path(spec[name]) for name in ("source", "label_source") if spec.get(name)})
+        spec.update({"source": withheld} if withheld else {})
         spec.update({name: (spec[name][0], scrubber.text(spec[name][1])) for name in ("error", "skip")
                      if spec.get(name)})
         spec["problems"] = tuple((code, scrubber.text(message)) for code, message in spec.get("problems", ()))
@@ -256,16 +298,20 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
         if not scan_dir.is_dir():
             raise IngestError(f"scan folder {scan_dir} does not exist or is not a folder; pass the folder holding "
                               "the NIfTI/DICOM files", code="scan_dir_missing")
-        files = list_scan_files(scan_dir, exclude=out.resolve())
-        if not files:
+        listing = scan_listing(scan_dir, exclude=out.resolve())
+        files = listing.files
+        if listing.unreadable and listing.unreadable[0][0] == scan_dir:
+            raise IngestError(f"scan folder {scan_dir} cannot be read ({listing.unreadable[0][1]}); check its "
+                              "permissions", code="scan_dir_unreadable")
+        if not files and not listing.unreadable:
             raise IngestError(f"scan folder {scan_dir} is empty; nothing to ingest", code="scan_dir_empty")
-        listing = listing_digest(scan_dir, files)
+        digest = listing_digest(scan_dir, files)
 
         def work(record: StageRecord) -> list[Path]:
             previous = _previous_studies(out)
             # many objects (a header per file), no cycles, alive to the end: kept out of collections
-            with long_lived(lambda: discover(scan_dir, files, out_dir=out, config=settings,
-                                             previous=previous)) as (tasks, header, scrubber):
+            with long_lived(lambda: discover(scan_dir, files, out_dir=out, config=settings, previous=previous,
+                                             unreadable=listing.unreadable)) as (tasks, header, scrubber):
                 logs.release(scrubber)
                 if not tasks:
                     raise IngestError(f"scan folder {scan_dir} holds {len(files)} files but no NIfTI image or "
@@ -292,4 +338,4 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
 
         labels_csv = {"labels_csv": Path(config.data.labels_csv)} if config.data.labels_csv else {}
         return execute_stage("ingest", out, config=config, inputs=labels_csv, work=work, force=force,
-                             extra_hash={"scan": listing})
+                             extra_hash={"scan": digest})

@@ -4,8 +4,9 @@ A scan folder's header walk is pure Python (about 0.5 ms a file), so with ``inge
 above 1 and enough files the files are read in chunks by isolated worker processes, under
 ingest's memory and time limits, while this process waits. A chunk whose worker fails is read
 again one file per job, so a file that crashes or exhausts a reader is set apart alone with
-the reason and the rest of the scan goes on. Headers come back in file order, so the series
-found are the same whichever way they were read.
+the reason and the rest of the scan goes on. A file that cannot be read (permissions, a failing
+disk) is set apart too, as ``file_unreadable``: it may be a slice of a series. Headers come back
+in file order, so the series found are the same whichever way they were read.
 
 A deflated file is screened before pydicom reads it (every DICOM reader inflates the whole data
 set in memory): one that would inflate past ``inflate_limit`` bytes is refused unread, a
@@ -21,8 +22,10 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pipeline.errors import FileUnreadable
 from pipeline.io.dicom import DicomHeader, read_header
-from pipeline.isolation import Isolation, Reply, deflated_size_over, run_isolated, start_method
+from pipeline.io.dicom_deflate import deflated_size_over
+from pipeline.isolation import Isolation, Reply, run_isolated, start_method
 from pipeline.stages.ingest_listing import relative
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,10 @@ def _read(path: Path, root: Path, guard: Callable[[Path, str], None]) -> DicomHe
         return read_header(path, root=root, rel=relative(root, path), guard=guard)
     except Refused as refused:
         return refused
+    except FileUnreadable as exc:  # its message names no file: the name may be PHI no header revealed
+        return Refused(exc.code, f"the file cannot be read ({exc.reason}); it was left out. If it belongs to a "
+                                 "series, that series may be missing slices: fix the file's permissions or the "
+                                 "storage and run ingest again (`find SCAN_DIR ! -readable` lists such files)")
 
 
 def read_chunk(root: str, paths: Sequence[str], inflate_limit: int) -> list[DicomHeader | Refused | None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.fileio import sha256_bytes
@@ -37,29 +38,28 @@ def outside(path: Path, real_root: Path) -> bool:
         return True
 
 
-def _is_dir(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_dir()  # follows links, as os.walk does
-    except OSError:
-        return False
+@dataclass
+class ScanListing:
+    """Every regular file under a scan folder, sorted, and the entries that could not be read."""
+
+    files: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (folder or entry, the OS's reason)
 
 
-def _is_file(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_file()  # follows links: a link to a file inside the folder counts
-    except OSError:
-        return False
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
 
 
-def _entries(root: Path, here: Path, real_root: Path) -> list[tuple[Path, bool]]:
+def _entries(root: Path, here: Path, real_root: Path,
+             unreadable: list[tuple[Path, str]]) -> list[tuple[Path, bool]]:
     """(path, is a folder to enter) for what ``here`` holds, by name: regular files (links to files inside
-    the root included) and folders that are not links; links leaving the root are reported and left out."""
+    the root included) and folders that are not links; links leaving the root are reported and left out;
+    what cannot be read (``here`` itself, or an entry whose type cannot be found) goes to ``unreadable``."""
     try:
         with os.scandir(here) as listing:
             entries = sorted(listing, key=lambda entry: entry.name)
     except OSError as exc:
-        log.warning("%s: this folder cannot be read (%s); its files are not ingested", relative(root, here),
-                    exc.strerror)
+        unreadable.append((here, _reason(exc)))
         return []
     found = []
     for entry in entries:
@@ -67,27 +67,34 @@ def _entries(root: Path, here: Path, real_root: Path) -> list[tuple[Path, bool]]
         link = entry.is_symlink()
         if link and outside(path, real_root):
             log.warning("%s: a link pointing outside the scan folder (or nowhere); ignored", relative(root, path))
-        elif _is_dir(entry):
-            if not link:  # never followed into a linked folder
-                found.append((path, True))
-        elif _is_file(entry):
+            continue
+        try:  # both follow links, as os.walk does: a link to a file inside the folder counts
+            folder = entry.is_dir()
+            file = not folder and entry.is_file()
+        except OSError as exc:  # a folder readable but not searchable: its entries cannot be looked at
+            unreadable.append((path, _reason(exc)))
+            continue
+        if folder and not link:  # never followed into a linked folder
+            found.append((path, True))
+        elif file:
             found.append((path, False))
     return found
 
 
-def list_scan_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
+def scan_listing(root: Path, *, exclude: Path | None = None) -> ScanListing:
     """Every regular file under ``root``, sorted (``sorted(paths)``'s order: each folder's entries by name,
-    a subfolder's files in its place among them).
+    a subfolder's files in its place among them), and what could not be read, in the same order.
 
     Links are never followed into folders; a link pointing outside ``root`` (or nowhere) is left
     out with a warning; ``exclude`` (a resolved folder, such as an output folder inside the scan
-    folder) is not listed. A folder that cannot be read is reported and its files left out.
+    folder) is not listed. A folder that cannot be read is not logged here (its name may carry PHI
+    that no header revealed): the caller records it.
     """
     real_root = root.resolve()
+    listing = ScanListing()
     if exclude is not None and real_root.is_relative_to(exclude):
-        return []
-    files: list[Path] = []
-    pending = [iter(_entries(root, root, real_root))]  # a stack, not recursion: folders may nest deeply
+        return listing
+    pending = [iter(_entries(root, root, real_root, listing.unreadable))]  # a stack: folders may nest deeply
     while pending:
         step = next(pending[-1], None)
         if step is None:
@@ -95,10 +102,15 @@ def list_scan_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
             continue
         path, folder = step
         if not folder:
-            files.append(path)
+            listing.files.append(path)
         elif exclude is None or not path.resolve().is_relative_to(exclude):
-            pending.append(iter(_entries(root, path, real_root)))
-    return files
+            pending.append(iter(_entries(root, path, real_root, listing.unreadable)))
+    return listing
+
+
+def list_scan_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
+    """The files of :func:`scan_listing` (what could not be read left out)."""
+    return scan_listing(root, exclude=exclude).files
 
 
 def listing_digest(root: Path, files: list[Path]) -> str:
@@ -106,6 +118,10 @@ def listing_digest(root: Path, files: list[Path]) -> str:
     its size and mtime (``cp -p``, ``touch -r``), so the stage runs again and rechecks contents by checksum."""
     lines = [str(root.resolve())]
     for path in files:
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:  # in a folder that cannot be searched: its header reading records it
+            lines.append(f"{relative(root, path)}\0{_reason(exc)}")
+            continue
         lines.append(f"{relative(root, path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}")
     return sha256_bytes("\n".join(lines).encode())

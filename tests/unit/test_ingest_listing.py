@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages.ingest_listing import list_scan_files, listing_digest, relative
+from pipeline.stages.ingest_listing import list_scan_files, listing_digest, relative, scan_listing
 
 
 def _reference(root: Path, *, exclude: Path | None = None) -> list[Path]:
@@ -92,8 +92,8 @@ def test_the_digest_follows_names_sizes_and_change_times(tree: Path) -> None:
     assert listing_digest(tree, files) != first
 
 
-def test_an_unreadable_folder_is_reported_and_the_rest_listed(tree: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_an_unreadable_folder_is_returned_unlogged_and_the_rest_listed(
+        tree: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     everything = _reference(tree)
     real_scandir = os.scandir
 
@@ -103,8 +103,34 @@ def test_an_unreadable_folder_is_reported_and_the_rest_listed(tree: Path, monkey
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    with caplog.at_level(logging.WARNING):
-        files = list_scan_files(tree)
-    assert "a/b: this folder cannot be read (Permission denied)" in caplog.text
-    assert [relative(tree, p) for p in files if p.parent.name == "a"] == ["a/z.dcm"]
-    assert files == [p for p in everything if p.parent.name != "b"] and len(files) == len(everything) - 2
+    with caplog.at_level(logging.DEBUG):
+        listing = scan_listing(tree)
+    assert listing.unreadable == [(tree / "a" / "b", "Permission denied")]
+    assert "a/b" not in caplog.text  # a folder's name may be PHI: the caller records it, scrubbed
+    assert [relative(tree, p) for p in listing.files if p.parent.name == "a"] == ["a/z.dcm"]
+    assert listing.files == [p for p in everything if p.parent.name != "b"]
+    assert len(listing.files) == len(everything) - 2
+    assert list_scan_files(tree) == listing.files
+
+
+def test_an_unreadable_scan_folder_is_the_only_entry(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def scandir(path: os.PathLike[str] | str) -> object:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    listing = scan_listing(tree)
+    assert listing.files == [] and listing.unreadable == [(tree, "Permission denied")]
+
+
+def test_a_file_that_cannot_be_looked_at_still_gets_a_digest_line(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = list_scan_files(tree)
+    real_stat = os.stat
+
+    def stat(path: os.PathLike[str] | str, *args: object, **kwargs: object) -> os.stat_result:
+        if Path(path).name == "c.dcm":
+            raise PermissionError(13, "Permission denied")
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    first = listing_digest(tree, files)
+    monkeypatch.setattr(os, "stat", stat)
+    assert listing_digest(tree, files) != first  # no crash, and the change is seen
