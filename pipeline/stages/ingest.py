@@ -202,9 +202,10 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
     tasks = []
     for spec in specs:
         study_id = pseudonym(spec.pop("id_key"), key=config.pseudonym_key)
-        withheld = spec.pop("withhold", False) and scrubber.withhold(spec["source"], known=known)
+        raw_source = spec["source"]
         spec.update({name: scrubber.path(spec[name]) for name in ("source", "label_source") if spec.get(name)})
-        spec.update({"source": withheld} if withheld else {})
+        if spec.pop("withhold", False):
+            spec["source"] = scrubber.withhold(raw_source, known=known)
         spec.update({name: (spec[name][0], scrubber.text(spec[name][1])) for name in ("error", "skip")
                      if spec.get(name)})
         spec["problems"] = tuple((code, scrubber.text(message)) for code, message in spec.get("problems", ()))

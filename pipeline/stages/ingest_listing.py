@@ -43,7 +43,7 @@ class ScanListing:
     """Every regular file under a scan folder, sorted, and the entries that could not be read."""
 
     files: list[Path] = field(default_factory=list)
-    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (folder or entry, the OS's reason)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (folder, the OS's reason)
 
 
 def _reason(exc: OSError) -> str:
@@ -53,8 +53,8 @@ def _reason(exc: OSError) -> str:
 def _entries(root: Path, here: Path, real_root: Path,
              unreadable: list[tuple[Path, str]]) -> list[tuple[Path, bool]]:
     """(path, is a folder to enter) for what ``here`` holds, by name: regular files (links to files inside
-    the root included) and folders that are not links; links leaving the root are reported and left out;
-    what cannot be read (``here`` itself, or an entry whose type cannot be found) goes to ``unreadable``."""
+    the root included) and folders that are not links; links leaving the root are reported and left out.
+    ``here`` goes to ``unreadable`` when it cannot be read, or its entries cannot be looked at."""
     try:
         with os.scandir(here) as listing:
             entries = sorted(listing, key=lambda entry: entry.name)
@@ -71,9 +71,9 @@ def _entries(root: Path, here: Path, real_root: Path,
         try:  # both follow links, as os.walk does: a link to a file inside the folder counts
             folder = entry.is_dir()
             file = not folder and entry.is_file()
-        except OSError as exc:  # a folder readable but not searchable: its entries cannot be looked at
-            unreadable.append((path, _reason(exc)))
-            continue
+        except OSError as exc:  # a folder readable but not searchable: none of its entries can be opened
+            unreadable.append((here, _reason(exc)))
+            return []
         if folder and not link:  # never followed into a linked folder
             found.append((path, True))
         elif file:

@@ -1,11 +1,15 @@
 """Nothing lost: a file or folder of the scan that cannot be read gets a failed entry in the manifest (its
 name withheld, as it may carry PHI no header revealed), and a series beside an unreadable file says it may
-be missing slices. Unreadable is simulated (tests may run as root, for whom permissions do not bite)."""
+be missing slices. Most tests simulate unreadable entries (tests may run as root, whom permissions do not
+stop); the last one uses real permissions through the command line."""
 
 from __future__ import annotations
 
 import builtins
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +138,35 @@ def test_withhold_keeps_only_folders_whose_headers_were_read(rel: str, known: se
     withheld = scrubber.withhold(rel, known=known)
     assert withheld == kept + scrubber.token(rel[len(kept):])
     assert withheld != Scrubber(key="other").withhold(rel, known=known)  # keyed
+
+
+def _without_read_override() -> list[str]:
+    """A command prefix under which file permissions bind (root reads anything, unless it drops the
+    capabilities that let it); [] for other users; skip where root cannot drop them."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without util-linux's setpriv: permissions cannot be made to bind")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_real_permissions_through_the_command_line(tmp_path: Path) -> None:
+    scan = tmp_path / "scan"
+    series = write_series(scan / "SE1", small_stored(1), series_tag="s")
+    write_series(scan / "SE2" / "inner", small_stored(2), series_tag="t")
+    out = tmp_path / "out"
+    os.chmod(series.files[-1], 0)
+    os.chmod(scan / "SE2", 0)
+    try:
+        command = [*_without_read_override(), sys.executable, "-m", "pipeline", "ingest", str(scan), "--out", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        os.chmod(series.files[-1], 0o644)
+        os.chmod(scan / "SE2", 0o755)
+    assert done.returncode == 3, done.stderr  # partially done
+    studies = {(s.status, s.error.code if s.error else None): s for s in load_manifest(out).studies}
+    assert set(studies) == {("ok", None), ("failed", "file_unreadable"), ("failed", "folder_unreadable")}
+    assert studies[("ok", None)].shape == [6, 5, 3]
+    assert studies[("ok", None)].problems[0].code == "dicom_unreadable_neighbour"
+    assert "SE2" not in studies[("failed", "folder_unreadable")].source
