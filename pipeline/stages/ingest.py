@@ -221,8 +221,9 @@ def _study_for(task: IngestTask, status: Literal["failed", "skipped"], code: str
     if task.source not in message:
         message = f"{task.source}: {message}"
     problem = Problem(code=code, message=message)
+    found = [Problem(code=c, message=m) for c, m in task.problems]  # discovery's (an unreadable file beside it)
     return Study(id=task.id, source=task.source, format=task.format, status=status, label_source=task.label_source,
-                 modality=task.modality, problems=[problem] if status == "skipped" else [],
+                 modality=task.modality, problems=[problem, *found] if status == "skipped" else found,
                  error=problem if status == "failed" else None)
 
 

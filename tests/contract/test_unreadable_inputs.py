@@ -151,6 +151,18 @@ def _without_read_override() -> list[str]:
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
 
 
+def test_a_series_that_fails_for_a_missing_slice_names_the_unreadable_one(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    scan = tmp_path / "scan"
+    series = write_series(scan / "SE1", small_stored(1, (6, 5, 6)), series_tag="s")
+    _deny_files(monkeypatch, {series.files[2]})  # a middle slice: the stack has a gap
+    ingest(scan, tmp_path / "out")
+    (failed,) = [s for s in load_manifest(tmp_path / "out").studies if s.source == "SE1"]
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.code == "dicom_nonuniform_spacing"
+    assert [p.code for p in failed.problems] == ["dicom_unreadable_neighbour"]
+
+
 def test_real_permissions_through_the_command_line(tmp_path: Path) -> None:
     scan = tmp_path / "scan"
     series = write_series(scan / "SE1", small_stored(1), series_tag="s")
