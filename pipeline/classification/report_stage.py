@@ -18,7 +18,7 @@ from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.reporting import classification_pages as cp
 from pipeline.reporting import pages
-from pipeline.reporting.naming import safe_name, scrub_source, study_problems
+from pipeline.reporting.naming import safe_name, scrub_source, study_problems, unconverted
 from pipeline.reporting.provenance import provenance_section, stage_records
 from pipeline.stages.common import execute_stage
 
@@ -136,14 +136,18 @@ def classification_report(evaluation: Path, out: Path, *, predictions: Path | No
         failed = [{"id": f.get("id"), "code": f.get("code"),
                    "message": scrub_source(str(f.get("message")), studies.get(str(f.get("id"))))}
                   for f in summary.get("failed", [])]
+        not_converted = unconverted(manifest) if ingest is not None else None
         checksums = [(r["study"], studies[r["study"]].sha256.get("image") if r["study"] in studies else None, None,
                       record.inputs.get(f"explanation:{r['study']}")) for r in rows]
         sections = [cp.metrics_section(summary), cp.confusion_section(summary, figure[CONFUSION_PNG]),
                     cp.calibration_section(summary, figure[RELIABILITY_PNG]),
                     cp.studies_section(order, links, classes), cp.failures_section(summary, failed),
+                    pages.ingest_section(not_converted),
                     cp.definitions_section(summary), provenance_section(records, config=config, checksums=checksums)]
         counts = {"studies scored": len(summary.get("studies", [])), "unlabelled": len(summary.get("unlabelled", [])),
-                  "failed": len(failed), "classes": len(classes)}
+                  "failed": len(failed),
+                  **({"not converted at ingest": len(not_converted)} if not_converted is not None else {}),
+                  "classes": len(classes)}
         write_text_atomic(out / "index.html", pages.cohort_page(title=title, sections=sections, counts=counts))
         return [out / "index.html", *outputs]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.fileio import sha256_bytes
 from pipeline.io.nifti import nifti_stem
-from pipeline.manifest import Study
+from pipeline.manifest import Manifest, Study
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")
 
@@ -36,3 +36,15 @@ def study_problems(study: Study | None) -> list[dict[str, str]]:
     if study is None:
         return []
     return [{"code": p.code, "message": scrub_source(p.message, study)} for p in study.problems]
+
+
+def unconverted(manifest: Manifest) -> list[dict[str, str]]:
+    """The studies ingest found but did not convert (failed or skipped): id, status, code and the reason,
+    scrubbed of source paths, so that a cohort report accounts for every study found."""
+    rows = []
+    for study in manifest.studies:
+        problem = study.error or (study.problems[0] if study.problems else None)
+        if study.status != "ok":
+            rows.append({"id": study.id, "status": study.status, "code": problem.code if problem else "",
+                         "message": scrub_source(problem.message, study) if problem else ""})
+    return rows

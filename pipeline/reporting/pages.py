@@ -149,6 +149,21 @@ def failures_section(failed: Sequence[dict[str, Any]], unpaired: dict[str, list[
     return Section("Failed and unpaired studies", "\n".join(body))
 
 
+def ingest_section(unconverted: Sequence[dict[str, str]] | None) -> Section:
+    """The studies found at ingest and not converted (failed or skipped), each with its code and reason;
+    None: no ingest folder was given, so the report cannot say."""
+    title = "Studies found at ingest but not converted"
+    if unconverted is None:
+        return Section(title, html.paragraph("not known: the report was made without the ingest folder",
+                                             css_class="muted"))
+    if not unconverted:
+        return Section(title, html.paragraph("none: every study found at ingest was converted"))
+    intro = html.paragraph(f"{len(unconverted)} studies found in the scan folder were not converted, so they are "
+                           "in no figure above; their entries in the ingest manifest say the same.")
+    return Section(title, intro + html.table(["study", "status", "code", "reason"],
+                                             [[u["id"], u["status"], u["code"], u["message"]] for u in unconverted]))
+
+
 def definitions_section(definitions: dict[str, Any]) -> Section:
     items = [f"Empty-set policy: {definitions.get('empty_policy', 'not stated')}",
              f"Surfaces and distances: {definitions.get('surface', 'not stated')}",

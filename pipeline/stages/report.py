@@ -21,7 +21,7 @@ from pipeline.metrics.table import DECIMALS, read_per_study
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.reporting import pages
 from pipeline.reporting.figures import box_plots, study_figure
-from pipeline.reporting.naming import safe_name, scrub_source, study_problems
+from pipeline.reporting.naming import safe_name, scrub_source, study_problems, unconverted
 from pipeline.reporting.provenance import provenance_section, stage_records
 from pipeline.stages.common import execute_stage
 
@@ -185,6 +185,7 @@ def report(
         failed = [{"id": f.get("id"), "code": f.get("code"),
                    "message": scrub_source(str(f.get("message")), studies.get(f.get("id")))}
                   for f in summary.get("failed", [])]
+        not_converted = unconverted(manifest) if ingest is not None else None
         checksums = [(sid, (studies[sid].sha256.get("image") if sid in studies else None),
                       (studies[sid].sha256.get("label") if sid in studies else None),
                       record.inputs.get(f"prediction:{sid}")) for sid in sorted(by_study)]
@@ -194,10 +195,12 @@ def report(
             pages.worst_cases_section(summary, links),
             pages.study_table_section(by_study, order, links, class_keys, class_names),
             pages.failures_section(failed, summary.get("unpaired", {}), summary.get("unexpected_labels", [])),
+            pages.ingest_section(not_converted),
             pages.definitions_section(definitions),
             provenance_section(records, config=config, checksums=checksums),
         ]
         counts = {"studies evaluated": len(by_study), "failed": len(failed),
+                  **({"not converted at ingest": len(not_converted)} if not_converted is not None else {}),
                   "classes": len(class_keys)}
         write_text_atomic(out / "index.html", pages.cohort_page(title=title, sections=sections, counts=counts))
         return [out / "index.html", *outputs]

@@ -203,3 +203,24 @@ def test_unsafe_ids_become_hashed_file_names() -> None:
     for bad in ("../etc/passwd", "a/b", "x;rm -rf", "$(id)", ".hidden"):
         name = safe_name(bad)
         assert name.startswith("study_") and "/" not in name and len(name) == 18
+
+
+def test_studies_not_converted_at_ingest_are_listed_by_id_with_their_reason(run: Path) -> None:
+    manifest = load_manifest(run / "01_ingest")
+    unread = Study(id="case_unread0001", source=f"{SECRET}_9/phi-1a2b3c4d", format="unknown", status="failed",
+                   error=Problem(code="folder_unreadable", message=f"{SECRET}_9/phi-1a2b3c4d: the folder cannot be "
+                                                                    "read (Permission denied)"))
+    scout = Study(id="case_scout00001", source=f"{SECRET}_9/scout", format="dicom", status="skipped",
+                  problems=[Problem(code="dicom_localizer", message=f"{SECRET}_9/scout: a localizer; skipped")])
+    save_manifest(manifest.model_copy(update={"studies": [*manifest.studies, unread, scout]}), run / "01_ingest")
+    out = run / "06_report"
+    report(run / "05_evaluate", out, predictions=run / "04_infer", ingest=run / "01_ingest")
+    text = " ".join(parse(out / "index.html").text)
+    assert "not converted at ingest: 2" in text
+    assert "case_unread0001 failed folder_unreadable <source>: the folder cannot be read (Permission denied)" in text
+    assert "case_scout00001 skipped dicom_localizer <source>: a localizer; skipped" in text
+    assert "Doe" not in text and "phi-1a2b3c4d" not in text
+
+    report(run / "05_evaluate", run / "no_ingest", predictions=run / "04_infer")
+    text = " ".join(parse(run / "no_ingest" / "index.html").text)
+    assert "not known: the report was made without the ingest folder" in text and "not converted at" not in text
