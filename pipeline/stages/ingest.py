@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
 from pipeline.stages.ingest_headers import read_headers
-from pipeline.stages.ingest_listing import list_scan_files, listing_digest, outside, relative, scan_listing
+from pipeline.stages.ingest_listing import Unreadable, list_scan_files, listing_digest, outside, relative, scan_listing
 from pipeline.stages.ingest_study import IngestTask, process_study
 
 __all__ = ["IngestTask", "discover", "ingest", "list_scan_files", "process_study"]
@@ -128,15 +129,22 @@ def _discover_series(root: Path, files: list[Path], *,
     return scan, broken
 
 
+def _listing_error(unreadable: Unreadable) -> tuple[str, str]:
+    if unreadable.folder:
+        return "folder_unreadable", (f"the folder cannot be read ({unreadable.reason}); none of its files were "
+                                     "ingested. Fix its permissions and run ingest again (`find SCAN_DIR ! -readable` "
+                                     "lists such folders)")
+    return "entry_unreadable", (f"this entry of its folder cannot be looked at ({unreadable.reason}), so whether it "
+                                "is a file or a folder is unknown; left out. Check the folder's permissions (it needs "
+                                "x) or the storage and run ingest again")
+
+
 def _unreadable_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, str]],
-                      folders: list[tuple[Path, str]]) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
-    """A failed entry for each file and folder that could not be read (their names withheld later), and a
-    problem for each series with such a file beside it, by series key: it may be missing slices."""
-    specs = [{"format": "unknown", "source": relative(root, path), "withhold": True,
-              "error": ("folder_unreadable", f"the folder cannot be read ({reason}); none of its files were "
-                                             "ingested. Fix its permissions and run ingest again (`find SCAN_DIR "
-                                             "! -readable` lists such folders)")}
-             for path, reason in folders]
+                      listed: list[Unreadable]) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
+    """A failed entry for each file, folder or entry that could not be read (their names withheld later), and
+    a problem for each series with such a file beside it, by series key: it may be missing slices."""
+    specs = [{"format": "unknown", "source": relative(root, u.path), "withhold": True, "error": _listing_error(u)}
+             for u in listed]
     files = [relative(root, path) for path, (code, _) in broken.items() if code == "file_unreadable"]
     specs += [{"format": "dicom", "source": rel, "withhold": True, "error": broken[root / rel]} for rel in files]
     counts = Counter(rel.rpartition("/")[0] or "." for rel in files)
@@ -162,11 +170,11 @@ def _known_folders(scan: DicomScan) -> set[str]:
 
 
 def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConfig, previous: dict[str, Study],
-             unreadable: list[tuple[Path, str]] | None = None) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
+             unreadable: Sequence[Unreadable] = ()) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
     """All tasks under ``root``, the manifest header (dataset name, labels, ignored file count) and the
     scrubber that keeps this scan's PHI out of sources and messages (task sources are already scrubbed).
-    ``files``: the scan's listing, sorted (as :func:`list_scan_files` gives it); ``unreadable``: the
-    folders (and entries) that listing could not read, each with the reason: a failed entry each."""
+    ``files``: the scan's listing, sorted (as :func:`list_scan_files` gives it); ``unreadable``: what
+    that listing could not read (:func:`scan_listing`): a failed entry each."""
     base: dict[str, Any] = {"out_dir": str(out_dir)}
     specs: list[dict[str, Any]] = []
     header: dict[str, Any] = {"dataset": None, "labels": None}
@@ -183,7 +191,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
         else:
             dicom.append(path)
     scan, broken = _discover_series(root, dicom, config=config)
-    unread, neighbours = _unreadable_specs(root, scan, broken, unreadable or [])
+    unread, neighbours = _unreadable_specs(root, scan, broken, list(unreadable))
     for path, error in sorted(broken.items()):
         if error[0] != "file_unreadable":
             rel = relative(root, path)
@@ -302,8 +310,8 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
                               "the NIfTI/DICOM files", code="scan_dir_missing")
         listing = scan_listing(scan_dir, exclude=out.resolve())
         files = listing.files
-        if listing.unreadable and listing.unreadable[0][0] == scan_dir:
-            raise IngestError(f"scan folder {scan_dir} cannot be read ({listing.unreadable[0][1]}); check its "
+        if listing.unreadable and listing.unreadable[0].path == scan_dir:
+            raise IngestError(f"scan folder {scan_dir} cannot be read ({listing.unreadable[0].reason}); check its "
                               "permissions", code="scan_dir_unreadable")
         if not files and not listing.unreadable:
             raise IngestError(f"scan folder {scan_dir} is empty; nothing to ingest", code="scan_dir_empty")

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.fileio import sha256_bytes
 
@@ -38,28 +39,35 @@ def outside(path: Path, real_root: Path) -> bool:
         return True
 
 
+class Unreadable(NamedTuple):
+    """A folder that could not be listed, or an entry whose type could not be looked up (``folder`` False)."""
+
+    path: Path
+    reason: str  # the operating system's words ("Permission denied")
+    folder: bool = True
+
+
 @dataclass
 class ScanListing:
-    """Every regular file under a scan folder, sorted, and the entries that could not be read."""
+    """Every regular file under a scan folder, sorted, and what could not be read, in the same order."""
 
     files: list[Path] = field(default_factory=list)
-    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (folder, the OS's reason)
+    unreadable: list[Unreadable] = field(default_factory=list)
 
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def _entries(root: Path, here: Path, real_root: Path,
-             unreadable: list[tuple[Path, str]]) -> list[tuple[Path, bool]]:
+def _entries(root: Path, here: Path, real_root: Path, unreadable: list[Unreadable]) -> list[tuple[Path, bool]]:
     """(path, is a folder to enter) for what ``here`` holds, by name: regular files (links to files inside
     the root included) and folders that are not links; links leaving the root are reported and left out.
-    ``here`` goes to ``unreadable`` when it cannot be read, or its entries cannot be looked at."""
+    What cannot be read (``here``, or an entry whose type cannot be looked up) goes to ``unreadable``."""
     try:
         with os.scandir(here) as listing:
             entries = sorted(listing, key=lambda entry: entry.name)
     except OSError as exc:
-        unreadable.append((here, _reason(exc)))
+        unreadable.append(Unreadable(here, _reason(exc)))
         return []
     found = []
     for entry in entries:
@@ -71,9 +79,9 @@ def _entries(root: Path, here: Path, real_root: Path,
         try:  # both follow links, as os.walk does: a link to a file inside the folder counts
             folder = entry.is_dir()
             file = not folder and entry.is_file()
-        except OSError as exc:  # a folder readable but not searchable: none of its entries can be opened
-            unreadable.append((here, _reason(exc)))
-            return []
+        except OSError as exc:  # a folder readable but not searchable, a failing disk: file or folder, unknown
+            unreadable.append(Unreadable(path, _reason(exc), folder=False))
+            continue
         if folder and not link:  # never followed into a linked folder
             found.append((path, True))
         elif file:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages.ingest_listing import list_scan_files, listing_digest, relative, scan_listing
+from pipeline.stages.ingest_listing import Unreadable, list_scan_files, listing_digest, relative, scan_listing
 
 
 def _reference(root: Path, *, exclude: Path | None = None) -> list[Path]:
@@ -105,7 +105,7 @@ def test_an_unreadable_folder_is_returned_unlogged_and_the_rest_listed(
     monkeypatch.setattr(os, "scandir", scandir)
     with caplog.at_level(logging.DEBUG):
         listing = scan_listing(tree)
-    assert listing.unreadable == [(tree / "a" / "b", "Permission denied")]
+    assert listing.unreadable == [(tree / "a" / "b", "Permission denied", True)]
     assert "a/b" not in caplog.text  # a folder's name may be PHI: the caller records it, scrubbed
     assert [relative(tree, p) for p in listing.files if p.parent.name == "a"] == ["a/z.dcm"]
     assert listing.files == [p for p in everything if p.parent.name != "b"]
@@ -119,7 +119,7 @@ def test_an_unreadable_scan_folder_is_the_only_entry(tree: Path, monkeypatch: py
 
     monkeypatch.setattr(os, "scandir", scandir)
     listing = scan_listing(tree)
-    assert listing.files == [] and listing.unreadable == [(tree, "Permission denied")]
+    assert listing.files == [] and listing.unreadable == [(tree, "Permission denied", True)]
 
 
 def test_a_file_that_cannot_be_looked_at_still_gets_a_digest_line(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,3 +134,42 @@ def test_a_file_that_cannot_be_looked_at_still_gets_a_digest_line(tree: Path, mo
     first = listing_digest(tree, files)
     monkeypatch.setattr(os, "stat", stat)
     assert listing_digest(tree, files) != first  # no crash, and the change is seen
+
+
+class _Entry:
+    """A scandir entry whose type cannot be looked up (a failing disk; a folder that cannot be searched)."""
+
+    def __init__(self, entry: os.DirEntry[str]) -> None:
+        self.name, self._entry = entry.name, entry
+
+    def is_symlink(self) -> bool:
+        return self._entry.is_symlink()
+
+    def is_dir(self) -> bool:
+        raise OSError(5, "Input/output error")
+
+    is_file = is_dir
+
+
+class _Listing:
+    def __init__(self, path: os.PathLike[str] | str, real: object, broken: str) -> None:
+        self._inner, self._broken = real(path), broken  # type: ignore[operator]
+
+    def __enter__(self) -> _Listing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.close()
+
+    def __iter__(self) -> object:
+        return iter([_Entry(e) if e.name == self._broken else e for e in self._inner])
+
+
+def test_an_entry_whose_type_cannot_be_looked_up_is_returned_and_its_folder_still_listed(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    everything = _reference(tree)
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: _Listing(path, real_scandir, "z.dcm"))
+    listing = scan_listing(tree)
+    assert listing.unreadable == [Unreadable(tree / "a" / "z.dcm", "Input/output error", folder=False)]
+    assert listing.files == [p for p in everything if p != tree / "a" / "z.dcm"]  # a/b/* and the rest kept
