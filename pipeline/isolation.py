@@ -58,6 +58,7 @@ FORKSERVER_EXIT = "pipeline.forkserver_exit"  # preloaded last: see that module
 StartMethod = Literal["auto", "fork", "forkserver", "spawn"]
 # A reply: ("ok", value) or ("failed", code, message).
 Reply = tuple[Any, ...]
+Job = tuple[Callable[..., Any], tuple[Any, ...]]  # fn, args: the worker calls fn(*args)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def _failure_reply(exc: BaseException, memory_setting: str) -> Reply:
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int | None, log_level: int, memory_setting: str,
-                 jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]] | None) -> None:
+                 jobs: Sequence[Job] | None) -> None:
     """Run jobs from ``conn`` until it closes or sends None; reply with ("done", index, reply). A forked
     worker has the batch's ``jobs`` already (inherited): it is sent only their indices."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -235,8 +236,7 @@ def _start(process: Any, *, forked: bool) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, limits: Isolation, jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]] | None,
-                 ) -> None:
+    def __init__(self, ctx: Any, limits: Isolation, jobs: Sequence[Job] | None) -> None:
         parent, child = ctx.Pipe(duplex=True)
         level = logging.getLogger().getEffectiveLevel()
         self.process = ctx.Process(target=_worker_main, name="medpipe-worker", daemon=True,
@@ -313,7 +313,7 @@ def _context(limits: Isolation, preload: Sequence[str]) -> Any:
     return ctx
 
 
-def run_isolated(jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]], *, workers: int, limits: Isolation,
+def run_isolated(jobs: Sequence[Job], *, workers: int, limits: Isolation,
                  preload: Sequence[str] = (), test_faults: bool = True) -> Iterator[tuple[int, Reply]]:
     """Run ``fn(*args)`` for each job in worker processes; yield ``(job index, reply)`` as jobs finish.
 

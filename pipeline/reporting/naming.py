@@ -42,9 +42,8 @@ def unconverted(manifest: Manifest) -> list[dict[str, str]]:
     """The studies ingest found but did not convert (failed or skipped): id, status, code and the reason,
     scrubbed of source paths, so that a cohort report accounts for every study found."""
     rows = []
-    for study in manifest.studies:
+    for study in (s for s in manifest.studies if s.status != "ok"):
         problem = study.error or (study.problems[0] if study.problems else None)
-        if study.status != "ok":
-            rows.append({"id": study.id, "status": study.status, "code": problem.code if problem else "",
-                         "message": scrub_source(problem.message, study) if problem else ""})
+        rows.append({"id": study.id, "status": study.status, "code": problem.code if problem else "",
+                     "message": scrub_source(problem.message, study) if problem else ""})
     return rows

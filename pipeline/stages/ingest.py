@@ -140,13 +140,13 @@ def _listing_error(unreadable: Unreadable) -> tuple[str, str]:
 
 
 def _unreadable_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, str]],
-                      listed: list[Unreadable]) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
+                      listed: Sequence[Unreadable]) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
     """A failed entry for each file, folder or entry that could not be read (their names withheld later), and
     a problem for each series with such a file beside it, by series key: it may be missing slices."""
     specs = [{"format": "unknown", "source": relative(root, u.path), "withhold": True, "error": _listing_error(u)}
              for u in listed]
-    files = [relative(root, path) for path, (code, _) in broken.items() if code == "file_unreadable"]
-    specs += [{"format": "dicom", "source": rel, "withhold": True, "error": broken[root / rel]} for rel in files]
+    files = {relative(root, path): error for path, error in broken.items() if error[0] == "file_unreadable"}
+    specs += [{"format": "dicom", "source": rel, "withhold": True, "error": error} for rel, error in files.items()]
     counts = Counter(rel.rpartition("/")[0] or "." for rel in files)
     problems = {}
     for series in scan.series if counts else ():
@@ -191,7 +191,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
         else:
             dicom.append(path)
     scan, broken = _discover_series(root, dicom, config=config)
-    unread, neighbours = _unreadable_specs(root, scan, broken, list(unreadable))
+    unread, neighbours = _unreadable_specs(root, scan, broken, unreadable)
     for path, error in sorted(broken.items()):
         if error[0] != "file_unreadable":
             rel = relative(root, path)

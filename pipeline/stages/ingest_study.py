@@ -90,7 +90,7 @@ def _geometry(volume: Volume) -> dict[str, Any]:
     }
 
 
-def _found(task: IngestTask) -> dict[str, str]:
+def _discovery_digest(task: IngestTask) -> dict[str, str]:
     """A digest of the problems discovery found, when it found any: a study whose files are unchanged is
     converted again when they change (a file beside it became unreadable, or readable again)."""
     return {"discovery": sha256_bytes(repr(task.problems).encode())} if task.problems else {}
@@ -132,14 +132,14 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
     if task.series is not None:
         digest, blobs = read_series_bytes(task.series)
         options = task.dicom_options or DicomOptions()
-        inputs = {"input": digest, "options": sha256_bytes(repr(options).encode()), **_found(task)}
+        inputs = {"input": digest, "options": sha256_bytes(repr(options).encode()), **_discovery_digest(task)}
         if _reusable(task, inputs):
             return task.previous, True  # type: ignore[return-value]
         volume = decode_series(task.series, blobs, options=options, release=True)
         del blobs
         return _write(task, volume, storage_dtype(volume.array), None, inputs,
                       [*task.problems, *volume.meta["problems"]]), False
-    inputs = {"input": _checksum(task.image_path, task.source), **_found(task)}  # type: ignore[arg-type]
+    inputs = {"input": _checksum(task.image_path, task.source), **_discovery_digest(task)}  # type: ignore[arg-type]
     if task.label_path:
         label_sha = _checksum(task.label_path, task.label_source or "")
         inputs["label_input"] = sha256_bytes(f"{label_sha}|{task.allowed_labels}".encode())
