@@ -32,6 +32,11 @@ class IngestError(PipelineError):
     code = "ingest_error"
 
 
+def os_reason(exc: OSError) -> str:
+    """The operating system's words for ``exc`` ("Permission denied"), never a path; its type when it has none."""
+    return exc.strerror or type(exc).__name__
+
+
 class FileUnreadable(IngestError):
     """A file of the scan folder could not be opened or read (permissions, a failing disk, a file removed)."""
 

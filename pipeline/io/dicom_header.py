@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import FileUnreadable
+from pipeline.errors import FileUnreadable, os_reason
 from pipeline.io.dicom_geometry import SliceGeometry
 from pipeline.io.dicom_tags import (
     PER_FRAME_GROUPS,
@@ -284,7 +284,7 @@ def read_header(path: Path, *, root: Path, rel: str | None = None,
     except FastParseError:  # and NeedMoreData at the end of the file: pydicom reads it instead
         raw, data = None, b""
     except OSError as exc:  # never "not DICOM": the file may be a slice of a series
-        reason = exc.strerror or type(exc).__name__
+        reason = os_reason(exc)
         raise FileUnreadable(f"{rel}: cannot be read ({reason}); check its permissions or the storage, then run "
                              "again", reason=reason) from None
     fast = raw if raw is not None and not _needs_dataset(raw) else None

@@ -48,8 +48,8 @@ def _screen(path: Path, rel: str, *, limit: int) -> None:
     """Refuse a deflated file that inflates past ``limit`` bytes (read_header's guard before pydicom)."""
     try:
         size = deflated_size_over(path, limit)
-    except OSError:
-        return  # unreadable: the reader ignores it the same way
+    except OSError:  # unreadable since read_header opened it: pydicom's read then fails and the file is ignored
+        return
     if size is not None:
         raise Refused("too_large", f"{rel}: a deflated DICOM file that inflates to more than {limit >> 20} MB (a "
                                    "decompression bomb, or a huge data set); not read. If it is genuine, raise "

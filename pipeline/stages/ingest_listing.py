@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from pipeline.errors import os_reason
 from pipeline.fileio import sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,6 @@ class ScanListing:
     unreadable: list[Unreadable] = field(default_factory=list)
 
 
-def _reason(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
-
-
 def _entries(root: Path, here: Path, real_root: Path, unreadable: list[Unreadable]) -> list[tuple[Path, bool]]:
     """(path, is a folder to enter) for what ``here`` holds, by name: regular files (links to files inside
     the root included) and folders that are not links; links leaving the root are reported and left out.
@@ -67,7 +64,7 @@ def _entries(root: Path, here: Path, real_root: Path, unreadable: list[Unreadabl
         with os.scandir(here) as listing:
             entries = sorted(listing, key=lambda entry: entry.name)
     except OSError as exc:
-        unreadable.append(Unreadable(here, _reason(exc)))
+        unreadable.append(Unreadable(here, os_reason(exc)))
         return []
     found = []
     for entry in entries:
@@ -80,7 +77,7 @@ def _entries(root: Path, here: Path, real_root: Path, unreadable: list[Unreadabl
             folder = entry.is_dir()
             file = not folder and entry.is_file()
         except OSError as exc:  # a folder readable but not searchable, a failing disk: file or folder, unknown
-            unreadable.append(Unreadable(path, _reason(exc), folder=False))
+            unreadable.append(Unreadable(path, os_reason(exc), folder=False))
             continue
         if folder and not link:  # never followed into a linked folder
             found.append((path, True))
@@ -129,7 +126,7 @@ def listing_digest(root: Path, files: list[Path]) -> str:
         try:
             st = os.stat(path)
         except OSError as exc:  # in a folder that cannot be searched: its header reading records it
-            lines.append(f"{relative(root, path)}\0{_reason(exc)}")
+            lines.append(f"{relative(root, path)}\0{os_reason(exc)}")
             continue
         lines.append(f"{relative(root, path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}")
     return sha256_bytes("\n".join(lines).encode())
