@@ -263,6 +263,12 @@ def header_from_bytes(data: bytes, *, path: str, rel: str) -> tuple[DicomHeader 
     return header, raw, ds
 
 
+def _unreadable(rel: str, exc: OSError) -> FileUnreadable:
+    reason = os_reason(exc)
+    return FileUnreadable(f"{rel}: cannot be read ({reason}); check its permissions or the storage, then run again",
+                          reason=reason)
+
+
 def read_header(path: Path, *, root: Path, rel: str | None = None,
                 guard: Callable[[Path, str], None] | None = None) -> DicomHeader | None:
     """The header of a DICOM object of a series, or None for anything else (junk, DICOMDIR).
@@ -284,9 +290,7 @@ def read_header(path: Path, *, root: Path, rel: str | None = None,
     except FastParseError:  # and NeedMoreData at the end of the file: pydicom reads it instead
         raw, data = None, b""
     except OSError as exc:  # never "not DICOM": the file may be a slice of a series
-        reason = os_reason(exc)
-        raise FileUnreadable(f"{rel}: cannot be read ({reason}); check its permissions or the storage, then run "
-                             "again", reason=reason) from None
+        raise _unreadable(rel, exc) from None
     fast = raw if raw is not None and not _needs_dataset(raw) else None
     if fast is None and guard is not None:
         guard(path, rel)
@@ -295,5 +299,7 @@ def read_header(path: Path, *, root: Path, rel: str | None = None,
             return _fast_header(fast, data, path=str(path), rel=rel)
         return _pydicom_header(str(path), path=str(path), rel=rel, full=False)[0]
     except Exception as exc:  # noqa: BLE001 - any parse failure of an arbitrary file means "not DICOM"
+        if isinstance(exc, OSError) and exc.errno is not None:  # the system's, not a parser's: opened for the
+            raise _unreadable(rel, exc) from None  # walk, then not (its permissions changed, the file removed)
         log.debug("%s: not readable as DICOM (%s); ignored", rel, type(exc).__name__)
         return None

@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
+from pipeline.errors import FileUnreadable
 from pipeline.io.dicom_header import _pydicom_header, header_from_bytes, read_header
 from pipeline.io.dicom_tags import FastParseError, NeedMoreData, NotDicom, parse_header
 from tests.fixtures.dicom_kinds import write_mosaic
@@ -117,6 +118,35 @@ def test_big_endian_and_deflate_are_left_to_pydicom(name: str) -> None:
     assert not isinstance(caught.value, NotDicom)  # a DICOM file that pydicom must read
     fast, raw, ds, _ = _both(data)
     assert raw is None and ds is not None and fast is not None
+
+
+def test_a_file_that_cannot_be_read_again_by_pydicom_is_unreadable_not_junk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walker opens a big endian file and leaves it to pydicom; by then its permissions have changed."""
+    path = tmp_path / "s" / "slice.dcm"
+    path.parent.mkdir()
+    path.write_bytes(Path(get_testdata_file("MR_small_bigendian.dcm")).read_bytes())
+
+    def denied(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(pydicom.filereader, "open", denied, raising=False)
+    with pytest.raises(FileUnreadable) as caught:
+        read_header(path, root=tmp_path)
+    assert caught.value.reason == "Permission denied" and str(caught.value).startswith("s/slice.dcm: cannot be read")
+    monkeypatch.undo()
+    assert read_header(path, root=tmp_path) is not None
+
+
+def test_an_os_error_a_parser_raises_still_means_not_dicom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "slice.dcm"
+    path.write_bytes(Path(get_testdata_file("MR_small_bigendian.dcm")).read_bytes())
+
+    def parser_error(*args: object, **kwargs: object) -> object:
+        raise OSError("not a gzipped file")  # no errno: a library's complaint about the bytes, not the disk's
+
+    monkeypatch.setattr(pydicom, "dcmread", parser_error)
+    assert read_header(path, root=tmp_path) is None
 
 
 @pytest.mark.parametrize("junk", [b"", b"hello\n", bytes(range(256)) * 20, b"\0\0\0\1Bud1" + b"\0" * 64,
