@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.batch import run_batch
@@ -13,7 +14,6 @@ from pipeline.classification.labels_csv import apply_class_labels
 from pipeline.collector import long_lived
 from pipeline.config import IngestConfig, PipelineConfig
 from pipeline.errors import IngestError, PipelineError
-from pipeline.fileio import read_json
 from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, group_series, skip_reason
 from pipeline.io.nifti import is_nifti
 from pipeline.isolation import Isolation
@@ -23,7 +23,15 @@ from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
 from pipeline.stages.ingest_headers import read_headers
-from pipeline.stages.ingest_listing import Unreadable, list_scan_files, listing_digest, outside, relative, scan_listing
+from pipeline.stages.ingest_listing import (
+    LeftOut,
+    Unreadable,
+    list_scan_files,
+    listing_digest,
+    relative,
+    scan_listing,
+)
+from pipeline.stages.ingest_msd import msd_tasks
 from pipeline.stages.ingest_study import IngestTask, process_study
 
 __all__ = ["IngestTask", "discover", "ingest", "list_scan_files", "process_study"]
@@ -31,74 +39,6 @@ __all__ = ["IngestTask", "discover", "ingest", "list_scan_files", "process_study
 log = logging.getLogger(__name__)
 
 # ---- discovery -----------------------------------------------------------------------------
-
-
-def _inside(root: Path, rel: str) -> Path | None:
-    """``root / rel`` when ``rel`` is relative and it (links resolved) stays inside ``root``, else None."""
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or ".." in pure.parts:
-        return None
-    path = root / pure
-    if (path.exists() or path.is_symlink()) and outside(path, root.resolve()):
-        return None
-    return path
-
-
-def _read_msd(root: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
-    try:
-        meta = read_json(root / "dataset.json")
-    except (OSError, ValueError) as exc:
-        raise IngestError(f"dataset.json is not valid JSON ({exc}); fix or remove it",
-                          code="msd_bad_dataset_json") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("training", []), list):
-        raise IngestError("dataset.json must be an object with a 'training' list", code="msd_bad_dataset_json")
-    raw = meta.get("labels")
-    if raw is None:
-        return meta, None
-    try:
-        if all(isinstance(v, int) for v in raw.values()):  # nnU-Net v2 style {"background": 0, ...}
-            pairs = {int(v): str(k) for k, v in raw.items()}
-        else:
-            pairs = {int(k): str(v) for k, v in raw.items()}
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise IngestError("dataset.json 'labels' must map integer values to names",
-                          code="msd_bad_dataset_json") from exc
-    return meta, {str(k): pairs[k] for k in sorted(pairs)}
-
-
-def _msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list[dict[str, Any]], set[Path], dict]:
-    """Study specs from dataset.json's training list, imagesTs and unlisted imagesTr images."""
-    meta, labels = _read_msd(root)
-    modality = meta.get("modality")
-    modality = str(next(iter(modality.values()))) if isinstance(modality, dict) and len(modality) == 1 else None
-    allowed = tuple(int(k) for k in labels) if labels else None
-    specs: list[dict[str, Any]] = []
-    consumed = {root / "dataset.json"} | {p for p in files if p.parent == root / "labelsTr"}
-    for entry in meta.get("training", []):
-        image_rel = str(entry.get("image", "")) if isinstance(entry, dict) else ""
-        label_rel = str(entry.get("label", "")) if isinstance(entry, dict) else ""
-        image, label = _inside(root, image_rel), _inside(root, label_rel)
-        source = PurePosixPath(image_rel).as_posix()
-        spec = {**base, "source": source, "modality": modality, "allowed_labels": allowed,
-                "label_source": PurePosixPath(label_rel).as_posix() if label_rel else None}
-        if image is None or label is None:
-            spec["error"] = ("path_outside_root", f"{source}: dataset.json entry points outside the dataset folder")
-        elif not image.is_file() or not label.is_file():
-            missing = image_rel if not image.is_file() else label_rel
-            spec["error"] = ("missing_file", f"{missing}: listed in dataset.json but not found")
-        else:
-            spec.update(image_path=str(image), label_path=str(label))
-            consumed |= {image, label}
-        specs.append(spec)
-    for path in sorted(p for p in files if p.parent in (root / "imagesTr", root / "imagesTs") and is_nifti(p)):
-        if path in consumed:
-            continue
-        rel = relative(root, path)
-        problems = () if path.parent.name == "imagesTs" else (
-            ("msd_unlisted_image", f"{rel}: in imagesTr but not in dataset.json's training list; ingested unlabeled"),)
-        specs.append({**base, "source": rel, "image_path": str(path), "modality": modality, "problems": problems})
-        consumed.add(path)
-    return specs, consumed, {"dataset": meta.get("name"), "labels": labels}
 
 
 def _inflate_limit(cfg: IngestConfig) -> int:
@@ -139,22 +79,35 @@ def _listing_error(unreadable: Unreadable) -> tuple[str, str]:
                                 "x) or the storage and run ingest again")
 
 
-def _unreadable_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, str]],
-                      listed: Sequence[Unreadable]) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
-    """A failed entry for each file, folder or entry that could not be read (their names withheld later), and
-    a problem for each series with such a file beside it, by series key: it may be missing slices."""
+_LINK_SKIPS = {
+    "outside": ("link_outside_root", "a link pointing outside the scan folder; not followed, so that ingest reads only "
+                "what lies under the folder it is given. If it is part of the scan, copy what it points to into the "
+                "scan folder, or ingest the folder it points to (`find SCAN_DIR -type l` lists the links)"),
+    "nowhere": ("link_dangling", "a link pointing nowhere (its target is missing, or links loop); nothing to read. "
+                "Restore its target or remove the link (`find -L SCAN_DIR -type l` lists such links)"),
+}
+
+
+def _left_out_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, str]], listed: Sequence[Unreadable],
+                    links: Sequence[LeftOut]) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
+    """An entry (names withheld later) for each file, folder or folder entry that could not be read (failed) and
+    each link not followed (skipped), and a problem for each series with an unreadable file or entry beside it,
+    by series key: it may be missing slices."""
     specs = [{"format": "unknown", "source": relative(root, u.path), "withhold": True, "error": _listing_error(u)}
              for u in listed]
+    specs += [{"format": "unknown", "source": relative(root, link.path), "withhold": True,
+               "skip": _LINK_SKIPS[link.leads]} for link in links]
     files = {relative(root, path): error for path, error in broken.items() if error[0] == "file_unreadable"}
     specs += [{"format": "dicom", "source": rel, "withhold": True, "error": error} for rel, error in files.items()]
-    counts = Counter(rel.rpartition("/")[0] or "." for rel in files)
+    entries = [relative(root, u.path) for u in listed if not u.folder]  # a file, or a folder: unknown
+    counts = Counter(rel.rpartition("/")[0] or "." for rel in [*files, *entries])
     problems = {}
     for series in scan.series if counts else ():
         beside = sum(counts[parent] for parent in {h.rel.rpartition("/")[0] or "." for h in series.headers})
         if beside:
             problems[series.key] = ("dicom_unreadable_neighbour",
                                     f"{beside} file(s) in this series' folder cannot be read (see the file_unreadable "
-                                    "entries); the series may be missing slices")
+                                    "and entry_unreadable entries); the series may be missing slices")
     return specs, problems
 
 
@@ -170,18 +123,20 @@ def _known_folders(scan: DicomScan) -> set[str]:
 
 
 def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConfig, previous: dict[str, Study],
-             unreadable: Sequence[Unreadable] = ()) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
+             unreadable: Sequence[Unreadable] = (),
+             links: Sequence[LeftOut] = ()) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
     """All tasks under ``root``, the manifest header (dataset name, labels, ignored file count) and the
     scrubber that keeps this scan's PHI out of sources and messages (task sources are already scrubbed).
     ``files``: the scan's listing, sorted (as :func:`list_scan_files` gives it); ``unreadable``: what
-    that listing could not read (:func:`scan_listing`): a failed entry each."""
+    that listing could not read (:func:`scan_listing`): a failed entry each; ``links``: the links it did
+    not follow: a skipped entry each."""
     base: dict[str, Any] = {"out_dir": str(out_dir)}
     specs: list[dict[str, Any]] = []
     header: dict[str, Any] = {"dataset": None, "labels": None}
     remaining = files
     if (root / "dataset.json").is_file():
-        msd_specs, consumed, header = _msd_tasks(root, base, set(files))
-        specs += [{**s, "format": "nifti", "id_key": s["source"]} for s in msd_specs]
+        msd_specs, consumed, header = msd_tasks(root, base, set(files))
+        specs += [{**s, "format": "nifti"} for s in msd_specs]
         remaining = [p for p in files if p not in consumed]
     dicom = []
     for path in remaining:
@@ -191,12 +146,13 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
         else:
             dicom.append(path)
     scan, broken = _discover_series(root, dicom, config=config)
-    unread, neighbours = _unreadable_specs(root, scan, broken, unreadable)
+    unread, neighbours = _left_out_specs(root, scan, broken, unreadable, links)
     for path, error in sorted(broken.items()):
         if error[0] != "file_unreadable":
             rel = relative(root, path)
             specs.append({**base, "format": "dicom", "source": rel, "id_key": rel, "error": error})
-    specs += [{**base, **spec, "id_key": spec["source"]} for spec in unread]
+    accounted = {spec["id_key"] for spec in specs}  # a link that dataset.json lists: its entry is refused already
+    specs += [{**base, **spec, "id_key": spec["source"]} for spec in unread if spec["source"] not in accounted]
     options = DicomOptions(gantry_tilt=config.gantry_tilt, irregular_slices=config.irregular_slices)
     for series in scan.series:
         specs.append({**base, "format": "dicom", "source": series.folder, "id_key": series.key, "series": series,
@@ -313,15 +269,16 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
         if listing.unreadable and listing.unreadable[0].path == scan_dir:
             raise IngestError(f"scan folder {scan_dir} cannot be read ({listing.unreadable[0].reason}); check its "
                               "permissions", code="scan_dir_unreadable")
-        if not files and not listing.unreadable:
+        if not files and not listing.unreadable and not listing.links:
             raise IngestError(f"scan folder {scan_dir} is empty; nothing to ingest", code="scan_dir_empty")
-        digest = listing_digest(scan_dir, files)
+        digest = listing_digest(scan_dir, files, left_out=[*listing.unreadable, *listing.links])
 
         def work(record: StageRecord) -> list[Path]:
             previous = _previous_studies(out)
             # many objects (a header per file), no cycles, alive to the end: kept out of collections
-            with long_lived(lambda: discover(scan_dir, files, out_dir=out, config=settings, previous=previous,
-                                             unreadable=listing.unreadable)) as (tasks, header, scrubber):
+            find = partial(discover, scan_dir, files, out_dir=out, config=settings, previous=previous,
+                           unreadable=listing.unreadable, links=listing.links)
+            with long_lived(find) as (tasks, header, scrubber):
                 logs.release(scrubber)
                 if not tasks:
                     raise IngestError(f"scan folder {scan_dir} holds {len(files)} files but no NIfTI image or "

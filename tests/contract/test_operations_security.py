@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -60,6 +61,34 @@ def test_links_and_manifest_paths_outside_the_root_are_refused(msd_dataset: Path
     assert len(refused) == 3 and {s.error.code for s in refused} == {"path_outside_root"}
     assert sum(s.status == "ok" for s in studies) == 6 and record["status"] == "partial"
     assert not any("linked_series" in s.source or "stray" in s.source for s in studies)  # never followed
+    # the links themselves are accounted for (the one dataset.json lists already is, by its refused entry)
+    links = [s for s in studies if s.status == "skipped"]
+    assert [s.problems[0].code for s in links] == ["link_outside_root"] * 2
+    assert all(s.format == "unknown" and s.image is None and s.source.startswith("phi-") for s in links)
+    assert record["counts"] == {"ok": 6, "failed": 3, "skipped": 2}
+
+
+def test_links_left_out_are_recorded_and_a_new_one_is_seen_on_rerun(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    scan, outside = tmp_path / "scan", tmp_path / "outside"
+    write_series(scan / "SE1", small_stored(1), series_tag="inside")
+    secret = write_series(outside / "series", small_stored(2), series_tag="outside")
+    (scan / "SE1" / "DOE_JANE.dcm").symlink_to(secret.files[0])  # a name no header reveals as PHI
+    (scan / "SE1" / "gone.dcm").symlink_to(tmp_path / "deleted.dcm")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.DEBUG):
+        record = ingest(scan, out)
+    assert record["status"] == "complete" and record["counts"] == {"ok": 1, "failed": 0, "skipped": 2}
+    skipped = sorted((s.problems[0].code, s.source) for s in load_manifest(out).studies if s.status == "skipped")
+    assert [code for code, _ in skipped] == ["link_dangling", "link_outside_root"]
+    assert all(re.fullmatch(r"SE1/phi-[0-9a-f]{8}", source) for _, source in skipped)  # the folder was read
+    texts = caplog.text + "".join(p.read_text() for p in out.glob("*.json"))
+    assert "DOE" not in texts and "gone" not in texts and "outside/series" not in texts
+
+    # a link added to a complete scan changes no file of the listing, but the stage sees it
+    (scan / "later.dcm").symlink_to(secret.files[1])
+    record = ingest(scan, out)
+    assert record["counts"] == {"ok": 1, "failed": 0, "skipped": 3} and record["reused_studies"] == 1
 
 
 # ---- case 22: tag values never become file names ------------------------------------------------

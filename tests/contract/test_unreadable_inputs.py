@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pipeline.stages import ingest_headers
 from pipeline.stages.ingest import ingest
 from tests.fixtures.bad_inputs import small_stored
 from tests.fixtures.dicom_writer import write_series
+from tests.fixtures.listing_faults import IO_ERROR, break_entries
 
 DENIED = "Permission denied"
 
@@ -111,6 +113,26 @@ def test_an_unreadable_folder_is_recorded_under_a_token(tmp_path: Path, monkeypa
     assert DENIED in failed.error.message and "! -readable" in failed.error.message
     assert "SMITH" not in _all_text(out)
     np.testing.assert_array_equal(studies["ok"].shape, [6, 5, 4])
+
+
+def test_an_entry_that_cannot_be_looked_at_warns_the_series_beside_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    scan = tmp_path / "scan"
+    victim = write_series(scan / "SE1", small_stored(1), series_tag="victim")
+    write_series(scan / "SE2", small_stored(2), series_tag="other")
+    last = victim.files[-1].rename(victim.files[-1].with_name("DOE_JANE.dcm"))  # both series share file names
+    break_entries(monkeypatch, {last.name})  # a file or a folder: its type cannot be looked up
+    out = tmp_path / "out"
+    record = ingest(scan, out)
+    assert record["status"] == "partial"
+    studies = load_manifest(out).studies
+    (failed,) = [s for s in studies if s.status == "failed"]
+    assert failed.error is not None and failed.error.code == "entry_unreadable" and IO_ERROR in failed.error.message
+    assert re.fullmatch(r"SE1/phi-[0-9a-f]{8}", failed.source) and "DOE" not in _all_text(out)
+    series = {s.source: s for s in studies if s.status == "ok"}
+    assert series["SE1"].shape == [6, 5, 3] and series["SE2"].problems == []
+    assert [p.code for p in series["SE1"].problems] == ["dicom_unreadable_neighbour"]
+    assert "entry_unreadable" in series["SE1"].problems[0].message
 
 
 def test_an_unreadable_scan_folder_is_an_error_not_an_empty_scan(tmp_path: Path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -183,6 +184,26 @@ def test_msd_test_images_and_unlisted_images_are_unlabeled(msd_dataset: Path, tm
     assert unlisted.label is None and [p.code for p in unlisted.problems] == ["msd_unlisted_image"]
 
 
+def test_an_image_listed_twice_in_dataset_json_is_one_study(msd_dataset: Path, tmp_path: Path) -> None:
+    root = _copy_msd(msd_dataset, tmp_path)
+    meta = json.loads((root / "dataset.json").read_text())
+    first, second = meta["training"][:2]
+    meta["training"] += [dict(first),  # the same entry again
+                         {"image": second["image"], "label": first["label"]}]  # the image with another label
+    (root / "dataset.json").write_text(json.dumps(meta))
+    record = ingest(root, tmp_path / "out")
+    studies = load_manifest(tmp_path / "out").studies
+    assert len({s.id for s in studies}) == len(studies) == 8  # ids stay unique: the manifest is keyed on them
+    assert record["counts"] == {"ok": 6, "failed": 1, "skipped": 1} and record["status"] == "partial"
+    (repeated,) = [s for s in studies if s.status == "skipped"]
+    assert repeated.source == first["image"].removeprefix("./") and repeated.problems[0].code == "msd_repeated_entry"
+    assert "entry 7 repeats entry 1" in repeated.problems[0].message
+    (conflict,) = [s for s in studies if s.status == "failed"]
+    assert conflict.error.code == "msd_conflicting_labels" and "entry 8" in conflict.error.message
+    converted = next(s for s in studies if s.status == "ok" and s.source == conflict.source)
+    assert converted.label_source == second["label"].removeprefix("./")  # the first entry's label was used
+
+
 def test_rerun_is_byte_identical_and_reuses_studies(msd_dataset: Path, dicom_scan, tmp_path: Path) -> None:
     root = _copy_msd(msd_dataset, tmp_path)
     shutil.copytree(dicom_scan[0], root / "dicom")  # a mixed folder: MSD plus DICOM
@@ -283,5 +304,9 @@ def test_output_inside_scan_folder_and_outside_links_are_not_studies(tmp_path: P
     (scan / "link.nii.gz").symlink_to(tmp_path / "elsewhere" / "secret.nii.gz")
     ingest(scan, scan / "run")
     record = ingest(scan, scan / "run", force=True)  # its own outputs must not be picked up
-    assert record["counts"] == {"ok": 1, "failed": 0, "skipped": 0}
-    assert [s.source for s in load_manifest(scan / "run").studies] == ["one.nii.gz"]
+    assert record["counts"] == {"ok": 1, "failed": 0, "skipped": 1} and record["status"] == "complete"
+    ok, link = sorted(load_manifest(scan / "run").studies, key=lambda s: s.status)
+    assert ok.source == "one.nii.gz" and ok.status == "ok"
+    # the link is accounted for, not followed: skipped with the reason, its name withheld (no header read)
+    assert link.status == "skipped" and link.problems[0].code == "link_outside_root" and link.image is None
+    assert re.fullmatch(r"phi-[0-9a-f]{8}", link.source) and "link.nii.gz" not in link.model_dump_json()

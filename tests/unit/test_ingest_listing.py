@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages.ingest_listing import Unreadable, list_scan_files, listing_digest, relative, scan_listing
+from pipeline.stages.ingest_listing import LeftOut, Unreadable, list_scan_files, listing_digest, relative, scan_listing
+from tests.fixtures.listing_faults import break_entries
 
 
 def _reference(root: Path, *, exclude: Path | None = None) -> list[Path]:
@@ -28,7 +29,7 @@ def _reference(root: Path, *, exclude: Path | None = None) -> list[Path]:
                 try:
                     if not path.resolve(strict=True).is_relative_to(real_root):
                         continue
-                except OSError:
+                except (OSError, RuntimeError):  # dangling, or a loop
                     continue
             if path.is_file():
                 files.append(path)
@@ -55,15 +56,18 @@ def tree(tmp_path: Path) -> Path:
 
 
 def test_the_listing_equals_the_os_walk_listing(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        files = list_scan_files(tree)
-    assert files == _reference(tree)
-    rels = [relative(tree, p) for p in files]
+    (tree / "a" / "loop").symlink_to(tree / "a" / "loop")
+    with caplog.at_level(logging.DEBUG):
+        listing = scan_listing(tree)
+    assert listing.files == _reference(tree) == list_scan_files(tree)
+    rels = [relative(tree, p) for p in listing.files]
     assert rels == ["A/upper", "a/b/a.dcm", "a/b/c.dcm", "a/z.dcm", "a-b/x", "a.txt", "b.dcm", "deep/1/2/3/4/f",
                     "link_in.dcm", "out/old.nii.gz"]  # Path order: a folder's entries by name, depth first
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    assert all(name in warned for name in ("link_out.dcm", "dangling.dcm", "dirlink_out"))
-    assert "dirlink_in" not in warned and str(tree) not in warned  # relative paths only
+    # links not followed, in the same order, for the caller to record (names withheld): nothing logged here
+    assert [(relative(tree, link.path), link.leads) for link in listing.links] == [
+        ("a/loop", "nowhere"), ("dangling.dcm", "nowhere"), ("dirlink_out", "outside"), ("link_out.dcm", "outside")]
+    assert listing.links[0] == LeftOut(tree / "a" / "loop", "nowhere")
+    assert caplog.records == [] and listing.unreadable == []
 
 
 def test_an_excluded_folder_is_not_listed(tree: Path) -> None:
@@ -89,7 +93,11 @@ def test_the_digest_follows_names_sizes_and_change_times(tree: Path) -> None:
     first = listing_digest(tree, files)
     assert listing_digest(tree, files) == first
     (tree / "a" / "z.dcm").write_bytes(b"new content")  # new size and times
-    assert listing_digest(tree, files) != first
+    second = listing_digest(tree, files)
+    assert second != first
+    # what the listing left out counts too: a new link or unreadable folder is a change of the scan
+    assert listing_digest(tree, files, left_out=scan_listing(tree).links) != second
+    assert listing_digest(tree, files, left_out=[Unreadable(tree / "x", "Permission denied")]) != second
 
 
 def test_an_unreadable_folder_is_returned_unlogged_and_the_rest_listed(
@@ -136,40 +144,10 @@ def test_a_file_that_cannot_be_looked_at_still_gets_a_digest_line(tree: Path, mo
     assert listing_digest(tree, files) != first  # no crash, and the change is seen
 
 
-class _Entry:
-    """A scandir entry whose type cannot be looked up (a failing disk; a folder that cannot be searched)."""
-
-    def __init__(self, entry: os.DirEntry[str]) -> None:
-        self.name, self._entry = entry.name, entry
-
-    def is_symlink(self) -> bool:
-        return self._entry.is_symlink()
-
-    def is_dir(self) -> bool:
-        raise OSError(5, "Input/output error")
-
-    is_file = is_dir
-
-
-class _Listing:
-    def __init__(self, path: os.PathLike[str] | str, real: object, broken: str) -> None:
-        self._inner, self._broken = real(path), broken  # type: ignore[operator]
-
-    def __enter__(self) -> _Listing:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._inner.close()
-
-    def __iter__(self) -> object:
-        return iter([_Entry(e) if e.name == self._broken else e for e in self._inner])
-
-
 def test_an_entry_whose_type_cannot_be_looked_up_is_returned_and_its_folder_still_listed(
         tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     everything = _reference(tree)
-    real_scandir = os.scandir
-    monkeypatch.setattr(os, "scandir", lambda path: _Listing(path, real_scandir, "z.dcm"))
+    break_entries(monkeypatch, {"z.dcm"})
     listing = scan_listing(tree)
     assert listing.unreadable == [Unreadable(tree / "a" / "z.dcm", "Input/output error", folder=False)]
     assert listing.files == [p for p in everything if p != tree / "a" / "z.dcm"]  # a/b/* and the rest kept

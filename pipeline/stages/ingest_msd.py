@@ -1,0 +1,102 @@
+"""MSD-style dataset folders (``dataset.json`` with imagesTr, labelsTr, imagesTs): the ingest stage's study specs.
+
+A training entry whose image or label leaves the dataset folder is refused; an image listed twice is
+ingested once; images in imagesTr that no entry lists are ingested unlabeled, with a problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pipeline.errors import IngestError
+from pipeline.fileio import read_json
+from pipeline.io.nifti import is_nifti
+from pipeline.stages.ingest_listing import outside, relative
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` when ``rel`` is relative and it (links resolved) stays inside ``root``, else None."""
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts:
+        return None
+    path = root / pure
+    if (path.exists() or path.is_symlink()) and outside(path, root.resolve()):
+        return None
+    return path
+
+
+def _read_msd(root: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
+    try:
+        meta = read_json(root / "dataset.json")
+    except (OSError, ValueError) as exc:
+        raise IngestError(f"dataset.json is not valid JSON ({exc}); fix or remove it",
+                          code="msd_bad_dataset_json") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("training", []), list):
+        raise IngestError("dataset.json must be an object with a 'training' list", code="msd_bad_dataset_json")
+    raw = meta.get("labels")
+    if raw is None:
+        return meta, None
+    try:
+        if all(isinstance(v, int) for v in raw.values()):  # nnU-Net v2 style {"background": 0, ...}
+            pairs = {int(v): str(k) for k, v in raw.items()}
+        else:
+            pairs = {int(k): str(v) for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise IngestError("dataset.json 'labels' must map integer values to names",
+                          code="msd_bad_dataset_json") from exc
+    return meta, {str(k): pairs[k] for k in sorted(pairs)}
+
+
+def msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list[dict[str, Any]], set[Path], dict]:
+    """Study specs from dataset.json's training list, imagesTs and unlisted imagesTr images."""
+    meta, labels = _read_msd(root)
+    modality = meta.get("modality")
+    modality = str(next(iter(modality.values()))) if isinstance(modality, dict) and len(modality) == 1 else None
+    allowed = tuple(int(k) for k in labels) if labels else None
+    specs: list[dict[str, Any]] = []
+    consumed = {root / "dataset.json"} | {p for p in files if p.parent == root / "labelsTr"}
+    first: dict[str, tuple[int, str | None]] = {}  # image source -> (its first training entry, that entry's label)
+    for number, entry in enumerate(meta.get("training", []), start=1):
+        image_rel = str(entry.get("image", "")) if isinstance(entry, dict) else ""
+        label_rel = str(entry.get("label", "")) if isinstance(entry, dict) else ""
+        image, label = _inside(root, image_rel), _inside(root, label_rel)
+        source = PurePosixPath(image_rel).as_posix()
+        spec = {**base, "source": source, "id_key": source, "modality": modality, "allowed_labels": allowed,
+                "label_source": PurePosixPath(label_rel).as_posix() if label_rel else None}
+        if source in first:  # one study per image: a second entry is recorded under its own id, not converted
+            spec.update(id_key=f"{source}#training[{number}]", **_repeated_entry(number, spec["label_source"],
+                                                                                 *first[source]))
+            specs.append(spec)
+            continue
+        first[source] = (number, spec["label_source"])
+        if image is None or label is None:
+            spec["error"] = ("path_outside_root", f"{source}: dataset.json entry points outside the dataset folder")
+        elif not image.is_file() or not label.is_file():
+            missing = image_rel if not image.is_file() else label_rel
+            spec["error"] = ("missing_file", f"{missing}: listed in dataset.json but not found")
+        else:
+            spec.update(image_path=str(image), label_path=str(label))
+            consumed |= {image, label}
+        specs.append(spec)
+    for path in sorted(p for p in files if p.parent in (root / "imagesTr", root / "imagesTs") and is_nifti(p)):
+        if path in consumed:
+            continue
+        rel = relative(root, path)
+        problems = () if path.parent.name == "imagesTs" else (
+            ("msd_unlisted_image", f"{rel}: in imagesTr but not in dataset.json's training list; ingested unlabeled"),)
+        specs.append({**base, "source": rel, "id_key": rel, "image_path": str(path), "modality": modality,
+                      "problems": problems})
+        consumed.add(path)
+    return specs, consumed, {"dataset": meta.get("name"), "labels": labels}
+
+
+def _repeated_entry(number: int, label: str | None, before: int, before_label: str | None) -> dict[str, Any]:
+    """A dataset.json training entry for an image listed before: skipped when it repeats that entry, failed
+    when it pairs the image with another label (which one is right is the dataset author's call)."""
+    if label == before_label:
+        return {"skip": ("msd_repeated_entry", f"dataset.json's training entry {number} repeats entry {before}; "
+                                               "the image is ingested once, from the first")}
+    return {"error": ("msd_conflicting_labels", f"dataset.json's training entry {number} pairs this image with label "
+                                                f"{label}, entry {before} with {before_label}; the first was "
+                                                "ingested. Remove the wrong entry from dataset.json")}
