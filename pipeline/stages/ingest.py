@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pipeline.batch import run_batch
 from pipeline.classification.labels_csv import apply_class_labels
 from pipeline.collector import long_lived
-from pipeline.config import IngestConfig, PipelineConfig
+from pipeline.config import DEFAULT_PSEUDONYM_KEY, IngestConfig, PipelineConfig
 from pipeline.errors import IngestError, PipelineError
 from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, group_series, skip_reason
 from pipeline.io.nifti import is_nifti
@@ -209,6 +209,17 @@ def _remove_orphans(out: Path, keep: set[str]) -> None:
                 path.unlink()
 
 
+def _warn_default_key(config: IngestConfig, tasks: list[IngestTask], record: StageRecord) -> None:
+    """DICOM (patient data) pseudonymised with the built-in key: anyone can recompute ids and tokens."""
+    default = config.pseudonym_key == DEFAULT_PSEUDONYM_KEY
+    record.extra["pseudonym_key"] = "default" if default else "private"
+    if default and config.scrub_phi and any(t.format == "dicom" for t in tasks):
+        log.warning("ingest.pseudonym_key is the built-in default, so anyone with medpipe can recompute the study "
+                    "ids, and the tokens that replace names in paths, from a guessed patient name or path. Before "
+                    "sharing outputs, set a private key (ingest.pseudonym_key in the config, or --set "
+                    "ingest.pseudonym_key=...) and keep it: the ids change with the key")
+
+
 def _isolation(config: IngestConfig) -> Isolation:
     return Isolation(memory_limit_mb=config.memory_limit_mb, timeout_s=config.timeout_s,
                      memory_setting="ingest.memory_limit_mb", timeout_setting="ingest.timeout_s")
@@ -280,6 +291,7 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
                            unreadable=listing.unreadable, links=listing.links)
             with long_lived(find) as (tasks, header, scrubber):
                 logs.release(scrubber)
+                _warn_default_key(settings, tasks, record)
                 if not tasks:
                     raise IngestError(f"scan folder {scan_dir} holds {len(files)} files but no NIfTI image or "
                                       "DICOM image series", code="no_studies")
