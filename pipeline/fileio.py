@@ -27,6 +27,20 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def writable(name: str) -> str:
+    """``name`` as UTF-8 can hold it. A file name whose bytes are not UTF-8 (a Latin-1 name from an old export)
+    comes from the system with those bytes as lone surrogates, which no JSON file, log or hash input can
+    take; they are written as ``\\xNN``, as ``ls -b`` shows them."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        try:
+            return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that no file name gives (a JSON escape): as \\udNNN
+            return name.encode(errors="backslashreplace").decode()
+    return name
+
+
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and fixed separators, so equal content gives equal bytes."""
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
@@ -60,12 +74,35 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _writable_json(obj: Any) -> Any:
+    """``obj`` (JSON data) with every string, keys included, :func:`writable`."""
+    if isinstance(obj, str):
+        return writable(obj)
+    if isinstance(obj, dict):
+        return {writable(k) if isinstance(k, str) else k: _writable_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_writable_json(v) for v in obj]
+    return obj
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+    """``text`` as UTF-8; a file name in it whose bytes are not UTF-8 is written as ``\\xNN`` (:func:`writable`)."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = writable(text).encode("utf-8")
+    write_bytes_atomic(path, data)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    write_text_atomic(path, canonical_json(obj))
+    """:func:`canonical_json` of ``obj`` as UTF-8; strings UTF-8 cannot hold are made :func:`writable` first
+    (escaping the text afterwards would break JSON's own escapes)."""
+    text = canonical_json(obj)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = canonical_json(_writable_json(obj)).encode("utf-8")
+    write_bytes_atomic(path, data)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -21,7 +21,8 @@ def configure_logging(*, verbosity: int = 0, log_file: Path | None = None) -> No
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        # a file name whose bytes are not UTF-8 is written as \\xNN, never a logging error
+        file_handler = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
         file_handler.setLevel(logging.DEBUG)
         file_handler.setFormatter(logging.Formatter(_FORMAT))
         root.addHandler(file_handler)

@@ -5,22 +5,25 @@ from __future__ import annotations
 import hashlib
 import hmac
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ManifestError
-from pipeline.fileio import read_json, write_json_atomic
+from pipeline.fileio import read_json, writable, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+
+Text = Annotated[str, AfterValidator(writable)]
+"""Text that names files (sources, messages): a file name's bytes that are not UTF-8 as ``\\xNN``."""
 
 
 class Problem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     code: str
-    message: str
+    message: Text
 
 
 class Study(BaseModel):
@@ -29,12 +32,12 @@ class Study(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str
-    source: str
+    source: Text
     format: Literal["nifti", "dicom", "unknown"]  # unknown: a folder that could not be read
     status: Literal["ok", "failed", "skipped"]
     image: str | None = None
     label: str | None = None
-    label_source: str | None = None
+    label_source: Text | None = None
     modality: str | None = None
     shape: list[int] | None = None
     spacing: list[float] | None = None

@@ -20,7 +20,7 @@ from pipeline.classification.metrics import predict, probability_metrics, reliab
 from pipeline.classification.networks import build_classifier
 from pipeline.config import PipelineConfig, config_dict
 from pipeline.errors import CheckpointError, StageError
-from pipeline.fileio import atomic_path, read_json, write_json_atomic
+from pipeline.fileio import read_json, write_json_atomic, write_text_atomic
 from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
@@ -214,8 +214,7 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
                 failed.append({"id": outcome.key, "code": outcome.code, "message": outcome.message})
                 record.add(StudyStatus(id=outcome.key, status="failed", code=outcome.code, message=outcome.message))
         rows.sort(key=lambda r: r["id"])
-        with atomic_path(out / PREDICTIONS_CSV) as tmp:
-            tmp.write_text(_csv_text(rows, classes), encoding="utf-8")
+        write_text_atomic(out / PREDICTIONS_CSV, _csv_text(rows, classes))  # ids from file names: any bytes
         files.append(out / PREDICTIONS_CSV)
         labelled = [r for r in rows if r["label"] is not None]
         if labelled and len(labelled) == len(rows):

@@ -143,6 +143,15 @@ def _own_copy(data: np.ndarray, order: Literal["C", "K"]) -> np.ndarray:
     return np.asarray(data)
 
 
+def _named(exc: BaseException, path: Path) -> str:
+    """A library's message about ``path`` with the path cut to the file's name: where the scan folder lies is
+    no part of a study's record (its folder names may be a patient's)."""
+    text = str(exc)
+    for form in {str(path), str(path.absolute())}:
+        text = text.replace(form, path.name)
+    return text
+
+
 def load_nifti(path: str | Path, *, allow_4d: bool = False, check_finite: bool = True, verify_gzip: bool = False,
                order: Literal["C", "K"] = "C") -> Volume:
     """Load and validate a NIfTI file; errors name the file and the problem.
@@ -162,11 +171,11 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False, check_finite: bool =
             affine = _choose_affine(img, path)
             data = np.asanyarray(img.dataobj)
     except (EOFError, zlib.error, isal_zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
-        raise IngestError(f"{path.name}: truncated or corrupt NIfTI file ({type(exc).__name__}: {exc})",
-                          code="nifti_corrupt") from exc
+        raise IngestError(f"{path.name}: truncated or corrupt NIfTI file ({type(exc).__name__}: "
+                          f"{_named(exc, path)})", code="nifti_corrupt") from exc
     except (ValueError, OSError) as exc:
-        raise IngestError(f"{path.name}: cannot read NIfTI data ({exc}); the file is probably truncated",
-                          code="nifti_corrupt") from exc
+        raise IngestError(f"{path.name}: cannot read NIfTI data ({_named(exc, path)}); the file is probably "
+                          "truncated", code="nifti_corrupt") from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 2:

@@ -17,17 +17,20 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from pipeline.errors import os_reason
-from pipeline.fileio import sha256_bytes
+from pipeline.fileio import sha256_bytes, writable
 
 
 def relative(root: Path, path: Path) -> str:
-    """``path.relative_to(root).as_posix()`` for a ``path`` made by joining names to ``root``."""
+    """``path.relative_to(root).as_posix()`` for a ``path`` made by joining names to ``root``, in a form that
+    can be written out (:func:`writable`): it names the file in manifests, messages and logs."""
     text, base = str(path), str(root)
     if base == "." and not text.startswith("/"):  # Path(".") / "a" is "a"
-        return text
-    if text.startswith(base) and text[len(base):len(base) + 1] == "/":
-        return text[len(base) + 1:]
-    return path.relative_to(root).as_posix()
+        rel = text
+    elif text.startswith(base) and text[len(base):len(base) + 1] == "/":
+        rel = text[len(base) + 1:]
+    else:
+        rel = path.relative_to(root).as_posix()
+    return rel if rel.isascii() else writable(rel)
 
 
 def outside(path: Path, real_root: Path) -> bool:
@@ -148,4 +151,4 @@ def listing_digest(root: Path, files: list[Path], *, left_out: Sequence[Unreadab
             lines.append(f"{relative(root, path)}\0{os_reason(exc)}")
             continue
         lines.append(f"{relative(root, path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}")
-    return sha256_bytes("\n".join(lines).encode())
+    return sha256_bytes("\n".join(lines).encode(errors="surrogateescape"))  # the root's own name may not be UTF-8

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from pipeline.fileio import atomic_path, canonical_json, remove_partials, sha256_file, write_json_atomic
+from pipeline.fileio import (
+    atomic_path,
+    canonical_json,
+    remove_partials,
+    sha256_file,
+    writable,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
@@ -43,3 +52,23 @@ def test_sha256_and_partials(tmp_path: Path) -> None:
     (tmp_path / ".f.x1.partial.nii.gz").write_bytes(b"junk")
     assert remove_partials(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    ("M\udcfcller", "M\\xfcller"),  # os.fsdecode(b"M\xfcller")
+    ("Müller", "Müller"),  # a UTF-8 name stays as it is
+    ("x\ud800y", "x\\ud800y"),  # a lone surrogate no file name gives (a JSON escape)
+])
+def test_writable_escapes_only_what_utf8_cannot_hold(name: str, shown: str) -> None:
+    assert writable(name) == shown
+    shown.encode("utf-8")
+
+
+def test_json_and_text_holding_a_name_that_is_not_utf8_are_written_escaped(tmp_path: Path) -> None:
+    name = "sc\udce4n/M\udcfcller"  # os.fsdecode(b"sc\xe4n/M\xfcller")
+    write_json_atomic(tmp_path / "a.json", {name: [name, {"source": name}], "plain": "Müller"})
+    text = (tmp_path / "a.json").read_bytes().decode("utf-8")  # strict
+    assert json.loads(text) == {"sc\\xe4n/M\\xfcller": ["sc\\xe4n/M\\xfcller", {"source": "sc\\xe4n/M\\xfcller"}],
+                                "plain": "Müller"}
+    write_text_atomic(tmp_path / "a.csv", f"source\n{name}\n")
+    assert (tmp_path / "a.csv").read_bytes().decode("utf-8") == "source\nsc\\xe4n/M\\xfcller\n"
