@@ -275,6 +275,10 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
         if not scan_dir.is_dir():
             raise IngestError(f"scan folder {scan_dir} does not exist or is not a folder; pass the folder holding "
                               "the NIfTI/DICOM files", code="scan_dir_missing")
+        if scan_dir.resolve().is_relative_to(out.resolve()):  # its listing would leave everything out
+            raise IngestError(f"the output folder {out} is the scan folder or holds it; pass another output "
+                              f"folder: one outside {scan_dir}, or a new subfolder of it (left out of the scan)",
+                              code="out_holds_scan")
         listing = scan_listing(scan_dir, exclude=out.resolve())
         files = listing.files
         if listing.unreadable and listing.unreadable[0].path == scan_dir:

@@ -297,6 +297,16 @@ def test_truncated_nifti_fails_with_its_relative_path(tmp_path: Path, phantom_pa
     assert failed.error.code == "nifti_corrupt" and failed.error.message.startswith("sub/bad.nii.gz:")
 
 
+@pytest.mark.parametrize("out", [".", ".."])
+def test_an_output_folder_holding_the_scan_folder_is_refused_by_name(tmp_path: Path, phantom_pair, out: str) -> None:
+    scan = tmp_path / "scan"
+    save_nifti(phantom_pair[0], scan / "one.nii.gz")
+    with pytest.raises(IngestError) as info:  # not "the scan folder is empty"
+        ingest(scan, scan / out)
+    assert info.value.code == "out_holds_scan" and "another output folder" in str(info.value)
+    assert sorted(p.name for p in scan.iterdir()) == ["one.nii.gz"]
+
+
 def test_output_inside_scan_folder_and_outside_links_are_not_studies(tmp_path: Path, phantom_pair) -> None:
     scan = tmp_path / "scan"
     save_nifti(phantom_pair[0], scan / "one.nii.gz")
