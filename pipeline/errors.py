@@ -47,6 +47,17 @@ class FileUnreadable(IngestError):
         self.reason = reason  # the operating system's words ("Permission denied"), never a path
 
 
+class PackedFile(IngestError):
+    """A file of the scan folder is an archive or a compressed file (zip, tar, gzip ...): it may hold scans,
+    which ingest does not unpack."""
+
+    code = "archive_not_unpacked"
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # "zip", "gzip", ...
+
+
 class GeometryError(IngestError):
     """Image geometry is missing, inconsistent or would have to be guessed."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import FileUnreadable, os_reason
+from pipeline.errors import FileUnreadable, PackedFile, os_reason
 from pipeline.io.dicom_geometry import SliceGeometry
 from pipeline.io.dicom_tags import (
     PER_FRAME_GROUPS,
@@ -263,6 +263,19 @@ def header_from_bytes(data: bytes, *, path: str, rel: str) -> tuple[DicomHeader 
     return header, raw, ds
 
 
+_PACKED = ((b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip"), (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"),
+           (b"\xfd7zXZ\x00", "xz"), (b"7z\xbc\xaf\x27\x1c", "7z"), (b"Rar!\x1a\x07", "rar"),
+           (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+def packed_kind(head: bytes) -> str | None:
+    """The kind of archive or compressed file that ``head`` (a file's first 262 bytes or more) starts, else None."""
+    for magic, kind in _PACKED:
+        if head.startswith(magic):
+            return kind
+    return "tar" if head[257:262] == b"ustar" else None
+
+
 def _unreadable(rel: str, exc: OSError) -> FileUnreadable:
     reason = os_reason(exc)
     return FileUnreadable(f"{rel}: cannot be read ({reason}); check its permissions or the storage, then run again",
@@ -276,14 +289,22 @@ def read_header(path: Path, *, root: Path, rel: str | None = None,
     ``rel``: the path relative to ``root`` when the caller has it. ``guard(path, rel)`` runs before
     pydicom reads a file that the fast walker leaves to it, and may raise to refuse the file unread
     (a deflated data set that would inflate past a memory limit); what it raises propagates.
-    A file that cannot be opened or read raises FileUnreadable: it may be a slice of a series.
+    A file that cannot be opened or read raises FileUnreadable: it may be a slice of a series. An archive or
+    compressed file (zip, tar, gzip ...) raises PackedFile: it may hold scans.
     """
     rel = path.relative_to(root).as_posix() if rel is None else rel
     raw: RawHeader | None
     data: bytes
     try:
         with open(path, "rb") as handle:
-            raw, data = parse_prefix(handle, parse_header)
+            try:
+                raw, data = parse_prefix(handle, parse_header)
+            except NotDicom:
+                handle.seek(0)
+                kind = packed_kind(handle.read(512))
+                if kind is not None:  # it may hold a whole export: said, not ignored
+                    raise PackedFile(f"{rel}: a {kind} file, not unpacked", kind=kind) from None
+                raise
     except NotDicom:
         log.debug("%s: not a DICOM file; ignored", rel)
         return None

@@ -13,7 +13,7 @@ from pipeline.batch import run_batch
 from pipeline.classification.labels_csv import apply_class_labels
 from pipeline.collector import long_lived
 from pipeline.config import DEFAULT_PSEUDONYM_KEY, IngestConfig, PipelineConfig
-from pipeline.errors import IngestError, PipelineError
+from pipeline.errors import FileUnreadable, IngestError, PackedFile, PipelineError
 from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, group_series, skip_reason
 from pipeline.io.nifti import is_nifti
 from pipeline.isolation import Isolation
@@ -90,15 +90,17 @@ _LINK_SKIPS = {
 
 def _left_out_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, str]], listed: Sequence[Unreadable],
                     links: Sequence[LeftOut]) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
-    """An entry (names withheld later) for each file, folder or folder entry that could not be read (failed) and
-    each link not followed (skipped), and a problem for each series with an unreadable file or entry beside it,
-    by series key: it may be missing slices."""
+    """An entry (names withheld later) for each file, folder or folder entry that could not be read (failed),
+    each link not followed and each archive not unpacked (skipped); and a problem for each series with an
+    unreadable file or entry beside it, by series key: it may be missing slices."""
     specs = [{"format": "unknown", "source": relative(root, u.path), "withhold": True, "error": _listing_error(u)}
              for u in listed]
     specs += [{"format": "unknown", "source": relative(root, link.path), "withhold": True,
                "skip": _LINK_SKIPS[link.leads]} for link in links]
-    files = {relative(root, path): error for path, error in broken.items() if error[0] == "file_unreadable"}
+    files = {relative(root, path): error for path, error in broken.items() if error[0] == FileUnreadable.code}
     specs += [{"format": "dicom", "source": rel, "withhold": True, "error": error} for rel, error in files.items()]
+    specs += [{"format": "unknown", "source": relative(root, path), "withhold": True, "skip": error}
+              for path, error in broken.items() if error[0] == PackedFile.code]
     entries = [relative(root, u.path) for u in listed if not u.folder]  # a file, or a folder: unknown
     counts = Counter(rel.rpartition("/")[0] or "." for rel in [*files, *entries])
     problems = {}
@@ -148,7 +150,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
     scan, broken = _discover_series(root, dicom, config=config)
     unread, neighbours = _left_out_specs(root, scan, broken, unreadable, links)
     for path, error in sorted(broken.items()):
-        if error[0] != "file_unreadable":
+        if error[0] not in (FileUnreadable.code, PackedFile.code):  # not read: _left_out_specs's entries
             rel = relative(root, path)
             specs.append({**base, "format": "dicom", "source": rel, "id_key": rel, "error": error})
     accounted = {spec["id_key"] for spec in specs}  # a link that dataset.json lists: its entry is refused already

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.errors import FileUnreadable
+from pipeline.errors import FileUnreadable, PackedFile
 from pipeline.io.dicom import DicomHeader, read_header
 from pipeline.io.dicom_deflate import deflated_size_over
 from pipeline.isolation import Isolation, Reply, run_isolated, start_method
@@ -48,7 +48,7 @@ def _screen(path: Path, rel: str, *, limit: int) -> None:
     """Refuse a deflated file that inflates past ``limit`` bytes (read_header's guard before pydicom)."""
     try:
         size = deflated_size_over(path, limit)
-    except OSError:  # unreadable since read_header opened it: pydicom's read then fails and the file is ignored
+    except OSError:  # unreadable since read_header opened it: pydicom's read fails too, and records it
         return
     if size is not None:
         raise Refused("too_large", f"{rel}: a deflated DICOM file that inflates to more than {limit >> 20} MB (a "
@@ -65,6 +65,10 @@ def _read(path: Path, root: Path, guard: Callable[[Path, str], None]) -> DicomHe
         return Refused(exc.code, f"the file cannot be read ({exc.reason}); it was left out. If it belongs to a "
                                  "series, that series may be missing slices: fix the file's permissions or the "
                                  "storage and run ingest again (`find SCAN_DIR ! -readable` lists such files)")
+    except PackedFile as exc:  # as unread as the above: its name is withheld too
+        return Refused(exc.code, f"a {exc.kind} file: ingest does not look inside archives or compressed files, "
+                                 "and it may hold scans. Unpack it into the scan folder and run ingest again, or "
+                                 "remove it if it holds none")
 
 
 def read_chunk(root: str, paths: Sequence[str], inflate_limit: int) -> list[DicomHeader | Refused | None]:

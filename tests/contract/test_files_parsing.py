@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
+import re
 import resource
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -63,13 +68,41 @@ def test_junk_gzipped_dicom_dicomdir_and_near_empty_datasets_are_never_images(tm
     pydicom.dcmwrite(str(scan / "good" / "stub.dcm"), near_empty, enforce_file_format=True)
     record = ingest(scan, tmp_path / "out")
     studies = load_manifest(tmp_path / "out").studies
-    assert record["ignored_files"] == 2  # the gzip and the DICOMDIR: not DICOM objects of a series
+    assert record["ignored_files"] == 1  # the DICOMDIR: not a DICOM object of a series
     ok = [s for s in studies if s.status == "ok"]
     assert len(ok) == 1 and ok[0].shape == [6, 5, 4]
     np.testing.assert_array_equal(load_nifti(tmp_path / "out" / ok[0].image).array,
                                   good.expected_values.astype(np.float32))
-    (stub,) = [s for s in studies if s.status != "ok"]
-    assert stub.status == "skipped" and stub.problems[0].code == "dicom_no_pixel_data"
+    skipped = {s.problems[0].code: s for s in studies if s.status != "ok"}
+    assert set(skipped) == {"dicom_no_pixel_data", "archive_not_unpacked"} and record["status"] == "complete"
+    packed = skipped["archive_not_unpacked"]  # never read as an image, but said: it may hold scans
+    assert packed.format == "unknown" and "a gzip file" in packed.problems[0].message
+    assert re.fullmatch(r"good/phi-[0-9a-f]{8}", packed.source)  # its name withheld: nothing inside was read
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "gzip", "bzip2", "xz", "7z", "rar", "zstd"])
+def test_archives_and_compressed_files_are_recorded_not_ignored(tmp_path: Path, kind: str) -> None:
+    scan = tmp_path / "scan"
+    good = write_series(scan / "good", small_stored(1), series_tag="good")
+    slice_bytes = good.files[0].read_bytes()
+    if kind == "zip":
+        with zipfile.ZipFile(scan / "export.zip", "w") as archive:
+            archive.writestr("IM0001.dcm", slice_bytes)
+    elif kind == "tar":
+        with tarfile.open(scan / "export.tar", "w") as archive:
+            archive.add(good.files[0], arcname="IM0001.dcm")
+    elif kind in ("gzip", "bzip2", "xz"):
+        module = {"gzip": gzip, "bzip2": bz2, "xz": lzma}[kind]
+        (scan / "export.bin").write_bytes(module.compress(slice_bytes))
+    else:  # no compressor in the standard library: the format's signature, then bytes
+        magic = {"7z": b"7z\xbc\xaf\x27\x1c", "rar": b"Rar!\x1a\x07\x01\x00", "zstd": b"\x28\xb5\x2f\xfd"}[kind]
+        (scan / "export.bin").write_bytes(magic + bytes(range(256)) * 4)
+    (scan / "notes.txt").write_text("exported by the scanner\n")  # junk: counted, as before
+    record = ingest(scan, tmp_path / "out")
+    studies = load_manifest(tmp_path / "out").studies
+    (packed,) = [s for s in studies if s.status == "skipped"]
+    assert packed.problems[0].code == "archive_not_unpacked" and f"a {kind} file" in packed.problems[0].message
+    assert record["ignored_files"] == 1 and record["counts"] == {"ok": 1, "failed": 0, "skipped": 1}
 
 
 # ---- case 3: truncated in the header and in the pixel data --------------------------------------
