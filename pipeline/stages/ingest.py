@@ -25,6 +25,7 @@ from pipeline.stages.common import execute_stage
 from pipeline.stages.ingest_headers import read_headers
 from pipeline.stages.ingest_listing import (
     LeftOut,
+    StageFolder,
     Unreadable,
     list_scan_files,
     listing_digest,
@@ -113,6 +114,14 @@ def _left_out_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, s
     return specs, problems
 
 
+def _output_spec(rel: str, stage: str) -> dict[str, Any]:
+    """A skipped entry for a folder inside the scan folder that a medpipe stage wrote (an earlier run's)."""
+    return {"format": "unknown", "source": rel, "id_key": rel,
+            "skip": ("medpipe_output", f"a medpipe {stage} output folder (its record.json says so); left out, so "
+                                       "that images medpipe wrote are not ingested again as scans. Move it out of "
+                                       "the scan folder, or ingest the folder that holds only the scans")}
+
+
 def _known_folders(scan: DicomScan) -> set[str]:
     """Every folder (and folder above it) that holds a file whose header was read."""
     known: set[str] = set()
@@ -125,13 +134,13 @@ def _known_folders(scan: DicomScan) -> set[str]:
 
 
 def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConfig, previous: dict[str, Study],
-             unreadable: Sequence[Unreadable] = (),
-             links: Sequence[LeftOut] = ()) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
+             unreadable: Sequence[Unreadable] = (), links: Sequence[LeftOut] = (),
+             outputs: Sequence[StageFolder] = ()) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
     """All tasks under ``root``, the manifest header (dataset name, labels, ignored file count) and the
     scrubber that keeps this scan's PHI out of sources and messages (task sources are already scrubbed).
     ``files``: the scan's listing, sorted (as :func:`list_scan_files` gives it); ``unreadable``: what
     that listing could not read (:func:`scan_listing`): a failed entry each; ``links``: the links it did
-    not follow: a skipped entry each."""
+    not follow, ``outputs``: the medpipe output folders it left out: a skipped entry each."""
     base: dict[str, Any] = {"out_dir": str(out_dir)}
     specs: list[dict[str, Any]] = []
     header: dict[str, Any] = {"dataset": None, "labels": None}
@@ -155,6 +164,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
             specs.append({**base, "format": "dicom", "source": rel, "id_key": rel, "error": error})
     accounted = {spec["id_key"] for spec in specs}  # a link that dataset.json lists: its entry is refused already
     specs += [{**base, **spec, "id_key": spec["source"]} for spec in unread if spec["source"] not in accounted]
+    specs += [{**base, **_output_spec(relative(root, folder.path), folder.stage)} for folder in outputs]
     options = DicomOptions(gantry_tilt=config.gantry_tilt, irregular_slices=config.irregular_slices)
     for series in scan.series:
         specs.append({**base, "format": "dicom", "source": series.folder, "id_key": series.key, "series": series,
@@ -286,15 +296,15 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
         if listing.unreadable and listing.unreadable[0].path == scan_dir:
             raise IngestError(f"scan folder {scan_dir} cannot be read ({listing.unreadable[0].reason}); check its "
                               "permissions", code="scan_dir_unreadable")
-        if not files and not listing.unreadable and not listing.links:
+        if not files and not listing.unreadable and not listing.links and not listing.outputs:
             raise IngestError(f"scan folder {scan_dir} is empty; nothing to ingest", code="scan_dir_empty")
-        digest = listing_digest(scan_dir, files, left_out=[*listing.unreadable, *listing.links])
+        digest = listing_digest(scan_dir, files, left_out=[*listing.unreadable, *listing.links, *listing.outputs])
 
         def work(record: StageRecord) -> list[Path]:
             previous = _previous_studies(out)
             # many objects (a header per file), no cycles, alive to the end: kept out of collections
             find = partial(discover, scan_dir, files, out_dir=out, config=settings, previous=previous,
-                           unreadable=listing.unreadable, links=listing.links)
+                           unreadable=listing.unreadable, links=listing.links, outputs=listing.outputs)
             with long_lived(find) as (tasks, header, scrubber):
                 logs.release(scrubber)
                 _warn_default_key(settings, tasks, record)

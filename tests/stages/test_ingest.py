@@ -307,6 +307,23 @@ def test_an_output_folder_holding_the_scan_folder_is_refused_by_name(tmp_path: P
     assert sorted(p.name for p in scan.iterdir()) == ["one.nii.gz"]
 
 
+def test_an_earlier_output_folder_inside_the_scan_is_left_out_not_ingested_again(tmp_path: Path,
+                                                                                phantom_pair) -> None:
+    scan = tmp_path / "scan"
+    save_nifti(phantom_pair[0], scan / "one.nii.gz")
+    ingest(scan, scan / "first")  # inside: left out of its own run
+    (scan / "notes").mkdir()
+    (scan / "notes" / "record.json").write_text('{"stage": "mine"}')  # someone else's record: listed as usual
+    save_nifti(phantom_pair[0], scan / "notes" / "two.nii.gz")
+    record = ingest(scan, tmp_path / "second")  # an earlier output folder inside the scan, this run's elsewhere
+    assert record["counts"] == {"ok": 2, "failed": 0, "skipped": 1} and record["status"] == "complete"
+    studies = {s.source: s for s in load_manifest(tmp_path / "second").studies}
+    assert set(studies) == {"one.nii.gz", "notes/two.nii.gz", "first"}  # not first/images/case_....nii.gz
+    assert studies["first"].problems[0].code == "medpipe_output" and "medpipe ingest output" in (
+        studies["first"].problems[0].message)
+    assert ingest(scan, tmp_path / "second")["skipped"]  # nothing changed: up to date
+
+
 def test_output_inside_scan_folder_and_outside_links_are_not_studies(tmp_path: Path, phantom_pair) -> None:
     scan = tmp_path / "scan"
     save_nifti(phantom_pair[0], scan / "one.nii.gz")

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 import pytest
 
-from pipeline.stages.ingest_listing import LeftOut, Unreadable, list_scan_files, listing_digest, relative, scan_listing
+from pipeline.stages.ingest_listing import (
+    LeftOut,
+    StageFolder,
+    Unreadable,
+    list_scan_files,
+    listing_digest,
+    relative,
+    scan_listing,
+)
 from tests.fixtures.listing_faults import break_entries
 
 
@@ -68,6 +77,17 @@ def test_the_listing_equals_the_os_walk_listing(tree: Path, caplog: pytest.LogCa
         ("a/loop", "nowhere"), ("dangling.dcm", "nowhere"), ("dirlink_out", "outside"), ("link_out.dcm", "outside")]
     assert listing.links[0] == LeftOut(tree / "a" / "loop", "nowhere")
     assert caplog.records == [] and listing.unreadable == []
+
+
+def test_folders_a_medpipe_stage_wrote_are_left_out_below_the_top(tree: Path) -> None:
+    record = {"stage": "preprocess", "config_hash": "0" * 16, "code_version": "abc", "status": "complete"}
+    (tree / "a" / "b" / "record.json").write_text(json.dumps(record))
+    (tree / "A" / "record.json").write_text("{not json")  # not a medpipe record: listed as a file
+    listing = scan_listing(tree)
+    assert listing.outputs == [StageFolder(tree / "a" / "b", "preprocess")]
+    assert not any(p.is_relative_to(tree / "a" / "b") for p in listing.files)
+    assert tree / "A" / "record.json" in listing.files
+    assert scan_listing(tree / "a" / "b").files == sorted((tree / "a" / "b").iterdir())  # the top: read as asked
 
 
 def test_an_excluded_folder_is_not_listed(tree: Path) -> None:
