@@ -21,6 +21,7 @@ from pipeline.classification.networks import build_classifier
 from pipeline.config import PipelineConfig, config_dict
 from pipeline.errors import CheckpointError, StageError
 from pipeline.fileio import read_json, write_json_atomic, write_text_atomic
+from pipeline.inference.folder_inputs import folder_images
 from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
@@ -42,6 +43,7 @@ class _Item:
     id: str
     path: Path
     label: int | None = None
+    error: tuple[str, str] | None = None  # (code, message): refused unread (a shared name, a link leaving)
 
 
 def _model_folder(model_dir: Path) -> Path:
@@ -97,7 +99,7 @@ def _held_out(members: list[Path]) -> dict[str, list[int]]:
     return held
 
 
-def _items(input: Path, studies: list[str] | None = None) -> list[_Item]:
+def _items(input: Path, out: Path, studies: list[str] | None = None) -> list[_Item]:
     if input.is_dir() and (input / MANIFEST_NAME).is_file():
         manifest = load_manifest(input)
         ok = [s for s in sorted(manifest.ok_studies(), key=lambda s: s.id) if s.image]
@@ -115,9 +117,9 @@ def _items(input: Path, studies: list[str] | None = None) -> list[_Item]:
     if input.is_file() and is_nifti(input):
         return [_Item(nifti_stem(input), input)]
     if input.is_dir():
-        files = sorted(p for p in input.rglob("*") if p.is_file() and is_nifti(p))
-        if files:
-            return [_Item(nifti_stem(p), p) for p in files]
+        images = folder_images(input, exclude=out)
+        if images:
+            return [_Item(image.id, image.path, error=image.error) for image in images]
     raise StageError(f"{input}: not an ingest folder, a folder of NIfTI images or a NIfTI file", code="no_inputs")
 
 
@@ -161,7 +163,7 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
     model_dir, input, out = Path(model_dir), Path(input), Path(out)
     folder = _model_folder(model_dir)
     members = model_members(folder)
-    items = _items(input, studies)
+    items = _items(input, out, studies)
     inputs = {"model.json": folder / "model.json"}
     for i, member in enumerate(members):
         inputs.update({f"member{i}/model.json": member / "model.json", f"member{i}/model.pt": member / "model.pt"})
@@ -170,7 +172,7 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
     if (input / MANIFEST_NAME).is_file():
         inputs["manifest"] = input / MANIFEST_NAME
     else:
-        inputs.update({f"image:{it.id}": it.path for it in items})
+        inputs.update({f"image:{it.id}": it.path for it in items if it.error is None})
 
     def work(record: StageRecord) -> list[Path]:
         device = resolve_device(config.infer.device)
@@ -203,7 +205,14 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
                     "label": item.label, "members": chosen}
 
         rows, files, failed = [], [], []
-        for outcome in run_batch(items, classify, key=lambda it: it.id, desc="classify"):
+        for item in items:
+            if item.error is not None:  # refused unread
+                code, message = item.error
+                log.warning("infer: %s failed: %s", item.id, message)
+                failed.append({"id": item.id, "code": code, "message": message})
+                record.add(StudyStatus(id=item.id, status="failed", code=code, message=message))
+        runnable = [item for item in items if item.error is None]
+        for outcome in run_batch(runnable, classify, key=lambda it: it.id, desc="classify"):
             if outcome.ok and outcome.result is not None:
                 rows.append(outcome.result)
                 record.add(StudyStatus(id=outcome.key, status="ok"))

@@ -15,6 +15,7 @@ from pipeline.config import InferConfig, PipelineConfig
 from pipeline.errors import CheckpointError, StageError
 from pipeline.fileio import sha256_bytes, write_json_atomic
 from pipeline.inference import PREDICTOR_IMPORTS
+from pipeline.inference.folder_inputs import folder_images
 from pipeline.inference.model_files import (
     MODEL_JSON,
     MODEL_WEIGHTS,
@@ -48,7 +49,8 @@ class InferItem:
     path: Path
     image: str  # relative to the input folder (or the ingest folder)
     name: str  # output file name, "<name>.nii.gz"
-    error: str | None = None
+    error: str | None = None  # why it is refused unread, with ``code``
+    code: str | None = None
 
     @property
     def prediction(self) -> str:
@@ -60,26 +62,10 @@ class InferItem:
 
 
 def _folder_items(folder: Path, exclude: Path) -> list[InferItem]:
-    """Every NIfTI under ``folder`` (any depth, hidden files skipped), named after its file."""
-    exclude = exclude.resolve()
-    files = sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and is_nifti(p) and exclude not in p.resolve().parents
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    by_name: dict[str, list[Path]] = {}
-    for path in files:
-        by_name.setdefault(f"{nifti_stem(path)}.nii.gz", []).append(path)
-    items = []
-    for path in files:
-        name = f"{nifti_stem(path)}.nii.gz"
-        rel = path.relative_to(folder).as_posix()
-        clash = None
-        if len(by_name[name]) > 1:
-            others = ", ".join(p.relative_to(folder).as_posix() for p in by_name[name] if p != path)
-            clash = f"{rel}: its prediction would be named {name} like {others}; rename one of the inputs"
-        items.append(InferItem(id=rel if clash else nifti_stem(path), path=path, image=rel, name=name, error=clash))
-    return items
+    """Every NIfTI under ``folder`` (:func:`folder_images`), named after its file."""
+    return [InferItem(id=image.id, path=image.path, image=image.rel, name=f"{image.id}.nii.gz",
+                      error=image.error[1] if image.error else None, code=image.error[0] if image.error else None)
+            for image in folder_images(folder, exclude=exclude)]
 
 
 def _manifest_items(folder: Path, studies: list[str] | None) -> tuple[list[InferItem], dict[str, str] | None]:
@@ -260,7 +246,7 @@ def infer(
                 predictions.append(entry)
                 record.add(StudyStatus(id=item.id, status="ok"))
                 continue
-            code = "duplicate_name" if item.error else (outcome.code if outcome else "not_run")
+            code = item.code if item.error else (outcome.code if outcome else "not_run")
             message = item.error or (outcome.message if outcome else "not run")
             log.warning("infer: %s failed: %s", item.id, message)
             failed.append({"id": item.id, "image": item.image, "code": code, "message": message})

@@ -137,10 +137,12 @@ def test_corrupt_model_is_a_checkpoint_error(model_dir: Path, image_folder: Path
 
 def test_same_file_name_in_two_folders_fails_both(model_dir: Path, image_folder: Path, tmp_path: Path) -> None:
     save_nifti(load_nifti(image_folder / "beta.nii"), image_folder / "site2" / "beta.nii.gz")
+    save_nifti(load_nifti(image_folder / "beta.nii"), tmp_path / "outside.nii.gz")
+    (image_folder / "delta.nii.gz").symlink_to(tmp_path / "outside.nii.gz")  # never followed out of the folder
     infer(model_dir, image_folder, tmp_path / "out", config=CONFIG)
     index = read_json(tmp_path / "out" / "predictions.json")
-    assert sorted(f["image"] for f in index["failed"]) == ["beta.nii", "site2/beta.nii.gz"]
-    assert all(f["code"] == "duplicate_name" for f in index["failed"])
+    assert sorted((f["image"], f["code"]) for f in index["failed"]) == [
+        ("beta.nii", "duplicate_name"), ("delta.nii.gz", "link_outside_root"), ("site2/beta.nii.gz", "duplicate_name")]
     assert sorted(p["id"] for p in index["predictions"]) == ["alpha", "gamma"]
 
 

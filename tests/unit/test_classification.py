@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,20 @@ def test_train_and_infer_stages(blob_npz: Path, tmp_path: Path) -> None:
         assert float(row["prob_class_0"]) + float(row["prob_class_1"]) == pytest.approx(1.0, abs=1e-5)
     assert (tmp_path / "infer" / "explanations" / "val_00000.png").is_file()
     assert json.loads((tmp_path / "infer" / "metrics.json").read_text())["auc"] > 0.9
+
+    # a folder of images: two share a name (one id, one explanation file: both refused), a link leaves it
+    images = sorted((tmp_path / "imp" / "images").glob("*.nii.gz"))
+    folder = tmp_path / "new"
+    for rel, source in (("a/x.nii.gz", images[0]), ("b/x.nii.gz", images[1]), ("y.nii.gz", images[2])):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, folder / rel)
+    (folder / "z.nii.gz").symlink_to(images[3])
+    result = infer(tmp_path / "train" / "model", folder, folder / "out", config=config)
+    assert result["status"] == "partial"
+    assert [r["study"] for r in csv.DictReader((folder / "out" / "predictions.csv").open())] == ["y"]
+    failed = json.loads((folder / "out" / "classification.json").read_text())["failed"]
+    assert [(f["id"], f["code"]) for f in failed] == [
+        ("a/x.nii.gz", "duplicate_name"), ("b/x.nii.gz", "duplicate_name"), ("z.nii.gz", "link_outside_root")]
 
 
 def test_cli_import_medmnist(blob_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

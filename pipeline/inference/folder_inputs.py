@@ -1,0 +1,62 @@
+"""The NIfTI images of a folder given to ``medpipe infer``: what each is called, and what is refused.
+
+Listed like ingest lists a scan folder (:func:`pipeline.stages.ingest_listing.scan_listing`): links
+are never followed out of the folder, the output folder and folders an earlier medpipe run wrote
+are left out, and names whose bytes are not UTF-8 are written as ``\\xNN``. An image is called by its
+file's stem; where two images share a stem (their predictions would share a file name), both are
+refused by name. A link to an image outside the folder is refused too, so that every image the
+folder names is accounted for.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.fileio import writable
+from pipeline.io.nifti import is_nifti, nifti_stem
+from pipeline.stages.ingest_listing import relative, scan_listing
+
+
+@dataclass(frozen=True)
+class FolderImage:
+    """One NIfTI image of the folder: its id (the file's stem; its relative path when refused), where it is,
+    its path relative to the folder, and (code, message) when it is refused."""
+
+    id: str
+    path: Path
+    rel: str
+    error: tuple[str, str] | None = None
+
+
+def _visible(rel: str) -> bool:
+    return not any(part.startswith(".") for part in rel.split("/"))  # hidden files and folders are not inputs
+
+
+def folder_images(folder: Path, *, exclude: Path | None = None) -> list[FolderImage]:
+    """Every NIfTI image under ``folder`` (any depth, hidden ones skipped), sorted by relative path, with the
+    refused ones (a shared stem, a link leaving the folder) among them; ``exclude``: the output folder."""
+    listing = scan_listing(folder, exclude=exclude.resolve() if exclude is not None else None)
+    found = [(relative(folder, p), p) for p in listing.files if is_nifti(p)]
+    found = [(rel, p) for rel, p in found if _visible(rel)]
+    stems = Counter(writable(nifti_stem(p)) for _, p in found)
+    images = []
+    for rel, path in found:
+        stem = writable(nifti_stem(path))
+        if stems[stem] == 1:
+            images.append(FolderImage(id=stem, path=path, rel=rel))
+            continue
+        others = ", ".join(r for r, p in found if r != rel and writable(nifti_stem(p)) == stem)
+        images.append(FolderImage(id=rel, path=path, rel=rel, error=(
+            "duplicate_name", f"{rel}: its prediction would be named {stem}.nii.gz like {others}; rename one of "
+                              "the inputs")))
+    for link in listing.links:
+        rel = relative(folder, link.path)
+        if is_nifti(link.path) and _visible(rel):
+            error = ("link_outside_root", f"{rel}: a link pointing outside the input folder; not followed. Copy "
+                                          "the image into the input folder, or pass the folder it points to")
+            if link.leads == "nowhere":
+                error = ("link_dangling", f"{rel}: a link pointing nowhere (its target is missing, or links loop)")
+            images.append(FolderImage(id=rel, path=link.path, rel=rel, error=error))
+    return sorted(images, key=lambda image: image.rel)
