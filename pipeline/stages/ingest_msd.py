@@ -96,7 +96,7 @@ def _repeated_entry(number: int, label: str | None, before: int, before_label: s
     when it pairs the image with another label (which one is right is the dataset author's call)."""
     if label == before_label:
         return {"skip": ("msd_repeated_entry", f"dataset.json's training entry {number} repeats entry {before}; "
-                                               "the image is ingested once, from the first")}
+                                               "only the first is used")}
     return {"error": ("msd_conflicting_labels", f"dataset.json's training entry {number} pairs this image with label "
-                                                f"{label}, entry {before} with {before_label}; the first was "
-                                                "ingested. Remove the wrong entry from dataset.json")}
+                                                f"{label}, entry {before} with {before_label}; only the first is "
+                                                "used. Remove the wrong entry from dataset.json")}
