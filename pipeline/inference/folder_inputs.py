@@ -60,3 +60,10 @@ def folder_images(folder: Path, *, exclude: Path | None = None) -> list[FolderIm
                 error = ("link_dangling", f"{rel}: a link pointing nowhere (its target is missing, or links loop)")
             images.append(FolderImage(id=rel, path=link.path, rel=rel, error=error))
     return sorted(images, key=lambda image: image.rel)
+
+
+def label_folder(folder: Path) -> tuple[dict[str, Path], list[FolderImage]]:
+    """``({id: label file}, refused)`` for a plain folder of label NIfTIs (predictions or references), ids by
+    file stem. Two files sharing a stem are refused, never one silently paired in place of the other."""
+    images = folder_images(folder)
+    return {image.id: image.path for image in images if image.error is None}, [i for i in images if i.error]

@@ -26,6 +26,7 @@ from pipeline.config import InferConfig
 from pipeline.errors import CheckpointError, GeometryError, ManifestError
 from pipeline.fileio import read_json
 from pipeline.inference.ensemble import EnsembleWindow, Member, mirror_dims
+from pipeline.inference.folder_inputs import label_folder
 from pipeline.inference.model_loading import (
     LEGACY_FLIP_AXES,
     MODEL_JSON,
@@ -40,7 +41,7 @@ from pipeline.inference.model_loading import (
 )
 from pipeline.inference.postprocess import keep_largest_component
 from pipeline.io import nib
-from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem, write_image
+from pipeline.io.nifti import load_nifti, write_image
 from pipeline.io.volume import Volume
 from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
 from pipeline.runtime import resolve_device
@@ -254,5 +255,4 @@ def prediction_paths(folder: str | Path) -> dict[str, Path]:
         return {str(p["id"]): folder / str(p["prediction"]) for p in data["predictions"]}
     if not folder.is_dir():
         raise ManifestError(f"{folder}: not a folder of predictions")
-    return {nifti_stem(p): p for p in sorted(folder.rglob("*"))
-            if p.is_file() and is_nifti(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    return label_folder(folder)[0]  # refused files (a shared stem, a link leaving the folder) left out

@@ -14,6 +14,7 @@ from pipeline.batch import run_batch
 from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.errors import ManifestError, StageError
 from pipeline.fileio import write_json_atomic, write_text_atomic
+from pipeline.inference.folder_inputs import label_folder
 from pipeline.inference.predictor import PREDICTIONS_JSON, prediction_paths, read_predictions
 from pipeline.io.nifti import load_nifti
 from pipeline.manifest import MANIFEST_NAME, load_manifest
@@ -73,6 +74,15 @@ def _reference_paths(ref: Path) -> tuple[dict[str, Path], dict[str, str] | None,
     if not ref.is_dir():
         raise ManifestError(f"{ref}: not an ingest folder or a folder of reference labels")
     return prediction_paths(ref), None, None
+
+
+def _refused(folder: Path, side: str) -> list[dict[str, Any]]:
+    """The label files of a plain folder refused unread (two sharing a stem, a link leaving the folder), as
+    failures: never one silently paired in place of another."""
+    if not folder.is_dir() or (folder / PREDICTIONS_JSON).is_file() or (folder / MANIFEST_NAME).is_file():
+        return []
+    return [{"id": image.id, "code": image.error[0], "message": f"{side}: {image.error[1]}"}
+            for image in label_folder(folder)[1] if image.error is not None]
 
 
 def class_name(labels: dict[str, str] | None, label: int) -> str:
@@ -196,7 +206,10 @@ def evaluate(
             if ids:
                 log.warning("evaluate: %d %s: %s", len(ids), kind.replace("_", " "), ", ".join(ids))
         results: dict[str, StudyMetrics] = {}
-        failed = []
+        failed = [*_refused(pred, "prediction"), *_refused(ref, "reference")]
+        for entry in failed:
+            log.warning("evaluate: %s failed: %s", entry["id"], entry["message"])
+            record.add(StudyStatus(id=entry["id"], status="failed", code=entry["code"], message=entry["message"]))
         for outcome in run_batch(pairs, one, key=lambda p: p.id, desc="evaluate",
                                   execution=config.execution):
             if outcome.ok and outcome.result is not None:

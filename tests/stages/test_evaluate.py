@@ -142,6 +142,23 @@ def test_plain_folders_use_union_of_present_classes(tmp_path: Path) -> None:
     assert rows[3]["dice"] == "1.000000" and rows[3]["hd95"] == "0.000000"  # y: class 3 in neither
 
 
+def test_plain_folders_never_pair_one_of_two_files_sharing_a_name(tmp_path: Path) -> None:
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    save_nifti(labelled(CORE_REF), ref / "site1" / "x.nii.gz")
+    save_nifti(labelled(CORE_SHIFT), ref / "site2" / "x.nii.gz")  # which one is x's reference: unknowable
+    save_nifti(labelled(CORE_REF), ref / "y.nii.gz")
+    save_nifti(labelled(CORE_REF), pred / "x.nii.gz")
+    save_nifti(labelled(CORE_REF), pred / "y.nii.gz")
+    record = evaluate(pred, ref, tmp_path / "out")
+    assert record["status"] == "partial"
+    assert {r["study"] for r in read_rows(tmp_path / "out" / "per_study.csv")} == {"y"}
+    summary = read_json(tmp_path / "out" / "summary.json")
+    assert sorted((f["id"], f["code"]) for f in summary["failed"]) == [
+        ("site1/x.nii.gz", "duplicate_name"), ("site2/x.nii.gz", "duplicate_name")]
+    assert all(f["message"].startswith("reference: ") for f in summary["failed"])
+    assert summary["unpaired"]["predictions_without_reference"] == ["x"]
+
+
 def test_infer_folder_pairs_by_id_and_uses_model_labels(tmp_path: Path) -> None:
     infer_dir, ref = tmp_path / "04_infer", tmp_path / "ref"
     save_nifti(labelled(CORE_SHIFT), infer_dir / "predictions" / "case_z.nii.gz")
