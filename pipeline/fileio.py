@@ -27,18 +27,31 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def writable(name: str) -> str:
-    """``name`` as UTF-8 can hold it. A file name whose bytes are not UTF-8 (a Latin-1 name from an old export)
-    comes from the system with those bytes as lone surrogates, which no JSON file, log or hash input can
-    take; they are written as ``\\xNN``, as ``ls -b`` shows them."""
+def _utf8(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a file name's bytes that are not UTF-8 (a Latin-1 name from an old export),
+    which come from the system as lone surrogates, as ``\\xNN``."""
     try:
-        name.encode()
+        text.encode()
     except UnicodeEncodeError:
         try:
-            return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+            return text.encode(errors="surrogateescape").decode(errors="backslashreplace")
         except UnicodeEncodeError:  # a surrogate that no file name gives (a JSON escape): as \\udNNN
-            return name.encode(errors="backslashreplace").decode()
-    return name
+            return text.encode(errors="backslashreplace").decode()
+    return text
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def writable(name: str) -> str:
+    """``name`` (a file name, or a message naming files) as one line of UTF-8, as ``ls -b`` shows names: bytes
+    that are not UTF-8 and characters that do not print (a newline, a terminal's escape) as ``\\xNN``, so that
+    no name breaks a JSON file, forges a log line or drives the terminal that shows it."""
+    if name.isprintable():  # the usual case, in one pass of C
+        return name
+    return "".join(char if char.isprintable() else _escaped(char) for char in _utf8(name))
 
 
 def canonical_json(obj: Any) -> str:
@@ -75,28 +88,28 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def _writable_json(obj: Any) -> Any:
-    """``obj`` (JSON data) with every string, keys included, :func:`writable`."""
+    """``obj`` (JSON data) with every string, keys included, as UTF-8 can hold it (:func:`_utf8`)."""
     if isinstance(obj, str):
-        return writable(obj)
+        return _utf8(obj)
     if isinstance(obj, dict):
-        return {writable(k) if isinstance(k, str) else k: _writable_json(v) for k, v in obj.items()}
+        return {_utf8(k) if isinstance(k, str) else k: _writable_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_writable_json(v) for v in obj]
     return obj
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """``text`` as UTF-8; a file name in it whose bytes are not UTF-8 is written as ``\\xNN`` (:func:`writable`)."""
+    """``text`` as UTF-8; a file name in it whose bytes are not UTF-8 is written as ``\\xNN`` (:func:`_utf8`)."""
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError:
-        data = writable(text).encode("utf-8")
+        data = _utf8(text).encode("utf-8")
     write_bytes_atomic(path, data)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """:func:`canonical_json` of ``obj`` as UTF-8; strings UTF-8 cannot hold are made :func:`writable` first
-    (escaping the text afterwards would break JSON's own escapes)."""
+    """:func:`canonical_json` of ``obj`` as UTF-8; strings UTF-8 cannot hold are escaped first (:func:`_utf8`;
+    escaping the text afterwards would break JSON's own escapes)."""
     text = canonical_json(obj)
     try:
         data = text.encode("utf-8")

@@ -32,7 +32,7 @@ def relative(root: Path, path: Path) -> str:
         rel = text[len(base) + 1:]
     else:
         rel = path.relative_to(root).as_posix()
-    return rel if rel.isascii() else writable(rel)
+    return writable(rel)
 
 
 def outside(path: Path, real_root: Path) -> bool:

@@ -1,6 +1,7 @@
 """File names whose bytes are not UTF-8 (Latin-1 names from old exports, archives unpacked without a code
-page): they are read like any other and named in manifests, records and logs as ``\\xNN``, as ``ls -b``
-shows them; the batch never dies on one."""
+page) or that hold characters that do not print (a newline, a terminal escape): they are read like any
+other and named in manifests, records and logs as ``\\xNN``, as ``ls -b`` shows them; the batch never
+dies on one, and no name forges a log line."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def latin1_scan(tmp_path: Path) -> Path:
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), _bytes_path(scan, b"h\xf6rn.nii.gz"))
     _bytes_path(scan, b"brok\xe9n.nii.gz").write_bytes(b"\x1f\x8b not gzip")
     _bytes_path(scan, b"l\xeenk.dcm").symlink_to(tmp_path / "missing")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), scan / "x\nWARNING forged\x1b[2J.nii.gz")
     return scan
 
 
@@ -56,6 +58,8 @@ def test_names_that_are_not_utf8_are_read_and_written_escaped(latin1_scan: Path,
     studies = {s.source: s for s in load_manifest(out).studies}
     assert studies["M\\xfcller"].status == "ok" and studies["M\\xfcller"].shape == [6, 5, 4]
     assert studies["h\\xf6rn.nii.gz"].status == "ok"
+    assert studies["x\\x0aWARNING forged\\x1b[2J.nii.gz"].status == "ok"  # one line, no terminal escape
+    assert "\nWARNING forged" not in texts["medpipe.log"] and "\x1b" not in done.stderr.decode(errors="replace")
     assert studies["b"].error is not None and studies["b"].error.code == "dicom_pixel_length"
     assert studies["b"].error.message.startswith("b/sl\\xefce.dcm: ")
     broken = studies["brok\\xe9n.nii.gz"].error
@@ -65,5 +69,5 @@ def test_names_that_are_not_utf8_are_read_and_written_escaped(latin1_scan: Path,
     assert "brok\\xe9n.nii.gz" in texts["medpipe.log"] and "Logging error" not in done.stderr.decode(errors="replace")
     # a rerun: the same names, the same ids, the converted studies reused
     record = ingest(latin1_scan, out, force=True)
-    assert record["reused_studies"] == 2 and [s.id for s in load_manifest(out).studies] == [
+    assert record["reused_studies"] == 3 and [s.id for s in load_manifest(out).studies] == [
         s.id for s in sorted(studies.values(), key=lambda s: (s.source, s.id))]

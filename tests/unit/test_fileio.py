@@ -58,6 +58,9 @@ def test_sha256_and_partials(tmp_path: Path) -> None:
     ("M\udcfcller", "M\\xfcller"),  # os.fsdecode(b"M\xfcller")
     ("Müller", "Müller"),  # a UTF-8 name stays as it is
     ("x\ud800y", "x\\ud800y"),  # a lone surrogate no file name gives (a JSON escape)
+    ("a\nWARNING forged", "a\\x0aWARNING forged"),  # a newline would forge a log line
+    ("x\x1b[2J.nii.gz", "x\\x1b[2J.nii.gz"),  # a terminal escape would clear the screen that shows it
+    ("zero\u200bwidth", "zero\\u200bwidth"),  # invisible: shown, so that two names never look alike
 ])
 def test_writable_escapes_only_what_utf8_cannot_hold(name: str, shown: str) -> None:
     assert writable(name) == shown
