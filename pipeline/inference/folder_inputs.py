@@ -2,7 +2,8 @@
 
 Listed like ingest lists a scan folder (:func:`pipeline.stages.ingest_listing.scan_listing`): links
 are never followed out of the folder, the output folder and folders an earlier medpipe run wrote
-are left out, and names whose bytes are not UTF-8 are written as ``\\xNN``. An image is called by its
+are left out, and names are written as ingest writes them (``\\xNN`` for bytes that are not UTF-8 and
+characters that do not print: :func:`pipeline.fileio.writable`). An image is called by its
 file's stem; where two images share a stem (their predictions would share a file name), both are
 refused by name. A link to an image outside the folder is refused too, so that every image the
 folder names is accounted for.
