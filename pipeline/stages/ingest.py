@@ -103,15 +103,28 @@ def _left_out_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, s
     specs += [{"format": "unknown", "source": relative(root, path), "withhold": True, "skip": error}
               for path, error in broken.items() if error[0] == PackedFile.code]
     entries = [relative(root, u.path) for u in listed if not u.folder]  # a file, or a folder: unknown
-    counts = Counter(rel.rpartition("/")[0] or "." for rel in [*files, *entries])
+    counts = Counter(_parent(rel) for rel in [*files, *entries])
+    blocked = Counter(_parent(relative(root, u.path)) for u in listed if u.folder)  # by the folder holding them
     problems = {}
-    for series in scan.series if counts else ():
-        beside = sum(counts[parent] for parent in {h.rel.rpartition("/")[0] or "." for h in series.headers})
-        if beside:
+    for series in scan.series if counts or blocked else ():
+        folders = {_parent(h.rel) for h in series.headers}
+        beside = sum(counts[folder] for folder in folders)
+        # a folder that cannot be listed, directly in one of the series' folders or, for a series split over
+        # folders, beside one of them (SE1/part1 read, SE1/part2 not): more of the series may be in it
+        near = folders | ({_parent(folder) for folder in folders if folder != "."} if len(folders) > 1 else set())
+        hidden = sum(blocked[folder] for folder in near)
+        if beside or hidden:
+            what = [f"{beside} file(s) in this series' folder cannot be read"] if beside else []
+            what += [f"{hidden} folder(s) beside or below its files cannot be listed"] if hidden else []
             problems[series.key] = ("dicom_unreadable_neighbour",
-                                    f"{beside} file(s) in this series' folder cannot be read (see the file_unreadable "
-                                    "and entry_unreadable entries); the series may be missing slices")
+                                    f"{'; '.join(what)} (see the file_unreadable, entry_unreadable and "
+                                    "folder_unreadable entries); the series may be missing slices")
     return specs, problems
+
+
+def _parent(rel: str) -> str:
+    """The folder of ``rel`` (relative to the scan folder), "." for the scan folder itself."""
+    return rel.rpartition("/")[0] or "."
 
 
 def _output_spec(rel: str, stage: str) -> dict[str, Any]:

@@ -135,6 +135,28 @@ def test_an_entry_that_cannot_be_looked_at_warns_the_series_beside_it(tmp_path: 
     assert "entry_unreadable" in series["SE1"].problems[0].message
 
 
+def test_a_folder_that_may_hold_more_of_a_series_warns_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scan = tmp_path / "scan"
+    split = write_series(scan / "split" / "part1", small_stored(1, (6, 5, 6)), series_tag="split")
+    (scan / "split" / "part2").mkdir()
+    for path in split.files[3:]:  # one series over two folders, as some exports write long series
+        path.rename(scan / "split" / "part2" / path.name)
+    write_series(scan / "split" / "part3", small_stored(2), series_tag="blocked")  # more of it, for all we know
+    write_series(scan / "below", small_stored(3), series_tag="below")
+    write_series(scan / "below" / "more", small_stored(4), series_tag="more")
+    write_series(scan / "study" / "SE1", small_stored(5), series_tag="se1")
+    write_series(scan / "study" / "SE2", small_stored(6), series_tag="se2")  # another series' folder: no warning
+    _deny_folders(monkeypatch, {"part3", "more", "SE2"})
+    ingest(scan, tmp_path / "out")
+    studies = {s.source: s for s in load_manifest(tmp_path / "out").studies if s.status == "ok"}
+    assert set(studies) == {"split", "below", "study/SE1"}
+    assert studies["split"].shape == [6, 5, 6]
+    for name in ("split", "below"):
+        assert [p.code for p in studies[name].problems] == ["dicom_unreadable_neighbour"]
+        assert "1 folder(s) beside or below its files cannot be listed" in studies[name].problems[0].message
+    assert studies["study/SE1"].problems == []
+
+
 def test_an_unreadable_scan_folder_is_an_error_not_an_empty_scan(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     scan = tmp_path / "scan"
