@@ -135,11 +135,12 @@ def _output_spec(rel: str, stage: str) -> dict[str, Any]:
                                        "the scan folder, or ingest the folder that holds only the scans")}
 
 
-def _known_folders(scan: DicomScan) -> set[str]:
-    """Every folder (and folder above it) that holds a file whose header was read."""
+def _known_folders(scan: DicomScan, nifti: Sequence[str]) -> set[str]:
+    """Every folder (and folder above it) that holds a file whose header was read, or a NIfTI image (``nifti``:
+    their relative paths), whose path manifests show as it is (NIfTI holds no patient data to scrub by)."""
     known: set[str] = set()
-    for header in (h for series in scan.series for h in series.headers):
-        folder = header.rel.rpartition("/")[0]
+    for rel in [*(h.rel for series in scan.series for h in series.headers), *nifti]:
+        folder = rel.rpartition("/")[0]
         while folder and folder not in known:
             known.add(folder)
             folder = folder.rpartition("/")[0]
@@ -187,7 +188,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
     scrubber = scan_scrubber([[h.path for h in s.headers] for s in scan.series],
                              [relative(root, p) for p in files], key=config.pseudonym_key,
                              enabled=config.scrub_phi)
-    known = _known_folders(scan) if unread else set()
+    known = _known_folders(scan, [s["source"] for s in specs if s["format"] == "nifti"]) if unread else set()
     tasks = []
     for spec in specs:
         study_id = pseudonym(spec.pop("id_key"), key=config.pseudonym_key)

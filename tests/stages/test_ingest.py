@@ -337,3 +337,9 @@ def test_output_inside_scan_folder_and_outside_links_are_not_studies(tmp_path: P
     # the link is accounted for, not followed: skipped with the reason, its name withheld (no header read)
     assert link.status == "skipped" and link.problems[0].code == "link_outside_root" and link.image is None
     assert re.fullmatch(r"phi-[0-9a-f]{8}", link.source) and "link.nii.gz" not in link.model_dump_json()
+    # beside NIfTI images (whose paths the manifest shows as they are), only the link's own name is withheld
+    save_nifti(phantom_pair[0], scan / "sub" / "two.nii.gz")
+    (scan / "sub" / "gone.nii.gz").symlink_to(tmp_path / "missing.nii.gz")
+    ingest(scan, scan / "run")
+    (gone,) = [s for s in load_manifest(scan / "run").studies if s.problems and s.problems[0].code == "link_dangling"]
+    assert re.fullmatch(r"sub/phi-[0-9a-f]{8}", gone.source)
