@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def _summarise(stage: str, record: dict[str, Any], out: Path) -> None:
     for study in record.get("studies", []):
         if study.get("status") == "failed":
             print(f"  failed {study['id']}: [{study.get('code')}] {study.get('message')}")
+    skipped = Counter(s.get("code") or "no_code" for s in record.get("studies", []) if s.get("status") == "skipped")
+    if skipped:  # by reason: an archive or a link left out is easy to miss among localizers
+        print("  skipped: " + ", ".join(f"{n} {code}" for code, n in sorted(skipped.items())))
 
 
 def _prestart(config: PipelineConfig, modules: Sequence[str], *, actors: bool) -> None:

@@ -285,4 +285,5 @@ def test_exit_status_tells_complete_partial_and_failed(mixed_scan: Path, tmp_pat
     assert main(["ingest", str(mixed_scan / "gap"), "--out", str(tmp_path / "none"), "-q"]) == EXIT_FAILED
     printed = capsys.readouterr().out
     assert re.search(r"failed case_[0-9a-f]{12}: \[dicom_nonuniform_spacing\] gap/IM000\d\.dcm", printed)
+    assert "  skipped: 1 dicom_non_image\n" in printed  # skipped studies, by reason
     assert read_json(tmp_path / "mixed" / "record.json")["status"] == "partial"
