@@ -16,7 +16,8 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 Text = Annotated[str, AfterValidator(writable)]
-"""Text that names files (sources, messages): a file name's bytes that are not UTF-8 as ``\\xNN``."""
+"""Text that names files (sources, messages): what a file name holds that UTF-8 cannot, or that does not print,
+as ``\\xNN`` (:func:`pipeline.fileio.writable`)."""
 
 
 class Problem(BaseModel):

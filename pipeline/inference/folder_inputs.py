@@ -11,7 +11,6 @@ folder names is accounted for.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,18 +39,20 @@ def folder_images(folder: Path, *, exclude: Path | None = None) -> list[FolderIm
     refused ones (a shared stem, a link leaving the folder) among them; ``exclude``: the output folder."""
     listing = scan_listing(folder, exclude=exclude.resolve() if exclude is not None else None)
     found = [(relative(folder, p), p) for p in listing.files if is_nifti(p)]
-    found = [(rel, p) for rel, p in found if _visible(rel)]
-    stems = Counter(writable(nifti_stem(p)) for _, p in found)
-    images = []
+    by_stem: dict[str, list[tuple[str, Path]]] = {}
     for rel, path in found:
-        stem = writable(nifti_stem(path))
-        if stems[stem] == 1:
-            images.append(FolderImage(id=stem, path=path, rel=rel))
+        if _visible(rel):
+            by_stem.setdefault(writable(nifti_stem(path)), []).append((rel, path))
+    images = []
+    for stem, named in by_stem.items():
+        if len(named) == 1:
+            images.append(FolderImage(id=stem, path=named[0][1], rel=named[0][0]))
             continue
-        others = ", ".join(r for r, p in found if r != rel and writable(nifti_stem(p)) == stem)
-        images.append(FolderImage(id=rel, path=path, rel=rel, error=(
-            "duplicate_name", f"{rel}: its prediction would be named {stem}.nii.gz like {others}; rename one of "
-                              "the inputs")))
+        for rel, path in named:
+            others = ", ".join(other for other, _ in named if other != rel)
+            images.append(FolderImage(id=rel, path=path, rel=rel, error=(
+                "duplicate_name", f"{rel}: its prediction would be named {stem}.nii.gz like {others}; rename one "
+                                  "of the inputs")))
     for link in listing.links:
         rel = relative(folder, link.path)
         if is_nifti(link.path) and _visible(rel):

@@ -65,24 +65,27 @@ def rounded(value: Any) -> Any:
     return round(value, DECIMALS) if math.isfinite(value) else None
 
 
-def _reference_paths(ref: Path) -> tuple[dict[str, Path], dict[str, str] | None, Path | None]:
-    """``({id: label file}, labels, manifest)`` for an ingest folder or a plain folder of label NIfTIs."""
+def _label_paths(folder: Path, side: str) -> tuple[dict[str, Path], list[dict[str, Any]]]:
+    """``({id: label file}, refused)`` of an infer folder (predictions.json) or a plain folder of label NIfTIs,
+    whose files refused unread (two sharing a stem, a link leaving the folder) are failures: never one
+    silently paired in place of another."""
+    if (folder / PREDICTIONS_JSON).is_file() or not folder.is_dir():
+        return prediction_paths(folder), []
+    paths, refused = label_folder(folder)
+    return paths, [{"id": image.id, "code": image.error[0], "message": f"{side}: {image.error[1]}"}
+                   for image in refused if image.error is not None]
+
+
+def _reference_paths(ref: Path) -> tuple[dict[str, Path], dict[str, str] | None, Path | None, list[dict[str, Any]]]:
+    """``({id: label file}, labels, manifest, refused)`` for an ingest folder or a plain folder of label NIfTIs."""
     if (ref / MANIFEST_NAME).is_file():
         manifest = load_manifest(ref)
         paths = {s.id: ref / s.label for s in manifest.ok_studies() if s.label}
-        return paths, manifest.labels, ref / MANIFEST_NAME
+        return paths, manifest.labels, ref / MANIFEST_NAME, []
     if not ref.is_dir():
         raise ManifestError(f"{ref}: not an ingest folder or a folder of reference labels")
-    return prediction_paths(ref), None, None
-
-
-def _refused(folder: Path, side: str) -> list[dict[str, Any]]:
-    """The label files of a plain folder refused unread (two sharing a stem, a link leaving the folder), as
-    failures: never one silently paired in place of another."""
-    if not folder.is_dir() or (folder / PREDICTIONS_JSON).is_file() or (folder / MANIFEST_NAME).is_file():
-        return []
-    return [{"id": image.id, "code": image.error[0], "message": f"{side}: {image.error[1]}"}
-            for image in label_folder(folder)[1] if image.error is not None]
+    paths, refused = _label_paths(ref, "reference")
+    return paths, None, None, refused
 
 
 def class_name(labels: dict[str, str] | None, label: int) -> str:
@@ -174,8 +177,9 @@ def evaluate(
         return evaluate_classification(Path(pred), Path(ref), Path(out), config=config, force=force)
     settings = config.evaluate
     pred, ref, out = Path(pred), Path(ref), Path(out)
-    pred_paths = prediction_paths(pred)
-    ref_paths, labels, manifest_path = _reference_paths(ref)
+    pred_paths, refused = _label_paths(pred, "prediction")
+    ref_paths, labels, manifest_path, refused_ref = _reference_paths(ref)
+    refused += refused_ref
     inputs: dict[str, Path] = {}
     not_selected: list[str] = []
     if (pred / PREDICTIONS_JSON).is_file():
@@ -206,7 +210,7 @@ def evaluate(
             if ids:
                 log.warning("evaluate: %d %s: %s", len(ids), kind.replace("_", " "), ", ".join(ids))
         results: dict[str, StudyMetrics] = {}
-        failed = [*_refused(pred, "prediction"), *_refused(ref, "reference")]
+        failed = list(refused)
         for entry in failed:
             log.warning("evaluate: %s failed: %s", entry["id"], entry["message"])
             record.add(StudyStatus(id=entry["id"], status="failed", code=entry["code"], message=entry["message"]))
