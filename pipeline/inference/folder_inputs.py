@@ -56,11 +56,10 @@ def folder_images(folder: Path, *, exclude: Path | None = None) -> list[FolderIm
     for link in listing.links:
         rel = relative(folder, link.path)
         if is_nifti(link.path) and _visible(rel):
-            error = ("link_outside_root", f"{rel}: a link pointing outside the input folder; not followed. Copy "
-                                          "the image into the input folder, or pass the folder it points to")
-            if link.leads == "nowhere":
-                error = ("link_dangling", f"{rel}: a link pointing nowhere (its target is missing, or links loop)")
-            images.append(FolderImage(id=rel, path=link.path, rel=rel, error=error))
+            reason = ("a link pointing outside the input folder; not followed. Copy the image into the input "
+                      "folder, or pass the folder it points to") if link.leads == "outside" else (
+                      "a link pointing nowhere (its target is missing, or links loop)")
+            images.append(FolderImage(id=rel, path=link.path, rel=rel, error=(link.code, f"{rel}: {reason}")))
     return sorted(images, key=lambda image: image.rel)
 
 

@@ -80,12 +80,12 @@ def _listing_error(unreadable: Unreadable) -> tuple[str, str]:
                                 "x) or the storage and run ingest again")
 
 
-_LINK_SKIPS = {
-    "outside": ("link_outside_root", "a link pointing outside the scan folder; not followed, so that ingest reads only "
-                "what lies under the folder it is given. If it is part of the scan, copy what it points to into the "
-                "scan folder, or ingest the folder it points to (`find SCAN_DIR -type l` lists the links)"),
-    "nowhere": ("link_dangling", "a link pointing nowhere (its target is missing, or links loop); nothing to read. "
-                "Restore its target or remove the link (`find -L SCAN_DIR -type l` lists such links)"),
+_LINK_REASONS = {  # by LeftOut.code
+    "link_outside_root": "a link pointing outside the scan folder; not followed, so that ingest reads only what lies "
+                         "under the folder it is given. If it is part of the scan, copy what it points to into the "
+                         "scan folder, or ingest the folder it points to (`find SCAN_DIR -type l` lists the links)",
+    "link_dangling": "a link pointing nowhere (its target is missing, or links loop); nothing to read. Restore its "
+                     "target or remove the link (`find -L SCAN_DIR -type l` lists such links)",
 }
 
 
@@ -97,7 +97,7 @@ def _left_out_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, s
     specs = [{"format": "unknown", "source": relative(root, u.path), "withhold": True, "error": _listing_error(u)}
              for u in listed]
     specs += [{"format": "unknown", "source": relative(root, link.path), "withhold": True,
-               "skip": _LINK_SKIPS[link.leads]} for link in links]
+               "skip": (link.code, _LINK_REASONS[link.code])} for link in links]
     files = {relative(root, path): error for path, error in broken.items() if error[0] == FileUnreadable.code}
     specs += [{"format": "dicom", "source": rel, "withhold": True, "error": error} for rel, error in files.items()]
     specs += [{"format": "unknown", "source": relative(root, path), "withhold": True, "skip": error}

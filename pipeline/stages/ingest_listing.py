@@ -63,6 +63,11 @@ class LeftOut(NamedTuple):
     path: Path
     leads: Literal["outside", "nowhere"]
 
+    @property
+    def code(self) -> str:
+        """The code a record gives it: ``link_outside_root`` or ``link_dangling``."""
+        return "link_outside_root" if self.leads == "outside" else "link_dangling"
+
 
 class StageFolder(NamedTuple):
     """A folder that a medpipe stage wrote (its ``record.json`` says which), inside the scan folder."""
@@ -174,7 +179,7 @@ def listing_digest(root: Path, files: list[Path], *,
     its size and mtime (``cp -p``, ``touch -r``), so the stage runs again and rechecks contents by checksum.
     ``left_out``: what the listing could not read or did not follow, so that a new one is seen too."""
     lines = [str(root.resolve())]
-    lines += [f"{relative(root, item.path)}\0{item[1]}\0left out" for item in left_out]
+    lines += [f"{relative(root, item.path)}\0{item[1]}\0left out" for item in left_out]  # [1]: reason, leads, stage
     for path in files:
         try:
             st = os.stat(path)
