@@ -27,6 +27,7 @@ from pipeline.config_sections import (
 )
 from pipeline.errors import ConfigError
 from pipeline.fileio import canonical_json, sha256_bytes, write_text_atomic
+from pipeline.provenance import CONFIG_HEADER, CONFIG_NAME
 from pipeline.registry import did_you_mean
 
 __all__ = [
@@ -200,7 +201,6 @@ def save_resolved(config: PipelineConfig, folder: str | Path) -> str:
     digest = config_hash(config)
     # libyaml's emitter when PyYAML has it: the same text as safe_dump, ~8x faster, on every stage run
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    text = f"# resolved medpipe config, hash {digest}\n" + yaml.dump(config_dict(config), Dumper=dumper,
-                                                                       sort_keys=True)
-    write_text_atomic(Path(folder) / "config.yaml", text)
+    text = f"{CONFIG_HEADER}{digest}\n" + yaml.dump(config_dict(config), Dumper=dumper, sort_keys=True)
+    write_text_atomic(Path(folder) / CONFIG_NAME, text)
     return digest

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from pipeline.errors import ManifestError
 from pipeline.fileio import read_json, writable, write_json_atomic
@@ -58,6 +59,13 @@ class Manifest(BaseModel):
     labels: dict[str, str] | None = None
     studies: list[Study] = []
     classes: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _ids_unique(self) -> Manifest:
+        shared = sorted(i for i, n in Counter(s.id for s in self.studies).items() if n > 1)
+        if shared:  # outputs are named by id, outcomes keyed by it: a shared id loses a study
+            raise ValueError(f"study ids must be unique; {', '.join(shared[:5])} given to several studies")
+        return self
 
     def ok_studies(self) -> list[Study]:
         return [s for s in self.studies if s.status == "ok"]

@@ -16,6 +16,9 @@ from pipeline.runtime import code_version, package_versions
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "record.json"
+CONFIG_NAME = "config.yaml"
+CONFIG_HEADER = "# resolved medpipe config, hash "
+"""The first line of the ``config.yaml`` a stage writes before it starts (then its hash)."""
 StageStatus = Literal["complete", "partial", "failed"]
 
 

@@ -93,7 +93,7 @@ def _left_out_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, s
                     links: Sequence[LeftOut]) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
     """An entry (names withheld later) for each file, folder or folder entry that could not be read (failed),
     each link not followed and each archive not unpacked (skipped); and a problem for each series with an
-    unreadable file or entry beside it, by series key: it may be missing slices."""
+    unreadable file or entry, or a file not unpacked, beside it, by series key: it may be missing slices."""
     specs = [{"format": "unknown", "source": relative(root, u.path), "withhold": True, "error": _listing_error(u)}
              for u in listed]
     specs += [{"format": "unknown", "source": relative(root, link.path), "withhold": True,
@@ -105,20 +105,23 @@ def _left_out_specs(root: Path, scan: DicomScan, broken: dict[Path, tuple[str, s
     entries = [relative(root, u.path) for u in listed if not u.folder]  # a file, or a folder: unknown
     counts = Counter(_parent(rel) for rel in [*files, *entries])
     blocked = Counter(_parent(relative(root, u.path)) for u in listed if u.folder)  # by the folder holding them
+    packed = Counter(_parent(relative(root, path)) for path, error in broken.items() if error[0] == PackedFile.code)
     problems = {}
-    for series in scan.series if counts or blocked else ():
+    for series in scan.series if counts or blocked or packed else ():
         folders = {_parent(h.rel) for h in series.headers}
         beside = sum(counts[folder] for folder in folders)
         # a folder that cannot be listed, directly in one of the series' folders or, for a series split over
         # folders, beside one of them (SE1/part1 read, SE1/part2 not): more of the series may be in it
         near = folders | ({_parent(folder) for folder in folders if folder != "."} if len(folders) > 1 else set())
         hidden = sum(blocked[folder] for folder in near)
-        if beside or hidden:
-            what = [f"{beside} file(s) in this series' folder cannot be read"] if beside else []
-            what += [f"{hidden} folder(s) beside or below its files cannot be listed"] if hidden else []
+        unpacked = sum(packed[folder] for folder in folders)  # a slice compressed on its own (IM0007.dcm.gz)
+        what = [f"{beside} file(s) in this series' folder cannot be read"] if beside else []
+        what += [f"{hidden} folder(s) beside or below its files cannot be listed"] if hidden else []
+        what += [f"{unpacked} compressed file(s) or archive(s) in its folder were not unpacked"] if unpacked else []
+        if what:
             problems[series.key] = ("dicom_unreadable_neighbour",
-                                    f"{'; '.join(what)} (see the file_unreadable, entry_unreadable and "
-                                    "folder_unreadable entries); the series may be missing slices")
+                                    f"{'; '.join(what)} (see the file_unreadable, entry_unreadable, folder_unreadable "
+                                    "and archive_not_unpacked entries); the series may be missing slices")
     return specs, problems
 
 
@@ -127,10 +130,12 @@ def _parent(rel: str) -> str:
     return rel.rpartition("/")[0] or "."
 
 
-def _output_spec(rel: str, stage: str) -> dict[str, Any]:
+def _output_spec(rel: str, stage: str | None) -> dict[str, Any]:
     """A skipped entry for a folder inside the scan folder that a medpipe stage wrote (an earlier run's)."""
+    what = (f"a medpipe {stage} output folder (its record.json says so)" if stage is not None else
+            "the output folder of a medpipe run that did not finish (its config.yaml says so)")
     return {"format": "unknown", "source": rel, "id_key": rel,
-            "skip": ("medpipe_output", f"a medpipe {stage} output folder (its record.json says so); left out, so "
+            "skip": ("medpipe_output", f"{what}; left out, so "
                                        "that images medpipe wrote are not ingested again as scans. Move it out of "
                                        "the scan folder, or ingest the folder that holds only the scans")}
 
@@ -190,8 +195,11 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
                              enabled=config.scrub_phi)
     known = _known_folders(scan, [s["source"] for s in specs if s["format"] == "nifti"]) if unread else set()
     tasks = []
+    taken: set[str] = set()
     for spec in specs:
-        study_id = pseudonym(spec.pop("id_key"), key=config.pseudonym_key)
+        study_id, alike = _unique_id(spec.pop("id_key"), taken, key=config.pseudonym_key)
+        if alike:
+            spec["problems"] = (*spec.get("problems", ()), _WRITTEN_ALIKE)
         raw_source = spec["source"]
         spec.update({name: scrubber.path(spec[name]) for name in ("source", "label_source") if spec.get(name)})
         if spec.pop("withhold", False):
@@ -202,6 +210,25 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
         tasks.append(IngestTask(id=study_id, previous=previous.get(study_id), max_voxels=config.max_voxels, **spec))
     header["ignored_files"] = scan.ignored
     return tasks, header, scrubber
+
+
+def _unique_id(id_key: str, taken: set[str], *, key: str) -> tuple[str, bool]:
+    """The study's pseudonym, added to ``taken``, and whether another study had it already.
+
+    Two inputs whose names are written alike (a Latin-1 byte shown as ``\\xfc`` beside a name spelled with a
+    backslash and ``xfc``) would share an id, so one output file and one outcome: the later one (in the
+    listing's order) gets an id of its own, keyed with a counter, so that neither is lost."""
+    study_id, n = pseudonym(id_key, key=key), 1
+    while study_id in taken:
+        n += 1
+        study_id = pseudonym(f"{id_key}\x00{n}", key=key)
+    taken.add(study_id)
+    return study_id, n > 1
+
+
+_WRITTEN_ALIKE = ("name_written_alike", "another input's name is written the same way as this one's once bytes that "
+                  "are not UTF-8, or do not print, are shown as \\xNN, so this study was given an id of its own; "
+                  "rename one of them to tell them apart in the manifest")
 
 
 # ---- the stage -----------------------------------------------------------------------------

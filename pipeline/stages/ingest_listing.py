@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 
 from pipeline.errors import os_reason
 from pipeline.fileio import sha256_bytes, writable
-from pipeline.provenance import RECORD_NAME
+from pipeline.provenance import CONFIG_HEADER, CONFIG_NAME, RECORD_NAME
 
 
 def relative(root: Path, path: Path) -> str:
@@ -70,10 +70,11 @@ class LeftOut(NamedTuple):
 
 
 class StageFolder(NamedTuple):
-    """A folder that a medpipe stage wrote (its ``record.json`` says which), inside the scan folder."""
+    """A folder that a medpipe stage wrote, inside the scan folder: ``stage`` as its ``record.json`` says, or
+    None where a run started there and did not finish (a resolved ``config.yaml``, no record)."""
 
     path: Path
-    stage: str
+    stage: str | None
 
 
 @dataclass
@@ -99,6 +100,24 @@ def _stage_of(record: Path) -> str | None:
     return None
 
 
+def _resolved_config(path: Path) -> bool:
+    """Whether ``path`` is a config a medpipe stage resolved and wrote (its first line says so)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(CONFIG_HEADER)) == CONFIG_HEADER.encode()
+    except OSError:
+        return False
+
+
+def _output_of(here: Path, names: set[str]) -> StageFolder | None:
+    """``here`` as a medpipe output folder: a finished stage's (a record) or an unfinished run's (a resolved
+    config, no record); None for a folder of anything else."""
+    stage = _stage_of(here / RECORD_NAME) if RECORD_NAME in names else None
+    if stage is not None:
+        return StageFolder(here, stage)
+    return StageFolder(here, None) if CONFIG_NAME in names and _resolved_config(here / CONFIG_NAME) else None
+
+
 def _entries(here: Path, real_root: Path, listing: ScanListing, *, top: bool = False) -> list[tuple[Path, bool]]:
     """(path, is a folder to enter) for what ``here`` holds, by name: regular files (links to files inside
     the root included) and folders that are not links. Links leaving the root (or leading nowhere) go to
@@ -111,10 +130,11 @@ def _entries(here: Path, real_root: Path, listing: ScanListing, *, top: bool = F
     except OSError as exc:
         listing.unreadable.append(Unreadable(here, os_reason(exc)))
         return []
-    if not top and any(e.name == RECORD_NAME for e in entries):  # an earlier run's output: its images are ours
-        stage = _stage_of(here / RECORD_NAME)
-        if stage is not None:
-            listing.outputs.append(StageFolder(here, stage))
+    names = {e.name for e in entries} if not top else set()
+    if RECORD_NAME in names or CONFIG_NAME in names:  # an earlier run's output: its images are ours
+        output = _output_of(here, names)
+        if output is not None:
+            listing.outputs.append(output)
             return []
     found = []
     for entry in entries:

@@ -105,6 +105,23 @@ def test_archives_and_compressed_files_are_recorded_not_ignored(tmp_path: Path, 
     assert record["ignored_files"] == 1 and record["counts"] == {"ok": 1, "failed": 0, "skipped": 1}
 
 
+def test_a_slice_compressed_beside_its_series_warns_the_series_it_may_miss_slices(tmp_path: Path) -> None:
+    scan = tmp_path / "scan"
+    write_series(scan / "kept", small_stored(1), series_tag="kept")
+    cut = write_series(scan / "cut", small_stored(2), series_tag="cut")
+    last = cut.files[-1]
+    last.with_name(f"{last.name}.gz").write_bytes(gzip.compress(last.read_bytes()))
+    last.unlink()
+    with zipfile.ZipFile(scan / "export.zip", "w") as archive:  # beside no series: warns none
+        archive.writestr("IM0001.dcm", b"")
+    ingest(scan, tmp_path / "out")
+    studies = _studies(tmp_path / "out")
+    assert studies["cut"].status == "ok" and studies["kept"].status == "ok" and studies["kept"].problems == []
+    (problem,) = studies["cut"].problems
+    assert problem.code == "dicom_unreadable_neighbour" and "1 compressed file(s) or archive(s)" in problem.message
+    assert sorted(s.problems[0].code for s in studies.values() if s.status == "skipped") == ["archive_not_unpacked"] * 2
+
+
 # ---- case 3: truncated in the header and in the pixel data --------------------------------------
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from pipeline.manifest import load_manifest
+from pipeline.manifest import Manifest, load_manifest
 from pipeline.stages.ingest import ingest
 from tests.fixtures.bad_inputs import small_stored
 from tests.fixtures.dicom_writer import write_series
@@ -71,3 +72,30 @@ def test_names_that_are_not_utf8_are_read_and_written_escaped(latin1_scan: Path,
     record = ingest(latin1_scan, out, force=True)
     assert record["reused_studies"] == 3 and [s.id for s in load_manifest(out).studies] == [
         s.id for s in sorted(studies.values(), key=lambda s: (s.source, s.id))]
+
+
+def test_names_written_alike_keep_a_study_each(tmp_path: Path) -> None:
+    """A Latin-1 byte is written ``\\xfc``; a name spelled with a backslash and ``xfc`` is written the same way.
+    Both are studies of their own: two ids, two images, neither overwriting the other, on every rerun."""
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    raw = np.zeros((4, 4, 4), np.int16)
+    nib.save(nib.Nifti1Image(raw, np.eye(4)), _bytes_path(scan, b"M\xfc.nii.gz"))
+    nib.save(nib.Nifti1Image(raw + 7, np.eye(4)), scan / "M\\xfc.nii.gz")
+    out = tmp_path / "out"
+    ingest(scan, out)
+    studies = load_manifest(out).studies
+    assert [s.source for s in studies] == ["M\\xfc.nii.gz"] * 2 and len({s.id for s in studies}) == 2
+    assert all(s.status == "ok" for s in studies)
+    values = sorted(int(np.asarray(nib.load(out / s.image).dataobj).max()) for s in studies if s.image)
+    assert values == [0, 7]  # both images, neither overwritten
+    assert sorted(len(s.problems) for s in studies) == [0, 1]
+    assert [p.code for s in studies for p in s.problems] == ["name_written_alike"]
+    record = ingest(scan, out, force=True)
+    assert record["reused_studies"] == 2 and [s.id for s in load_manifest(out).studies] == [s.id for s in studies]
+
+
+def test_a_manifest_refuses_one_id_for_two_studies() -> None:
+    study = {"id": "case_1", "source": "a.nii.gz", "format": "nifti", "status": "ok"}
+    with pytest.raises(ValidationError, match="case_1 given to several studies"):
+        Manifest.model_validate({"studies": [study, {**study, "source": "b.nii.gz"}]})

@@ -324,6 +324,27 @@ def test_an_earlier_output_folder_inside_the_scan_is_left_out_not_ingested_again
     assert ingest(scan, tmp_path / "second")["skipped"]  # nothing changed: up to date
 
 
+def test_an_unfinished_run_inside_the_scan_is_left_out_not_ingested_again(tmp_path: Path, phantom_pair) -> None:
+    """A run stopped before its record was written leaves its resolved config.yaml and the images it had
+    written: its folder is an output folder too; a config.yaml of anyone else's hides nothing."""
+    scan = tmp_path / "scan"
+    save_nifti(phantom_pair[0], scan / "one.nii.gz")
+    ingest(scan, scan / "stopped")
+    (scan / "stopped" / "record.json").unlink()  # as a run killed after converting leaves it
+    (scan / "notes").mkdir()
+    (scan / "notes" / "config.yaml").write_text("# resolved by hand\nname: mine\n")
+    save_nifti(phantom_pair[0], scan / "notes" / "two.nii.gz")
+    record = ingest(scan, tmp_path / "out")
+    studies = {s.source: s for s in load_manifest(tmp_path / "out").studies}
+    assert set(studies) == {"one.nii.gz", "notes/two.nii.gz", "stopped"} and record["counts"]["skipped"] == 1
+    (problem,) = studies["stopped"].problems
+    assert problem.code == "medpipe_output" and "did not finish" in problem.message
+    ingest(scan, scan / "stopped")  # the run finished: its record changes the listing, so ingest runs again
+    assert not ingest(scan, tmp_path / "out").get("skipped")
+    assert "medpipe ingest output" in {s.source: s for s in load_manifest(tmp_path / "out").studies}[
+        "stopped"].problems[0].message
+
+
 def test_output_inside_scan_folder_and_outside_links_are_not_studies(tmp_path: Path, phantom_pair) -> None:
     scan = tmp_path / "scan"
     save_nifti(phantom_pair[0], scan / "one.nii.gz")
