@@ -21,7 +21,7 @@ from pipeline.classification.networks import build_classifier
 from pipeline.config import PipelineConfig, config_dict
 from pipeline.errors import CheckpointError, StageError
 from pipeline.fileio import read_json, write_json_atomic, write_text_atomic
-from pipeline.inference.folder_inputs import folder_images
+from pipeline.inference.folder_inputs import folder_images, no_images
 from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
@@ -120,7 +120,7 @@ def _items(input: Path, out: Path, studies: list[str] | None = None) -> list[_It
         images = folder_images(input, exclude=out)
         if images:
             return [_Item(image.id, image.path, error=image.error) for image in images]
-    raise StageError(f"{input}: not an ingest folder, a folder of NIfTI images or a NIfTI file", code="no_inputs")
+    raise no_images(input, exclude=out)
 
 
 def load_classifier(model_dir: str | Path, *, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:

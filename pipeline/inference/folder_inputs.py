@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import StageError
 from pipeline.fileio import writable
 from pipeline.io.nifti import is_nifti, nifti_stem
 from pipeline.stages.ingest_listing import relative, scan_listing
@@ -68,3 +69,31 @@ def label_folder(folder: Path) -> tuple[dict[str, Path], list[FolderImage]]:
     file stem. Two files sharing a stem are refused, never one silently paired in place of the other."""
     images = folder_images(folder)
     return {image.id: image.path for image in images if image.error is None}, [i for i in images if i.error]
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def no_images(input: Path, *, exclude: Path | None = None) -> StageError:
+    """The error for an input that is not, and holds no, NIfTI image; where it holds DICOM files, it says to
+    ingest them first (their names are not shown: folders of DICOM files are often named after patients)."""
+    if input.is_dir():
+        files = scan_listing(input, exclude=exclude.resolve() if exclude is not None else None).files
+    else:
+        files = [input] if input.is_file() else []
+    if any(_is_dicom(path) for path in files[:64]):
+        what, scan = ("holds DICOM files", input) if input.is_dir() else ("is a DICOM file", input.parent)
+        return StageError(f"{input}: {what}, not NIfTI images; infer predicts on what ingest converts: run "
+                          f"'medpipe ingest {scan} --out INGEST' first, then infer on INGEST (and 'medpipe "
+                          "export-seg' writes a prediction as DICOM SEG on its series)", code="no_inputs")
+    if not input.exists():
+        return StageError(f"{input} does not exist; give an ingest folder, a folder of NIfTI images or a NIfTI "
+                          "file", code="input_missing")
+    what = "no NIfTI images (.nii/.nii.gz) found" if input.is_dir() else "not a NIfTI image (.nii/.nii.gz)"
+    return StageError(f"{input}: {what}; give an ingest folder, a folder of NIfTI images or a NIfTI file",
+                      code="no_inputs")

@@ -15,7 +15,7 @@ from pipeline.config import InferConfig, PipelineConfig
 from pipeline.errors import CheckpointError, StageError
 from pipeline.fileio import sha256_bytes, write_json_atomic
 from pipeline.inference import PREDICTOR_IMPORTS
-from pipeline.inference.folder_inputs import folder_images
+from pipeline.inference.folder_inputs import folder_images, no_images
 from pipeline.inference.model_files import (
     MODEL_JSON,
     MODEL_WEIGHTS,
@@ -94,12 +94,9 @@ def collect_items(input: Path, out: Path, *, studies: list[str] | None = None) -
     if input.is_file() and is_nifti(input):
         return "file", [InferItem(id=nifti_stem(input), path=input, image=input.name,
                                   name=f"{nifti_stem(input)}.nii.gz")]
-    if not input.is_dir():
-        raise StageError(f"{input}: not a folder of NIfTI images, an ingest folder or a NIfTI file",
-                         code="input_missing")
-    items = _folder_items(input, out)
+    items = _folder_items(input, out) if input.is_dir() else []
     if not items:
-        raise StageError(f"{input}: no NIfTI images (.nii/.nii.gz) found", code="no_inputs")
+        raise no_images(input, exclude=out)
     return "folder", items
 
 

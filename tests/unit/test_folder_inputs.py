@@ -6,7 +6,13 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.inference.folder_inputs import FolderImage, folder_images
+import numpy as np
+import pytest
+
+from pipeline.errors import StageError
+from pipeline.inference.folder_inputs import FolderImage, folder_images, no_images
+from pipeline.stages.infer import collect_items
+from tests.fixtures.dicom_writer import write_series
 
 
 def _touch(path: Path) -> Path:
@@ -50,3 +56,23 @@ def test_a_name_that_is_not_utf8_gets_a_writable_id(tmp_path: Path) -> None:
     _touch(Path(os.fsdecode(os.fsencode(str(folder)) + b"/h\xf6rn.nii.gz")))
     (image,) = folder_images(folder)
     assert image.id == "h\\xf6rn" and image.rel == "h\\xf6rn.nii.gz" and image.path.exists()
+
+
+def test_an_input_without_nifti_images_is_refused_with_what_to_run(tmp_path: Path) -> None:
+    series = write_series(tmp_path / "Doe^Jane" / "SE1", np.zeros((3, 4, 5), np.int16), series_tag="se1")
+    error = no_images(tmp_path / "Doe^Jane")
+    assert error.code == "no_inputs" and "holds DICOM files" in str(error)
+    assert f"run 'medpipe ingest {tmp_path / 'Doe^Jane'} --out INGEST' first" in str(error)
+    assert "SE1" not in str(error) and "IM0001" not in str(error)  # the files' names may carry PHI
+    error = no_images(series.files[0])  # one DICOM file: ingest takes its folder
+    assert "is a DICOM file" in str(error) and f"run 'medpipe ingest {series.files[0].parent} --out" in str(error)
+    _touch(tmp_path / "notes" / "a.txt")
+    error = no_images(tmp_path / "notes")
+    assert error.code == "no_inputs" and "no NIfTI images" in str(error) and "DICOM" not in str(error)
+    assert no_images(tmp_path / "missing").code == "input_missing"
+
+
+def test_infer_refuses_a_dicom_folder_before_loading_a_model(tmp_path: Path) -> None:
+    write_series(tmp_path / "scan", np.zeros((3, 4, 5), np.int16), series_tag="se1")
+    with pytest.raises(StageError, match="holds DICOM files, not NIfTI images"):
+        collect_items(tmp_path / "scan", tmp_path / "out")
