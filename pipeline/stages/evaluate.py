@@ -88,6 +88,26 @@ def _reference_paths(ref: Path) -> tuple[dict[str, Path], dict[str, str] | None,
     return paths, None, None, refused
 
 
+def _nothing_to_pair(pred: Path, ref: Path, pred_paths: dict[str, Path], ref_paths: dict[str, Path], *,
+                     from_manifest: bool, infer_failed: int) -> StageError:
+    """The error for a prediction and a reference folder that give no pair: a wrong folder, almost always."""
+    if not pred_paths and infer_failed:
+        return StageError(f"{pred}: every prediction failed ({infer_failed}; their reasons are in its record.json); "
+                          "nothing to evaluate", code="no_pairs")
+    if not pred_paths:
+        return StageError(f"{pred}: no predictions found; give an infer output folder or a folder of label images "
+                          "(.nii/.nii.gz)", code="no_pairs")
+    if not ref_paths:
+        what = ("its studies carry no labels (ingest the scans together with their label files)" if from_manifest
+                else "give an ingest folder with labels or a folder of label images (.nii/.nii.gz)")
+        return StageError(f"{ref}: no reference labels found; {what}", code="no_pairs")
+    return StageError(f"no prediction in {pred} has a reference in {ref}: predictions are named like "
+                      f"{', '.join(sorted(pred_paths)[:2])}, references like {', '.join(sorted(ref_paths)[:2])}. "
+                      "Infer and ingest folders pair by study id, plain folders by file stem: predict the ingest "
+                      "folder that holds the references (medpipe infer --model MODEL INGEST --out PRED)",
+                      code="no_pairs")
+
+
 def class_name(labels: dict[str, str] | None, label: int) -> str:
     return (labels or {}).get(str(label), f"class_{label}")
 
@@ -182,6 +202,7 @@ def evaluate(
     refused += refused_ref
     inputs: dict[str, Path] = {}
     not_selected: list[str] = []
+    infer_failed = 0
     if (pred / PREDICTIONS_JSON).is_file():
         inputs["predictions"] = pred / PREDICTIONS_JSON
         index = read_predictions(pred)
@@ -189,12 +210,16 @@ def evaluate(
         # An infer run over a chosen subset (e.g. the validation split) is evaluated on that subset:
         # references it never set out to predict are not "missing predictions".
         attempted = {e["id"] for e in index["predictions"]} | {e["id"] for e in index.get("failed", [])}
+        infer_failed = len(index.get("failed", []))
         not_selected = sorted(set(ref_paths) - attempted)
         ref_paths = {sid: p for sid, p in ref_paths.items() if sid in attempted}
     inputs.update({f"prediction:{sid}": p for sid, p in pred_paths.items()})
     if manifest_path is not None:
         inputs["manifest"] = manifest_path
     inputs.update({f"reference:{sid}": p for sid, p in ref_paths.items()})
+    if not set(pred_paths) & set(ref_paths) and not refused:
+        raise _nothing_to_pair(pred, ref, pred_paths, ref_paths, from_manifest=manifest_path is not None,
+                               infer_failed=infer_failed)
     classes = sorted(int(k) for k in labels if int(k) != 0) if labels else None
     if classes is not None:
         nsd_tolerances(settings.nsd_tolerance_mm, classes, labels)  # a missing tolerance fails before any work

@@ -174,6 +174,31 @@ def test_infer_folder_pairs_by_id_and_uses_model_labels(tmp_path: Path) -> None:
     assert math.isclose(summary["classes"]["1"]["hd95"]["mean"], 1.6)
 
 
+def test_folders_that_pair_nothing_are_refused_not_evaluated_as_empty(cohort: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    """A mistyped folder used to give a 'complete' evaluation of no study, with exit status 0."""
+    preds, ingest = cohort
+    save_nifti(labelled(CORE_REF), tmp_path / "other" / "elsewhere.nii.gz")
+    with pytest.raises(StageError, match=r"predictions are named like case_a, case_b, references like elsewhere"):
+        evaluate(preds, tmp_path / "other", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StageError, match="no predictions found"):
+        evaluate(tmp_path / "empty", ingest, tmp_path / "out")
+    unlabelled = tmp_path / "unlabelled"
+    save_manifest(Manifest(studies=[Study(id="case_a", source="a.nii.gz", format="nifti", status="ok",
+                                          image="images/case_a.nii.gz")]), unlabelled)
+    with pytest.raises(StageError, match="its studies carry no labels") as caught:
+        evaluate(preds, unlabelled, tmp_path / "out")
+    assert caught.value.code == "no_pairs" and not (tmp_path / "out" / "summary.json").exists()
+    failed = tmp_path / "04_infer"
+    write_json_atomic(failed / "predictions.json", {"schema_version": 1, "model": {}, "predictions": [],
+                                                     "failed": [{"id": "case_a", "code": "x", "message": "x"}]})
+    with pytest.raises(StageError, match=r"every prediction failed \(1;"):
+        evaluate(failed, ingest, tmp_path / "out")
+    assert main(["evaluate", "--pred", str(preds), "--ref", str(tmp_path / "other"), "--out",
+                 str(tmp_path / "out")]) == 1
+
+
 def test_missing_nsd_tolerance_for_a_class_fails_before_any_work(cohort: tuple[Path, Path], tmp_path: Path) -> None:
     preds, ingest = cohort
     config = load_config(None, overrides=["evaluate.nsd_tolerance_mm={core: 1.0}"])
