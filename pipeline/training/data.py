@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 from pipeline.errors import ConfigError, ManifestError, StageError
 from pipeline.fileio import read_json
 from pipeline.io.nifti import load_nifti
+from pipeline.manifest import MANIFEST_NAME
 
 PLANS_NAME = "plans.json"
 DATASET_NAME = "dataset.json"
@@ -30,7 +31,10 @@ def read_preprocessed(preprocess_dir: str | Path) -> tuple[dict[str, Any], list[
     plans_path, dataset_path = folder / PLANS_NAME, folder / DATASET_NAME
     for path in (plans_path, dataset_path):
         if not path.is_file():
-            raise ManifestError(f"{path} is missing; run 'medpipe preprocess' into {folder} first")
+            ingested = (folder / MANIFEST_NAME).is_file()  # a step skipped: say which command comes first
+            raise ManifestError(f"{path} is missing: {folder} is {'an ingest folder, ' if ingested else ''}not a "
+                                f"preprocess folder; run 'medpipe preprocess {folder if ingested else 'INGEST'} --out "
+                                "PREPROCESS' and train on PREPROCESS")
     try:
         plans, dataset = read_json(plans_path), read_json(dataset_path)
     except ValueError as exc:

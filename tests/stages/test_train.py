@@ -13,6 +13,8 @@ import torch
 
 import pipeline.stages.train as train_stage
 from pipeline.config import PipelineConfig, load_config
+from pipeline.errors import ManifestError
+from pipeline.manifest import Manifest, save_manifest
 from pipeline.models.segmenters import build_segmenter
 from pipeline.stages.preprocess import preprocess
 from pipeline.stages.train import train
@@ -156,3 +158,13 @@ def test_split_file_is_honoured(preprocessed: Path, tmp_path: Path, tiny_config:
     assert json.loads((tmp_path / "t/split.json").read_text()) == {"seed": 3, "train": ids[:5],
                                                                     "validation": ids[5:]}
     shutil.rmtree(tmp_path / "t")
+
+
+def test_an_ingest_folder_given_to_train_says_to_preprocess_it_first(tmp_path: Path) -> None:
+    ingested = tmp_path / "01_ingest"
+    save_manifest(Manifest(), ingested)
+    with pytest.raises(ManifestError, match="is an ingest folder, not a preprocess folder") as caught:
+        train(ingested, tmp_path / "train")
+    assert f"run 'medpipe preprocess {ingested} --out PREPROCESS'" in str(caught.value)
+    with pytest.raises(ManifestError, match="run 'medpipe preprocess INGEST --out PREPROCESS'"):
+        train(tmp_path / "elsewhere", tmp_path / "train2")
