@@ -33,6 +33,7 @@ from pipeline.stages.ingest_listing import (
     scan_listing,
 )
 from pipeline.stages.ingest_msd import msd_tasks
+from pipeline.stages.ingest_seg import pair_segmentations
 from pipeline.stages.ingest_study import IngestTask, process_study
 
 __all__ = ["IngestTask", "discover", "ingest", "list_scan_files", "process_study"]
@@ -190,6 +191,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
                       "modality": series.modality, "skip": skip_reason(series), "dicom_options": options,
                       "error": _too_large(series, config.max_voxels),
                       "problems": (neighbours[series.key],) if series.key in neighbours else ()})
+    specs, seg_labels = pair_segmentations(specs)
     scrubber = scan_scrubber([[h.path for h in s.headers] for s in scan.series],
                              [relative(root, p) for p in files], key=config.pseudonym_key,
                              enabled=config.scrub_phi)
@@ -208,6 +210,8 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
                      if spec.get(name)})
         spec["problems"] = tuple((code, scrubber.text(message)) for code, message in spec.get("problems", ()))
         tasks.append(IngestTask(id=study_id, previous=previous.get(study_id), max_voxels=config.max_voxels, **spec))
+    if header["labels"] is None and seg_labels is not None:  # a dataset.json's labels come first
+        header["labels"] = {value: scrubber.text(name) for value, name in seg_labels.items()}
     header["ignored_files"] = scan.ignored
     return tasks, header, scrubber
 

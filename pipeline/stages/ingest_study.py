@@ -13,6 +13,7 @@ from pipeline.errors import GeometryError, IngestError
 from pipeline.fileio import sha256_bytes, sha256_file
 from pipeline.io import nib
 from pipeline.io.dicom import DicomOptions, DicomSeries, decode_series, read_series_bytes, storage_dtype
+from pipeline.io.dicom_seg_label import seg_label
 from pipeline.io.nifti import load_nifti, save_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import Problem, Study
@@ -133,12 +134,15 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         digest, blobs = read_series_bytes(task.series)
         options = task.dicom_options or DicomOptions()
         inputs = {"input": digest, "options": sha256_bytes(repr(options).encode()), **_discovery_digest(task)}
+        if task.label_path:  # a DICOM SEG of this series
+            inputs["label_input"] = _checksum(task.label_path, task.label_source or "")
         if _reusable(task, inputs):
             return task.previous, True  # type: ignore[return-value]
         volume = decode_series(task.series, blobs, options=options, release=True)
         del blobs
-        return _write(task, volume, storage_dtype(volume.array), None, inputs,
-                      [*task.problems, *volume.meta["problems"]]), False
+        problems = [*task.problems, *volume.meta["problems"]]
+        label = _seg_label(task, volume, problems) if task.label_path else None
+        return _write(task, volume, storage_dtype(volume.array), label, inputs, problems), False
     inputs = {"input": _checksum(task.image_path, task.source), **_discovery_digest(task)}  # type: ignore[arg-type]
     if task.label_path:
         label_sha = _checksum(task.label_path, task.label_source or "")
@@ -157,6 +161,14 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
             problems.append(("label_background_only", f"{task.label_source}: the label holds background only "
                                                       "(nothing segmented); kept, check that this is intended"))
     return _write(task, image, dtype, label, inputs, problems), False
+
+
+def _seg_label(task: IngestTask, image: Volume, problems: list[tuple[str, str]]) -> np.ndarray:
+    label, _ = seg_label(task.label_path or "", image, rel=task.label_source or "")
+    if not label.any():
+        problems.append(("label_background_only", f"{task.label_source}: the segmentation holds no segmented voxel "
+                                                  "on this series; kept, check that this is intended"))
+    return label
 
 
 def _checksum(path: str, rel: str) -> str:

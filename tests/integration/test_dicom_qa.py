@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 import shutil
 import subprocess
@@ -160,7 +161,7 @@ def test_fast_header_reader_agrees_with_pydicom_on_real_files() -> None:
     assert checked > 30
 
 
-def test_highdicom_objects_are_skipped_with_reasons_and_the_ct_converts(tmp_path: Path) -> None:
+def test_highdicom_objects_are_skipped_with_reasons_and_the_ct_converts_with_its_seg(tmp_path: Path) -> None:
     root = shared_data("dicom_qa", "highdicom_seg")
     record = ingest(root, tmp_path / "out")
     assert record["status"] == "complete"
@@ -170,3 +171,62 @@ def test_highdicom_objects_are_skipped_with_reasons_and_the_ct_converts(tmp_path
     reasons = {s.problems[0].code for s in studies if s.status == "skipped"}
     assert reasons == {"dicom_segmentation", "dicom_non_image", "dicom_non_volume"}
     assert sum(1 for s in studies if s.status == "skipped" and s.problems[0].code == "dicom_segmentation") >= 10
+    # the one SEG of the CT is its label; the others segment series that are not here or not volumes
+    assert ok[0].label_source == "seg_image_ct_binary_single_frame.dcm" and ok[0].label is not None
+    label = nib.load(str(tmp_path / "out" / ok[0].label))
+    assert label.shape == nib.load(str(tmp_path / "out" / str(ok[0].image))).shape
+    assert np.asanyarray(label.dataobj).any()
+
+
+def _nrrd_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (gzip-encoded little-endian shorts, the first axis fastest) and RAS affine of a NRRD file."""
+    shape, affine = _nrrd_affine(path)
+    raw = path.read_bytes()
+    data = np.frombuffer(gzip.decompress(raw[raw.index(b"\n\n") + 2:]), "<i2")
+    return data.reshape(shape[::-1]).transpose(2, 1, 0), affine
+
+
+@pytest.mark.parametrize("case", ["23x38x3", "24x38x3"])
+def test_dcmqi_label_segs_land_on_their_series_as_their_nrrd_masks(tmp_path: Path, case: str) -> None:
+    root = shared_data("dicom_qa", "dcmqi_segmentations", case)
+    ingest(root, tmp_path / "out")
+    labelled = [s for s in load_manifest(tmp_path / "out").studies if s.label is not None]
+    assert [(s.source, s.label_source) for s in labelled] == [("image", "seg/label.seg")]
+    label = nib.load(str(tmp_path / "out" / str(labelled[0].label)))
+    ours, our_affine = _canonical(np.asanyarray(label.dataobj), label.affine)
+    mask, mask_affine = _canonical(*_nrrd_volume(root / "nrrd" / "label.nrrd"))
+    np.testing.assert_allclose(our_affine, mask_affine, atol=1e-3)
+    assert ours.shape == mask.shape and np.array_equal(ours, mask) and ours.sum() > 300
+
+
+def test_a_dicom_seg_becomes_its_series_label_as_dcmqi_s_nrrd_mask_has_it(tmp_path: Path) -> None:
+    root = shared_data("dicom_qa", "dcmqi_segmentations")
+    scan, out = tmp_path / "scan", tmp_path / "out"
+    shutil.copytree(root / "ct-3slice", scan / "ct")  # a copy: links leaving the scan folder are not followed
+    shutil.copy(root / "liver.dcm", scan / "liver.dcm")
+    ingest(scan, out)
+    manifest = load_manifest(out)
+    (study,) = manifest.studies
+    assert study.status == "ok" and study.label_source == "liver.dcm" and study.label is not None
+    assert manifest.labels == {"0": "background", "1": "Liver"}
+    label = nib.load(str(out / study.label))
+    ours, our_affine = _canonical(np.asanyarray(label.dataobj), label.affine)
+    mask, mask_affine = _canonical(*_nrrd_volume(root / "liver_seg.nrrd"))
+    assert ours.shape == mask.shape and set(np.unique(mask)) == {0, 1}
+    np.testing.assert_allclose(our_affine, mask_affine, atol=1e-3)
+    assert np.array_equal(ours, mask) and ours.sum() > 100_000
+    assert ingest(scan, out, force=True)["reused_studies"] == 1
+    # a second SEG of the series: which is its label is unknown, so neither; both accounted for
+    shutil.copy(root / "partial_overlaps.dcm", scan / "overlaps.dcm")
+    ingest(scan, out)
+    studies = {s.status: s for s in load_manifest(out).studies}
+    assert studies["ok"].label is None and load_manifest(out).labels is None
+    skipped = [s for s in load_manifest(out).studies if s.status == "skipped"]
+    assert len(skipped) == 2 and all("one of 2 segmentations of series ct" in s.problems[0].message for s in skipped)
+    # the overlapping one alone: segments that overlap cannot make one label map; refused by the SEG's name
+    (scan / "liver.dcm").unlink()
+    ingest(scan, out)
+    (failed,) = load_manifest(out).studies
+    assert failed.status == "failed" and failed.error is not None and failed.error.code == "dicom_seg_overlap"
+    assert failed.error.message == "ct: overlaps.dcm: its segments overlap, so one label map cannot hold them; " \
+        "split it into SEGs whose segments do not overlap"

@@ -1,0 +1,95 @@
+"""Ingest's pairing of DICOM SEG objects with the series they segment: a SEG becomes its series' label.
+
+A SEG (one file) whose ReferencedSeriesSequence names a series of the same scan folder, the only SEG to name
+it, and a series that was not split into parts, is that series' label: its own entry leaves the manifest and
+the series' study gets ``label_source`` (the SEG's path) and, once converted, ``labels/<id>.nii.gz`` on the
+series' grid (:mod:`pipeline.io.dicom_seg_label`). Anything else stays a skipped ``dicom_segmentation``
+entry, with the reason: the series it names is not here, several SEGs name it (which one is the label is
+not known), or the series was split. Only headers are read here; pixels are decoded in the study's worker.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+SEGMENTATION = "dicom_segmentation"
+
+
+def _references(path: str) -> tuple[list[str], dict[str, str]] | None:
+    """(series UIDs the SEG references, segment names by number), or None when its header says neither."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        uids = [str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", [])
+                if "SeriesInstanceUID" in item]
+        names = {str(int(s.SegmentNumber)): str(s.get("SegmentLabel", "") or f"segment_{int(s.SegmentNumber)}")
+                 for s in ds.get("SegmentSequence", [])}
+    except (InvalidDicomError, OSError, AttributeError, KeyError, ValueError, TypeError):
+        return None
+    return (uids, names) if uids and names else None
+
+
+def _file(spec: dict[str, Any]) -> str:
+    """The SEG's file, relative to the scan folder (a series' source is its folder)."""
+    return spec["series"].headers[0].rel
+
+
+def _skip(spec: dict[str, Any], why: str) -> None:
+    spec["skip"] = (SEGMENTATION, f"{_file(spec)}: a DICOM SEG object; {why}")
+
+
+def pair_segmentations(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
+    """``specs`` with each SEG that labels a series of the scan folder moved onto that series' spec (``label_path``,
+    ``label_source``), and the label names they declare (``{"0": "background", "1": "Liver"}``) when every
+    such SEG declares the same names, else None."""
+    segs = [s for s in specs if s.get("skip") and s["skip"][0] == SEGMENTATION and len(s["series"].headers) == 1]
+    if not segs:
+        return specs, None
+    images: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for spec in specs:
+        if spec.get("series") is not None and spec.get("skip") is None:
+            images[spec["series"].uid].append(spec)
+    naming: dict[str, list[tuple[dict[str, Any], dict[str, str]]]] = defaultdict(list)
+    for seg in segs:
+        found = _references(seg["series"].headers[0].path)
+        if found is None:
+            _skip(seg, "its header names no referenced series or no segments; not ingested")
+            continue
+        uids, names = found
+        here = [uid for uid in dict.fromkeys(uids) if uid in images]
+        if len(here) != 1:
+            _skip(seg, "the series it segments is not an image series ingested from this scan folder; not used"
+                  if not here else
+                  f"it segments {len(here)} series of this scan folder at once; not ingested")
+            continue
+        naming[here[0]].append((seg, names))
+    used: list[dict[str, Any]] = []
+    declared: list[tuple[dict[str, Any], dict[str, str]]] = []
+    for uid, claims in naming.items():
+        targets = images[uid]
+        if len(claims) > 1:
+            for seg, _ in claims:
+                _skip(seg, f"one of {len(claims)} segmentations of series {targets[0]['source']}; which one is its "
+                           "label is not known, so none is used: ingest a folder holding one of them")
+            continue
+        if len(targets) > 1:
+            _skip(claims[0][0], f"the series it segments ({targets[0]['source']}) was split into "
+                                f"{len(targets)} volumes; not used as a label")
+            continue
+        (seg, names), image = claims[0], targets[0]
+        image.update(label_path=seg["series"].headers[0].path, label_source=_file(seg))
+        used.append(seg)
+        declared.append((image, names))
+    labels = None
+    if declared and all(names == declared[0][1] for _, names in declared):
+        labels = {"0": "background", **dict(sorted(declared[0][1].items(), key=lambda item: int(item[0])))}
+    for image, names in declared if declared and labels is None else ():
+        shown = ", ".join(f"{value} {name}" for value, name in sorted(names.items(), key=lambda i: int(i[0])))
+        image["problems"] = (*image.get("problems", ()), (
+            "dicom_seg_names_differ", f"the DICOM SEGs of this scan folder name their segments differently (this "
+                                      f"one: {shown}), so the manifest declares no label names; check that equal "
+                                      "values mean the same structure in every study"))
+    return [s for s in specs if not any(s is u for u in used)], labels

@@ -1,0 +1,104 @@
+"""A DICOM SEG beside the series it segments becomes that series' label, voxel for voxel on its grid; a SEG that
+cannot be one is accounted for with the reason (another series', one of several, segments that overlap)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import GeometryError
+from pipeline.export.dicom_seg import export_dicom_seg
+from pipeline.io.dicom_seg_label import seg_label
+from pipeline.io.nifti import load_nifti
+from pipeline.io.volume import Volume
+from pipeline.manifest import load_manifest
+from pipeline.stages.ingest import ingest
+from tests.fixtures.bad_inputs import small_stored
+from tests.fixtures.dicom_writer import write_series
+
+ANGLE = math.radians(20)
+OBLIQUE = {"row_cosine": (math.cos(ANGLE), math.sin(ANGLE), 0.0), "col_cosine": (0.0, 0.0, -1.0)}
+
+
+@pytest.fixture
+def series_and_label(tmp_path: Path) -> tuple[Path, Volume]:
+    """An oblique series (its files shuffled) and a label volume of two classes on its grid, on slices 1 and 3
+    of its 5 (the SEG's frames cover only those)."""
+    scan = tmp_path / "scan"
+    write_series(scan / "SE1", small_stored(1, (6, 5, 5)), shuffle_seed=3, **OBLIQUE)
+    ingest(scan, tmp_path / "plain")
+    (study,) = load_manifest(tmp_path / "plain").studies
+    image = load_nifti(tmp_path / "plain" / str(study.image))
+    label = np.zeros(image.spatial_shape, np.uint8)
+    label[1:4, 1:3, 1] = 1
+    label[2:5, 2:4, 3] = 2  # slice 2 between them holds nothing: the SEG has no frame there
+    return scan, image.with_array(label)
+
+
+def test_a_seg_of_a_series_in_the_scan_is_its_label_voxel_for_voxel(series_and_label: tuple[Path, Volume],
+                                                                    tmp_path: Path) -> None:
+    scan, label = series_and_label
+    export_dicom_seg(scan / "SE1", label, scan / "SEG" / "seg.dcm", label_names={"1": "core", "2": "rim"})
+    record = ingest(scan, tmp_path / "out")
+    manifest = load_manifest(tmp_path / "out")
+    (study,) = manifest.studies  # the SEG is the series' label, not an entry of its own
+    assert record["counts"] == {"ok": 1, "failed": 0, "skipped": 0}
+    assert study.label_source == "SEG/seg.dcm" and manifest.labels == {"0": "background", "1": "core", "2": "rim"}
+    ingested = load_nifti(tmp_path / "out" / str(study.label))
+    assert ingested.same_grid(label) and np.array_equal(ingested.array, label.array)
+    assert ingest(scan, tmp_path / "out", force=True)["reused_studies"] == 1
+    export_dicom_seg(scan / "SE1", label.with_array((label.array == 2).astype(np.uint8)), scan / "SEG" / "seg.dcm",
+                     label_names={"1": "rim"})  # the SEG changed: the study is converted again
+    record = ingest(scan, tmp_path / "out")
+    assert record["reused_studies"] == 0 and load_manifest(tmp_path / "out").labels == {"0": "background", "1": "rim"}
+    assert np.array_equal(load_nifti(tmp_path / "out" / str(study.label)).array, label.array == 2)
+
+
+def test_a_seg_that_cannot_be_the_label_is_accounted_for_with_the_reason(series_and_label: tuple[Path, Volume],
+                                                                         tmp_path: Path) -> None:
+    scan, label = series_and_label
+    other = tmp_path / "other"
+    write_series(other / "SE9", small_stored(2, (6, 5, 5)), series_tag="other", **OBLIQUE)
+    export_dicom_seg(other / "SE9", label, scan / "of_another.dcm")  # the series it segments is elsewhere
+    ingest(scan, tmp_path / "out")
+    studies = {s.status: s for s in load_manifest(tmp_path / "out").studies}
+    assert studies["ok"].label is None and "not an image series ingested from this scan folder" in (
+        studies["skipped"].problems[0].message)
+    assert studies["skipped"].problems[0].message.startswith("of_another.dcm: a DICOM SEG object")
+
+
+def test_a_seg_off_the_series_grid_is_refused(series_and_label: tuple[Path, Volume]) -> None:
+    scan, label = series_and_label
+    label = label.with_array((label.array == 1).astype(np.uint8))  # one slice deep: placed by its position alone
+    export_dicom_seg(scan / "SE1", label, scan / "seg.dcm")
+    placed, names = seg_label(str(scan / "seg.dcm"), label, rel="seg.dcm")
+    assert np.array_equal(placed, label.array) and names == {"1": "label 1"}  # export-seg's default name
+    shifted = Volume(np.zeros(label.spatial_shape, np.int16), label.affine @ np.diag([0.5, 1.0, 1.0, 1.0]))
+    with pytest.raises(GeometryError, match="do not lie on the series' voxels") as caught:
+        seg_label(str(scan / "seg.dcm"), shifted, rel="seg.dcm")
+    assert caught.value.code == "dicom_seg_grid"
+    moved = Volume(np.zeros(label.spatial_shape, np.int16), label.affine @ _translation(0, 0, 3))
+    with pytest.raises(GeometryError, match="reaches beyond the series"):
+        seg_label(str(scan / "seg.dcm"), moved, rel="seg.dcm")
+
+
+def _translation(*voxels: float) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, 3] = voxels
+    return matrix
+
+
+def test_segs_that_name_their_segments_differently_declare_no_label_names(series_and_label: tuple[Path, Volume],
+                                                                           tmp_path: Path) -> None:
+    scan, label = series_and_label
+    write_series(scan / "SE2", small_stored(2, (6, 5, 5)), series_tag="second", **OBLIQUE)
+    export_dicom_seg(scan / "SE1", label, scan / "SE1.seg.dcm", label_names={"1": "core", "2": "rim"})
+    export_dicom_seg(scan / "SE2", label, scan / "SE2.seg.dcm", label_names={"1": "rim", "2": "core"})
+    ingest(scan, tmp_path / "out")
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.labels is None and [s.label_source for s in manifest.studies] == ["SE1.seg.dcm", "SE2.seg.dcm"]
+    assert [[p.code for p in s.problems] for s in manifest.studies] == [["dicom_seg_names_differ"]] * 2
+    assert "this one: 1 rim, 2 core" in manifest.studies[1].problems[0].message
