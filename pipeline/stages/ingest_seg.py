@@ -16,8 +16,9 @@ from typing import Any
 SEGMENTATION = "dicom_segmentation"
 
 
-def _references(path: str) -> tuple[list[str], dict[str, str]] | None:
-    """(series UIDs the SEG references, segment names by number), or None when its header says neither."""
+def _references(path: str) -> tuple[list[str], dict[str, str], bool] | None:
+    """(series UIDs the SEG references, segment names by number, whether medpipe wrote it), or None when its
+    header says neither."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -29,7 +30,12 @@ def _references(path: str) -> tuple[list[str], dict[str, str]] | None:
                  for s in ds.get("SegmentSequence", [])}
     except (InvalidDicomError, OSError, AttributeError, KeyError, ValueError, TypeError):
         return None
-    return (uids, names) if uids and names else None
+    return (uids, names, str(ds.get("Manufacturer", "")) == "medpipe") if uids and names else None
+
+
+_FROM_MEDPIPE = ("dicom_seg_from_medpipe", "its label is a DICOM SEG that medpipe export-seg wrote: a model's "
+                 "prediction, unless reference labels were exported with it; check before training or evaluating "
+                 "on it")
 
 
 def _file(spec: dict[str, Any]) -> str:
@@ -52,26 +58,26 @@ def pair_segmentations(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
     for spec in specs:
         if spec.get("series") is not None and spec.get("skip") is None:
             images[spec["series"].uid].append(spec)
-    naming: dict[str, list[tuple[dict[str, Any], dict[str, str]]]] = defaultdict(list)
+    naming: dict[str, list[tuple[dict[str, Any], dict[str, str], bool]]] = defaultdict(list)
     for seg in segs:
         found = _references(seg["series"].headers[0].path)
         if found is None:
             _skip(seg, "its header names no referenced series or no segments; not ingested")
             continue
-        uids, names = found
+        uids, names, ours = found
         here = [uid for uid in dict.fromkeys(uids) if uid in images]
         if len(here) != 1:
             _skip(seg, "the series it segments is not an image series ingested from this scan folder; not used"
                   if not here else
                   f"it segments {len(here)} series of this scan folder at once; not ingested")
             continue
-        naming[here[0]].append((seg, names))
+        naming[here[0]].append((seg, names, ours))
     used: list[dict[str, Any]] = []
     declared: list[tuple[dict[str, Any], dict[str, str]]] = []
     for uid, claims in naming.items():
         targets = images[uid]
         if len(claims) > 1:
-            for seg, _ in claims:
+            for seg, _, _ in claims:
                 _skip(seg, f"one of {len(claims)} segmentations of series {targets[0]['source']}; which one is its "
                            "label is not known, so none is used: ingest a folder holding one of them")
             continue
@@ -79,8 +85,10 @@ def pair_segmentations(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
             _skip(claims[0][0], f"the series it segments ({targets[0]['source']}) was split into "
                                 f"{len(targets)} volumes; not used as a label")
             continue
-        (seg, names), image = claims[0], targets[0]
+        (seg, names, ours), image = claims[0], targets[0]
         image.update(label_path=seg["series"].headers[0].path, label_source=_file(seg))
+        if ours:
+            image["problems"] = (*image.get("problems", ()), _FROM_MEDPIPE)
         used.append(seg)
         declared.append((image, names))
     labels = None

@@ -47,6 +47,7 @@ def test_a_seg_of_a_series_in_the_scan_is_its_label_voxel_for_voxel(series_and_l
     (study,) = manifest.studies  # the SEG is the series' label, not an entry of its own
     assert record["counts"] == {"ok": 1, "failed": 0, "skipped": 0}
     assert study.label_source == "SEG/seg.dcm" and manifest.labels == {"0": "background", "1": "core", "2": "rim"}
+    assert [p.code for p in study.problems] == ["dicom_seg_from_medpipe"]  # export-seg wrote it: a prediction?
     ingested = load_nifti(tmp_path / "out" / str(study.label))
     assert ingested.same_grid(label) and np.array_equal(ingested.array, label.array)
     assert ingest(scan, tmp_path / "out", force=True)["reused_studies"] == 1
@@ -100,5 +101,6 @@ def test_segs_that_name_their_segments_differently_declare_no_label_names(series
     ingest(scan, tmp_path / "out")
     manifest = load_manifest(tmp_path / "out")
     assert manifest.labels is None and [s.label_source for s in manifest.studies] == ["SE1.seg.dcm", "SE2.seg.dcm"]
-    assert [[p.code for p in s.problems] for s in manifest.studies] == [["dicom_seg_names_differ"]] * 2
-    assert "this one: 1 rim, 2 core" in manifest.studies[1].problems[0].message
+    assert [[p.code for p in s.problems] for s in manifest.studies] == [
+        ["dicom_seg_from_medpipe", "dicom_seg_names_differ"]] * 2
+    assert "this one: 1 rim, 2 core" in manifest.studies[1].problems[1].message

@@ -208,6 +208,7 @@ def test_a_dicom_seg_becomes_its_series_label_as_dcmqi_s_nrrd_mask_has_it(tmp_pa
     manifest = load_manifest(out)
     (study,) = manifest.studies
     assert study.status == "ok" and study.label_source == "liver.dcm" and study.label is not None
+    assert study.problems == []  # dcmqi wrote it, not medpipe
     assert manifest.labels == {"0": "background", "1": "Liver"}
     label = nib.load(str(out / study.label))
     ours, our_affine = _canonical(np.asanyarray(label.dataobj), label.affine)
