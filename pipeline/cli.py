@@ -191,6 +191,11 @@ def _label_names(path: Path | None) -> dict[str, str] | None:
 def _cmd_export_seg(args: argparse.Namespace) -> int:
     from pipeline.export.dicom_seg import export_dicom_seg
 
+    if (args.scan is None) != (args.predictions is None):
+        raise ConfigError("export-seg takes --dicom SERIES_DIR with --labels LABELS, or --scan SCAN_DIR with "
+                          "--predictions PRED (and --out a folder)")
+    if args.scan is not None:
+        return _export_segs(args)
     result = export_dicom_seg(args.dicom, args.labels, args.output, label_names=_label_names(args.label_names),
                               series_description=args.series_description,
                               missing_uids="generate" if args.generate_missing_uids else "refuse")
@@ -200,6 +205,19 @@ def _cmd_export_seg(args: argparse.Namespace) -> int:
     if result["source_repairs"]:
         print(f"  source attributes filled in: {', '.join(result['source_repairs'])}")
     return EXIT_OK
+
+
+def _export_segs(args: argparse.Namespace) -> int:
+    from pipeline.export.dicom_seg_batch import EXPORT_JSON, export_predictions_as_seg
+
+    result = export_predictions_as_seg(args.scan, args.predictions, args.output, config=_config(args),
+                                       label_names=_label_names(args.label_names),
+                                       series_description=args.series_description)
+    print(f"export-seg: {len(result['exported'])} SEG(s) written, {len(result['failed'])} failed, "
+          f"{len(result['not_in_scan'])} prediction(s) of no series in the scan folder -> {args.output / EXPORT_JSON}")
+    for failure in result["failed"]:
+        print(f"  {failure['id']}: [{failure['code']}] {failure['message']}")
+    return EXIT_PARTIAL if result["failed"] and result["exported"] else EXIT_FAILED if result["failed"] else EXIT_OK
 
 
 def _cmd_export_model(args: argparse.Namespace) -> int:

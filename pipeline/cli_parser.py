@@ -167,13 +167,24 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", type=Path, required=True)
     _common(p)
 
-    p = sub.add_parser("export-seg", help="write a label NIfTI as DICOM SEG on its source DICOM series",
-                       description="LABELS must lie on the grid of the series in SERIES_DIR (the image ingested "
-                       "from it); every frame references and lies on a source slice. Patient and study "
-                       "attributes are copied from the source, as DICOM requires.")
-    p.add_argument("--dicom", type=Path, required=True, metavar="SERIES_DIR", help="folder of one source series")
-    p.add_argument("--labels", type=Path, required=True, metavar="LABELS", help="label NIfTI on the series' grid")
-    p.add_argument("--out", "-o", dest="output", type=Path, required=True, metavar="SEG", help="the .dcm to write")
+    p = sub.add_parser("export-seg", help="write label NIfTIs as DICOM SEG on their source DICOM series",
+                       description="One: LABELS must lie on the grid of the series in SERIES_DIR (the image "
+                       "ingested from it). All of an infer folder: --scan SCAN_DIR --predictions PRED --out "
+                       "OUT_DIR finds each prediction's series in the scan folder as ingest found it (same ids: "
+                       "give ingest's config for its pseudonym_key) and writes OUT_DIR/<id>.dcm and export.json. "
+                       "Every frame references and lies on a source slice. Patient and study attributes are "
+                       "copied from the source, as DICOM requires.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dicom", type=Path, metavar="SERIES_DIR", help="folder of one source series")
+    source.add_argument("--scan", type=Path, metavar="SCAN_DIR", help="the scan folder that was ingested")
+    labels = p.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", type=Path, metavar="LABELS", help="label NIfTI on the series' grid (--dicom)")
+    labels.add_argument("--predictions", type=Path, metavar="PRED", help="an infer output folder (--scan)")
+    p.add_argument("--out", "-o", dest="output", type=Path, required=True, metavar="OUT",
+                   help="the .dcm to write (--dicom), or the folder to write them in (--scan)")
+    p.add_argument("--config", "-c", type=Path, help="the config ingest ran with (its ingest.pseudonym_key; --scan)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set ingest.pseudonym_key=... (--scan)")
     p.add_argument("--label-names", type=Path, metavar="JSON",
                    help="segment names: a manifest.json, model.json, predictions.json or {\"1\": \"name\"} file")
     p.add_argument("--series-description", default="medpipe segmentation")

@@ -26,7 +26,7 @@ def configure_logging(*, verbosity: int = 0, log_file: Path | None = None) -> No
         file_handler.setLevel(logging.DEBUG)
         file_handler.setFormatter(logging.Formatter(_FORMAT))
         root.addHandler(file_handler)
-    for noisy in ("matplotlib", "PIL", "monai", "urllib3", "numexpr"):
+    for noisy in ("matplotlib", "PIL", "monai", "urllib3", "numexpr", "highdicom"):  # highdicom: a line per module
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.captureWarnings(True)
     warnings.filterwarnings("ignore", message=".*nvImageCodec.*")

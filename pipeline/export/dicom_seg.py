@@ -53,12 +53,7 @@ def find_series(folder: Path) -> DicomSeries:
     if len(images) != 1:
         raise StageError(f"{folder}: found {len(images)} image series; pass the folder of exactly one series",
                          code="seg_no_series" if not images else "seg_many_series")
-    series = images[0]
-    odd = sorted({h.layout for h in series.headers} - {"single"})
-    if odd:
-        raise StageError(f"{folder}: a {', '.join(odd)} series; DICOM SEG export supports single-frame image series",
-                         code="seg_source_unsupported")
-    return series
+    return images[0]
 
 
 # Type 2 attributes (present, possibly empty) that the SEG copies; some anonymised series drop them.
@@ -141,11 +136,14 @@ def _check_grid(labels: Volume, grid: Volume, what: str) -> None:
     if labels.array.ndim != 3 or grid.array.ndim != 3:
         raise GeometryError(f"{what}: DICOM SEG export needs a 3D label volume and a 3D series", code="seg_grid")
     if not labels.same_grid(grid, atol=_GRID_ATOL_MM):
-        raise GeometryError(
-            f"{what}: the labels' grid (shape {labels.spatial_shape}, {labels.orientation}, origin "
-            f"{np.round(labels.affine[:3, 3], 3).tolist()}) is not the series' grid (shape {grid.spatial_shape}, "
-            f"{grid.orientation}, origin {np.round(grid.affine[:3, 3], 3).tolist()}); predict on the image "
-            "ingested from this series", code="seg_grid")
+        raise GeometryError(f"{what}: the labels' grid ({_grid_text(labels)}) is not the series' grid "
+                            f"({_grid_text(grid)}); predict on the image ingested from this series", code="seg_grid")
+
+
+def _grid_text(volume: Volume) -> str:
+    spacing = [round(v, 4) for v in volume.spacing]
+    return (f"shape {volume.spatial_shape}, {volume.orientation}, spacing {spacing} mm, origin "
+            f"{np.round(volume.affine[:3, 3], 3).tolist()}")
 
 
 def segment_descriptions(values: list[int], names: Mapping[str, str] | None) -> list[Any]:
@@ -187,8 +185,28 @@ def export_dicom_seg(
     """Write the label volume ``labels`` (a NIfTI path or a Volume) as a binary DICOM SEG referencing the series in
     ``series_dir``. Label value v becomes segment n (1, 2, ... in increasing v; names from ``label_names``).
     ``missing_uids`` says what to do with a source whose Study/Series Instance UIDs are blank."""
-    series_dir, out = Path(series_dir), Path(out)
-    series = find_series(series_dir)
+    return write_series_seg(find_series(Path(series_dir)), labels, out, label_names=label_names,
+                            series_description=series_description, series_number=series_number,
+                            content_datetime=content_datetime, missing_uids=missing_uids)
+
+
+def write_series_seg(
+    series: DicomSeries,
+    labels: Path | Volume,
+    out: Path,
+    *,
+    label_names: Mapping[str, str] | None = None,
+    series_description: str = "medpipe segmentation",
+    series_number: int = 9901,
+    content_datetime: datetime | None = None,
+    missing_uids: Literal["refuse", "generate"] = "refuse",
+) -> dict[str, Any]:
+    """:func:`export_dicom_seg` for a series already found (one of a scan folder's, as ingest groups them)."""
+    out = Path(out)
+    odd = sorted({h.layout for h in series.headers} - {"single"})
+    if odd:
+        raise StageError(f"{series.folder}: a {', '.join(odd)} series; DICOM SEG export supports single-frame image "
+                         "series", code="seg_source_unsupported")
     _, blobs = read_series_bytes(series)
     try:
         grid = decode_series(series, blobs, options=DicomOptions(gantry_tilt="refuse", irregular_slices="refuse"))
