@@ -89,8 +89,9 @@ def no_images(input: Path, *, exclude: Path | None = None) -> StageError:
     if any(_is_dicom(path) for path in files[:64]):
         what, scan = ("holds DICOM files", input) if input.is_dir() else ("is a DICOM file", input.parent)
         return StageError(f"{input}: {what}, not NIfTI images; infer predicts on what ingest converts: run "
-                          f"'medpipe ingest {scan} --out INGEST' first, then infer on INGEST (and 'medpipe "
-                          "export-seg' writes a prediction as DICOM SEG on its series)", code="no_inputs")
+                          f"'medpipe ingest {scan} --out INGEST' first, then infer on INGEST; 'medpipe export-seg "
+                          f"--scan {scan} --predictions PRED --out SEGS' then writes the predictions as DICOM SEG on "
+                          "their series", code="no_inputs")
     if not input.exists():
         return StageError(f"{input} does not exist; give an ingest folder, a folder of NIfTI images or a NIfTI "
                           "file", code="input_missing")
