@@ -172,7 +172,7 @@ def _pin(seg: pydicom.Dataset, *, when: datetime, dimension_uid: str) -> None:
 
 
 def export_dicom_seg(
-    series_dir: Path,
+    series: Path | DicomSeries,
     labels: Path | Volume,
     out: Path,
     *,
@@ -182,31 +182,17 @@ def export_dicom_seg(
     content_datetime: datetime | None = None,
     missing_uids: Literal["refuse", "generate"] = "refuse",
 ) -> dict[str, Any]:
-    """Write the label volume ``labels`` (a NIfTI path or a Volume) as a binary DICOM SEG referencing the series in
-    ``series_dir``. Label value v becomes segment n (1, 2, ... in increasing v; names from ``label_names``).
-    ``missing_uids`` says what to do with a source whose Study/Series Instance UIDs are blank."""
-    return write_series_seg(find_series(Path(series_dir)), labels, out, label_names=label_names,
-                            series_description=series_description, series_number=series_number,
-                            content_datetime=content_datetime, missing_uids=missing_uids)
-
-
-def write_series_seg(
-    series: DicomSeries,
-    labels: Path | Volume,
-    out: Path,
-    *,
-    label_names: Mapping[str, str] | None = None,
-    series_description: str = "medpipe segmentation",
-    series_number: int = 9901,
-    content_datetime: datetime | None = None,
-    missing_uids: Literal["refuse", "generate"] = "refuse",
-) -> dict[str, Any]:
-    """:func:`export_dicom_seg` for a series already found (one of a scan folder's, as ingest groups them)."""
+    """Write the label volume ``labels`` (a NIfTI path or a Volume) as a binary DICOM SEG referencing ``series``: the
+    one series in a folder, or a series already found (one of a scan folder's, as ingest groups them). Label value v
+    becomes segment n (1, 2, ... in increasing v; names from ``label_names``). ``missing_uids`` says what to do with
+    a source whose Study/Series Instance UIDs are blank."""
+    series = series if isinstance(series, DicomSeries) else find_series(Path(series))
     out = Path(out)
     odd = sorted({h.layout for h in series.headers} - {"single"})
-    if odd:
-        raise StageError(f"{series.folder}: a {', '.join(odd)} series; DICOM SEG export supports single-frame image "
-                         "series", code="seg_source_unsupported")
+    if odd:  # the folder as given when the series is the whole of it
+        where = series.folder if series.folder != "." else Path(series.headers[0].path).parent
+        raise StageError(f"{where}: a {', '.join(odd)} series; DICOM SEG export supports single-frame image series",
+                         code="seg_source_unsupported")
     _, blobs = read_series_bytes(series)
     try:
         grid = decode_series(series, blobs, options=DicomOptions(gantry_tilt="refuse", irregular_slices="refuse"))

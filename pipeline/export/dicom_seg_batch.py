@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError, StageError
-from pipeline.export.dicom_seg import write_series_seg
+from pipeline.export.dicom_seg import export_dicom_seg
 from pipeline.fileio import write_json_atomic
 from pipeline.inference.predictor import read_predictions
 from pipeline.stages.ingest import discover
@@ -54,7 +54,7 @@ def export_predictions_as_seg(scan: Path, predictions: Path, out: Path, *, confi
             result["not_in_scan"].append(entry["id"])
             continue
         try:
-            written = write_series_seg(task.series, predictions / str(entry["prediction"]),  # type: ignore[arg-type]
+            written = export_dicom_seg(task.series, predictions / str(entry["prediction"]),  # type: ignore[arg-type]
                                        out / f"{task.id}.dcm", label_names=names,
                                        series_description=series_description, content_datetime=content_datetime)
         except PipelineError as exc:

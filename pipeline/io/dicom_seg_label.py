@@ -2,7 +2,8 @@
 
 Tolerant when reading (highdicom's reader; SEGs whose frames cover only some slices, in any order), strict
 about geometry: the SEG's voxels must fall on the series' voxels exactly (an axis permutation, flips and a
-whole-voxel shift, within 1e-3 of a voxel), inside the series' extent, or the label is refused with the reason.
+whole-voxel shift: directions within 1e-3, positions within 1e-2 of a voxel), inside the series' extent, or the
+label is refused with the reason.
 Segments become label values by their SegmentNumber; segments that overlap cannot share one label map and are
 refused, as are fractional SEGs (probabilities, not a label).
 """
@@ -79,9 +80,9 @@ def _placement(seg_affine: np.ndarray, seg_shape: tuple[int, ...], image: Volume
     return order, flips, tuple(start)
 
 
-def seg_label(path: str, image: Volume, *, rel: str) -> tuple[np.ndarray, dict[str, str]]:
-    """The SEG at ``path`` (``rel`` names it in messages) as a label array on ``image``'s grid, and the names
-    of its segments by value (``{"1": "Liver"}``)."""
+def seg_label(path: str, image: Volume, *, rel: str) -> np.ndarray:
+    """The SEG at ``path`` (``rel`` names it in messages) as a label array on ``image``'s grid (segment names
+    come from its header, which ingest reads when it pairs the SEG with its series)."""
     if image.array.ndim != 3:
         raise IngestError(f"{rel}: a segmentation of a 4D series; only 3D series take a SEG as their label",
                           code="dicom_seg_geometry")
@@ -90,9 +91,6 @@ def seg_label(path: str, image: Volume, *, rel: str) -> tuple[np.ndarray, dict[s
     order, flips, start = _placement(affine, array.shape, image, rel)
     placed = np.transpose(array, order)
     placed = placed[tuple(slice(None, None, -1) if flip else slice(None) for flip in flips)]
-    names = {str(int(s.SegmentNumber)): str(getattr(s, "SegmentLabel", "") or f"segment_{int(s.SegmentNumber)}")
-             for s in seg.SegmentSequence}
-    dtype = np.uint8 if max((int(k) for k in names), default=0) < 256 else np.uint16
-    label = np.zeros(image.spatial_shape, dtype=dtype)
+    label = np.zeros(image.spatial_shape, dtype=array.dtype)
     label[tuple(slice(s, s + n) for s, n in zip(start, placed.shape, strict=True))] = placed
-    return label, names
+    return label

@@ -164,7 +164,7 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
 
 
 def _seg_label(task: IngestTask, image: Volume, problems: list[tuple[str, str]]) -> np.ndarray:
-    label, _ = seg_label(task.label_path or "", image, rel=task.label_source or "")
+    label = seg_label(task.label_path or "", image, rel=task.label_source or "")
     if not label.any():
         problems.append(("label_background_only", f"{task.label_source}: the segmentation holds no segmented voxel "
                                                   "on this series; kept, check that this is intended"))

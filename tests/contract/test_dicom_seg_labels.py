@@ -75,8 +75,7 @@ def test_a_seg_off_the_series_grid_is_refused(series_and_label: tuple[Path, Volu
     scan, label = series_and_label
     label = label.with_array((label.array == 1).astype(np.uint8))  # one slice deep: placed by its position alone
     export_dicom_seg(scan / "SE1", label, scan / "seg.dcm")
-    placed, names = seg_label(str(scan / "seg.dcm"), label, rel="seg.dcm")
-    assert np.array_equal(placed, label.array) and names == {"1": "label 1"}  # export-seg's default name
+    assert np.array_equal(seg_label(str(scan / "seg.dcm"), label, rel="seg.dcm"), label.array)
     shifted = Volume(np.zeros(label.spatial_shape, np.int16), label.affine @ np.diag([0.5, 1.0, 1.0, 1.0]))
     with pytest.raises(GeometryError, match="do not lie on the series' voxels") as caught:
         seg_label(str(scan / "seg.dcm"), shifted, rel="seg.dcm")
