@@ -119,7 +119,10 @@ def _write(task: IngestTask, image: Volume, dtype: Any, label: np.ndarray | None
     save_nifti(image, out / image_rel, dtype=dtype)
     hashes = {**inputs, "image": sha256_file(out / image_rel)}
     label_rel = None
-    if label is not None:
+    if label is not None:  # a NIfTI label file or a DICOM SEG, on the image's grid
+        if not label.any():
+            problems = [*problems, ("label_background_only", f"{task.label_source}: the label holds background only "
+                                                             "(nothing segmented); kept, check that this is intended")]
         label_rel = f"labels/{task.id}.nii.gz"
         save_nifti(image.with_array(label), out / label_rel, dtype=label.dtype)
         hashes["label"] = sha256_file(out / label_rel)
@@ -141,7 +144,7 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         volume = decode_series(task.series, blobs, options=options, release=True)
         del blobs
         problems = [*task.problems, *volume.meta["problems"]]
-        label = _seg_label(task, volume, problems) if task.label_path else None
+        label = seg_label(task.label_path, volume, rel=task.label_source or "") if task.label_path else None
         return _write(task, volume, storage_dtype(volume.array), label, inputs, problems), False
     inputs = {"input": _checksum(task.image_path, task.source), **_discovery_digest(task)}  # type: ignore[arg-type]
     if task.label_path:
@@ -153,22 +156,8 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
     image = _load(task.image_path, task.source)  # type: ignore[arg-type]
     source_dtype = np.dtype(image.meta["source_dtype"])
     dtype = source_dtype.newbyteorder("=") if image.array.dtype == source_dtype else np.float32
-    label = None
-    problems = list(task.problems)
-    if task.label_path:
-        label = _label_array(_load(task.label_path, task.label_source or ""), image, task)
-        if not label.any():
-            problems.append(("label_background_only", f"{task.label_source}: the label holds background only "
-                                                      "(nothing segmented); kept, check that this is intended"))
-    return _write(task, image, dtype, label, inputs, problems), False
-
-
-def _seg_label(task: IngestTask, image: Volume, problems: list[tuple[str, str]]) -> np.ndarray:
-    label = seg_label(task.label_path or "", image, rel=task.label_source or "")
-    if not label.any():
-        problems.append(("label_background_only", f"{task.label_source}: the segmentation holds no segmented voxel "
-                                                  "on this series; kept, check that this is intended"))
-    return label
+    label = _label_array(_load(task.label_path, task.label_source or ""), image, task) if task.label_path else None
+    return _write(task, image, dtype, label, inputs, list(task.problems)), False
 
 
 def _checksum(path: str, rel: str) -> str:
