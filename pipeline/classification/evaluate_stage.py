@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.classification.inference import CLASSIFICATION_JSON, PREDICTIONS_CSV
 from pipeline.classification.metrics import predict, probability_metrics, reliability_diagram
 from pipeline.config import PipelineConfig
-from pipeline.errors import ManifestError
+from pipeline.errors import ManifestError, StageError
 from pipeline.fileio import atomic_path, read_json, write_json_atomic, write_text_atomic
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
@@ -105,6 +105,27 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], path: Path) ->
     return path
 
 
+def _nothing_to_score(pred: Path, ref: Path, rows: list[tuple[str, np.ndarray]], studies: dict[str, Any],
+                      failed: int) -> StageError | None:
+    """The error for predictions and a manifest that give no labelled study to score (a wrong folder, almost
+    always), or None when at least one study can be scored."""
+    known = [sid for sid, _ in rows if sid in studies]
+    if any(studies[sid].class_label is not None for sid in known):
+        return None
+    if not rows:
+        why = f"every prediction failed ({failed}; their reasons are in {CLASSIFICATION_JSON})" if failed \
+            else f"its {PREDICTIONS_CSV} lists no studies"
+        return StageError(f"{pred}: {why}; nothing to evaluate", code="no_pairs")
+    if known:
+        return StageError(f"{ref}: none of the {len(known)} predicted studies has a class label, so nothing can be "
+                          "scored; ingest the scans with their class labels (data.labels_csv in the config, a CSV "
+                          "of study and label) and evaluate against that ingest folder", code="no_pairs")
+    return StageError(f"no prediction in {pred} is a study of {ref}: predictions are named like "
+                      f"{', '.join(sorted(sid for sid, _ in rows)[:2])}, the manifest's studies like "
+                      f"{', '.join(sorted(studies)[:2]) or '(none)'}. Predict the ingest folder that holds the class "
+                      "labels (medpipe infer --model MODEL INGEST --out PRED)", code="no_pairs")
+
+
 def evaluate_classification(pred: Path, ref: Path, out: Path, *, config: PipelineConfig | None = None,
                             force: bool = False) -> dict[str, Any]:
     """Score the classifier's probabilities in ``pred`` against the class labels of the manifest in ``ref``.
@@ -122,12 +143,15 @@ def evaluate_classification(pred: Path, ref: Path, out: Path, *, config: Pipelin
                             "the class labels); pass the ingest folder as the reference")
     inputs = {"predictions": pred / PREDICTIONS_CSV, "classification": pred / CLASSIFICATION_JSON,
               "manifest": ref / MANIFEST_NAME}
+    info = read_json(pred / CLASSIFICATION_JSON)
+    classes, rows = read_predictions_csv(pred / PREDICTIONS_CSV)
+    studies = load_manifest(ref).by_id()
+    nothing = _nothing_to_score(pred, ref, rows, studies, len(info.get("failed") or []))
+    if nothing is not None:
+        raise nothing
 
     def work(record: StageRecord) -> list[Path]:
-        info = read_json(pred / CLASSIFICATION_JSON)
-        classes, rows = read_predictions_csv(pred / PREDICTIONS_CSV)
         operating_point = float(info.get("operating_point", 0.5))
-        studies = load_manifest(ref).by_id()
         scored, unlabelled, unknown, failed = [], [], [], list(info.get("failed") or [])
         for sid, probs in rows:
             study = studies.get(sid)
@@ -167,7 +191,8 @@ def evaluate_classification(pred: Path, ref: Path, out: Path, *, config: Pipelin
             log.info("evaluate: %d studies, AUC %s, accuracy %.3f", len(scored), metrics.get("auc"),
                      metrics["accuracy"])
         else:
-            log.warning("evaluate: none of the %d predicted studies has a class label; nothing to score", len(rows))
+            log.warning("evaluate: none of the %d predicted studies could be scored (%d failed)", len(rows),
+                        len(failed))
         summary = {
             "schema_version": SUMMARY_SCHEMA, "task": "classification",
             "classes": {str(i): c for i, c in enumerate(classes)}, "operating_point": operating_point,

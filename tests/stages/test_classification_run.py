@@ -15,13 +15,15 @@ from sklearn import metrics as skm
 
 from pipeline.classification.calibration import Calibration
 from pipeline.classification.metrics import softmax
+from pipeline.cli import main
 from pipeline.config import PipelineConfig, validate
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageError
 from pipeline.io.nifti import save_nifti
 from pipeline.io.volume import Volume
 from pipeline.layout import RunLayout
-from pipeline.manifest import load_manifest
+from pipeline.manifest import load_manifest, save_manifest
 from pipeline.runner import run_pipeline, run_stage
+from pipeline.stages.evaluate import evaluate
 
 PHI = ("DOE", "JOHN")
 N_SCANS, N_LABELLED = 14, 12
@@ -134,6 +136,40 @@ def test_report_shows_metrics_and_gradcam_and_no_phi(single_run: tuple[RunLayout
             if path.is_file():
                 content = path.read_bytes()
                 assert not any(word.encode() in content for word in PHI), path
+
+
+def test_evaluate_with_nothing_to_score_fails_and_names_the_cause(single_run: tuple[RunLayout, dict],
+                                                                  tmp_path: Path) -> None:
+    """A wrong folder, a manifest without class labels or an infer run whose every prediction failed is an error
+    (exit 1), not a "complete" evaluation of nothing."""
+    layout, _ = single_run
+    manifest = load_manifest(layout.ingest)
+    stranger = tmp_path / "stranger"
+    save_manifest(manifest.model_copy(update={"studies": [s.model_copy(update={"id": f"other_{i}"})
+                                                          for i, s in enumerate(manifest.studies)]}), stranger)
+    with pytest.raises(StageError, match=r"no prediction in .* is a study of .*named like case_.*studies like other_0")\
+            as caught:
+        evaluate(layout.infer, stranger, tmp_path / "out")
+    assert caught.value.code == "no_pairs" and not (tmp_path / "out").exists()
+
+    unlabelled = tmp_path / "unlabelled"
+    save_manifest(manifest.model_copy(update={"classes": None, "studies": [
+        s.model_copy(update={"class_label": None}) for s in manifest.studies]}), unlabelled)
+    with pytest.raises(StageError, match=r"none of the \d+ predicted studies has a class label"):
+        evaluate(layout.infer, unlabelled, tmp_path / "out")
+
+    failed = tmp_path / "infer_failed"
+    failed.mkdir()
+    header = (layout.infer / "predictions.csv").read_text().splitlines()[0]
+    (failed / "predictions.csv").write_text(header + "\n")
+    info = json.loads((layout.infer / "classification.json").read_text())
+    (failed / "classification.json").write_text(json.dumps({**info, "failed": [
+        {"id": "case_x", "code": "nifti_corrupt", "message": "x"}]}))
+    with pytest.raises(StageError, match=r"every prediction failed \(1;"):
+        evaluate(failed, layout.ingest, tmp_path / "out")
+    assert main(["evaluate", "--pred", str(layout.infer), "--ref", str(stranger), "--out",
+                 str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out" / "summary.json").exists()
 
 
 def test_rerun_skips_every_stage(single_run: tuple[RunLayout, dict], scans: tuple[Path, Path]) -> None:
