@@ -266,11 +266,11 @@ def preprocess(ingest_dir: Path, out: Path, *, config: PipelineConfig | None = N
 
 
 def _input_files(manifest_path: Path, ingest_dir: Path) -> dict[str, Path]:
-    """The manifest and every file it names: an image replaced behind the manifest must rerun the stage."""
+    """The manifest and every file it names: an image replaced behind the manifest must rerun the stage. A missing
+    manifest (a wrong folder) fails here, before the stage writes anything into its output folder."""
     inputs = {"manifest": manifest_path}
-    if manifest_path.is_file():
-        for study in load_manifest(manifest_path).ok_studies():
-            for kind, rel in (("image", study.image), ("label", study.label)):
-                if rel:
-                    inputs[f"{study.id}/{kind}"] = ingest_dir / rel
+    for study in load_manifest(manifest_path).ok_studies():
+        for kind, rel in (("image", study.image), ("label", study.label)):
+            if rel:
+                inputs[f"{study.id}/{kind}"] = ingest_dir / rel
     return inputs

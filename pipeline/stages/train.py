@@ -19,6 +19,7 @@ from pipeline.config import NetworkConfig, PipelineConfig, config_dict, config_h
 from pipeline.errors import ConfigError, StageError
 from pipeline.fileio import read_json, sha256_file, write_json_atomic
 from pipeline.inference.postprocess import VALIDATION_JSON, decide_postprocessing, mean_over, read_validation
+from pipeline.manifest import load_manifest
 from pipeline.provenance import RECORD_NAME, StageRecord, StudyStatus, hash_inputs, is_up_to_date
 from pipeline.runtime import device_description, resolve_device, seed_everything, set_threads
 from pipeline.stages.common import execute_stage
@@ -320,11 +321,13 @@ def train(preprocess_dir: Path, out: Path, *, config: PipelineConfig | None = No
     from scratch (checkpoints are discarded).
     """
     config = config or PipelineConfig()
+    preprocess_dir, out = Path(preprocess_dir), Path(out)
     if config.task == "classification":  # input: a labelled ingest/import folder (manifest with class_label)
         from pipeline.classification.trainer import train_classifier
 
-        return train_classifier(Path(preprocess_dir), Path(out), config=config, force=force)
-    preprocess_dir, out = Path(preprocess_dir), Path(out)
+        load_manifest(preprocess_dir)  # a wrong folder fails here, before anything is written into out
+        return train_classifier(preprocess_dir, out, config=config, force=force)
+    read_preprocessed(preprocess_dir)  # likewise
     fold = config.train.fold
     if fold is None:
         return _train_split(preprocess_dir, out, config=config, force=force, fold=None)

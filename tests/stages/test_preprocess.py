@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
+from pipeline.errors import ManifestError
 from pipeline.fileio import sha256_file
 from pipeline.io.nifti import load_nifti
 from pipeline.manifest import Manifest, Study, pseudonym, save_manifest
@@ -133,3 +134,9 @@ def test_changed_spacing_changes_outputs(prepared, tmp_path: Path) -> None:
     assert record["counts"]["ok"] == 6
     entry = json.loads((out / "dataset.json").read_text())["studies"][0]
     assert load_nifti(out / entry["image"]).spacing == pytest.approx((2.0, 2.0, 2.0))
+
+
+def test_a_folder_without_a_manifest_fails_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"no manifest at .*run 'medpipe ingest SCAN_DIR --out DIR' first"):
+        preprocess(tmp_path / "not_ingested", tmp_path / "pre")
+    assert not (tmp_path / "pre").exists()  # no config.yaml marking an unfinished run

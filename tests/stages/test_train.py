@@ -160,7 +160,7 @@ def test_split_file_is_honoured(preprocessed: Path, tmp_path: Path, tiny_config:
     shutil.rmtree(tmp_path / "t")
 
 
-def test_an_ingest_folder_given_to_train_says_to_preprocess_it_first(tmp_path: Path) -> None:
+def test_a_wrong_folder_given_to_train_names_the_step_before_it_and_writes_nothing(tmp_path: Path) -> None:
     ingested = tmp_path / "01_ingest"
     save_manifest(Manifest(), ingested)
     with pytest.raises(ManifestError, match="is an ingest folder, not a preprocess folder") as caught:
@@ -168,3 +168,7 @@ def test_an_ingest_folder_given_to_train_says_to_preprocess_it_first(tmp_path: P
     assert f"run 'medpipe preprocess {ingested} --out PREPROCESS'" in str(caught.value)
     with pytest.raises(ManifestError, match="run 'medpipe preprocess INGEST --out PREPROCESS'"):
         train(tmp_path / "elsewhere", tmp_path / "train2")
+    with pytest.raises(ManifestError, match="run 'medpipe ingest SCAN_DIR --out DIR' first"):
+        train(tmp_path / "elsewhere", tmp_path / "train3", config=PipelineConfig(task="classification"))
+    # a wrong folder leaves nothing behind: no config.yaml that would mark an unfinished run
+    assert not any(tmp_path.glob("train*"))
