@@ -5,20 +5,29 @@ it, and a series that was not split into parts, is that series' label: its own e
 the series' study gets ``label_source`` (the SEG's path) and, once converted, ``labels/<id>.nii.gz`` on the
 series' grid (:mod:`pipeline.io.dicom_seg_label`). Anything else stays a skipped ``dicom_segmentation``
 entry, with the reason: the series it names is not here, several SEGs name it (which one is the label is
-not known), or the series was split. Only headers are read here; pixels are decoded in the study's worker.
+not known), the series was split, or the SEG's Frame of Reference UID is not the series' (a SEG edited or made
+for another acquisition). Only headers are read here; pixels are decoded in the study's worker.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 SEGMENTATION = "dicom_segmentation"
 
 
-def _references(path: str) -> tuple[list[str], dict[str, str], bool] | None:
-    """(series UIDs the SEG references, segment names by number, whether medpipe wrote it), or None when its
-    header says neither."""
+class SegHeader(NamedTuple):
+    """What pairing reads of a SEG's header."""
+
+    series: list[str]  # the series UIDs it references
+    names: dict[str, str]  # segment names by number
+    ours: bool  # written by medpipe export-seg
+    frame_of_reference: str | None
+
+
+def _references(path: str) -> SegHeader | None:
+    """The SEG's header as pairing needs it, or None when it names no referenced series or no segments."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -30,7 +39,25 @@ def _references(path: str) -> tuple[list[str], dict[str, str], bool] | None:
                  for s in ds.get("SegmentSequence", [])}
     except (InvalidDicomError, OSError, AttributeError, KeyError, ValueError, TypeError):
         return None
-    return (uids, names, str(ds.get("Manufacturer", "")) == "medpipe") if uids and names else None
+    return SegHeader(uids, names, str(ds.get("Manufacturer", "")) == "medpipe",
+                     _frame_of_reference(ds)) if uids and names else None
+
+
+def _frame_of_reference(ds: Any) -> str | None:
+    value = str(ds.get("FrameOfReferenceUID", "") or "").strip()
+    return value or None
+
+
+def _series_frame_of_reference(spec: dict[str, Any]) -> str | None:
+    """The FrameOfReferenceUID of the series' first file, None when it has none or cannot be read."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return _frame_of_reference(pydicom.dcmread(spec["series"].headers[0].path, stop_before_pixels=True,
+                                                   specific_tags=["FrameOfReferenceUID"]))
+    except (InvalidDicomError, OSError, AttributeError, KeyError, ValueError, TypeError):
+        return None
 
 
 _FROM_MEDPIPE = ("dicom_seg_from_medpipe", "its label is a DICOM SEG that medpipe export-seg wrote: a model's "
@@ -58,26 +85,25 @@ def pair_segmentations(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
     for spec in specs:
         if spec.get("series") is not None and spec.get("skip") is None:
             images[spec["series"].uid].append(spec)
-    naming: dict[str, list[tuple[dict[str, Any], dict[str, str], bool]]] = defaultdict(list)
+    naming: dict[str, list[tuple[dict[str, Any], SegHeader]]] = defaultdict(list)
     for seg in segs:
         found = _references(seg["series"].headers[0].path)
         if found is None:
             _skip(seg, "its header names no referenced series or no segments; not ingested")
             continue
-        uids, names, ours = found
-        here = [uid for uid in dict.fromkeys(uids) if uid in images]
+        here = [uid for uid in dict.fromkeys(found.series) if uid in images]
         if len(here) != 1:
             _skip(seg, "the series it segments is not an image series ingested from this scan folder; not used"
                   if not here else
                   f"it segments {len(here)} series of this scan folder at once; not ingested")
             continue
-        naming[here[0]].append((seg, names, ours))
+        naming[here[0]].append((seg, found))
     used: list[dict[str, Any]] = []
     declared: list[tuple[dict[str, Any], dict[str, str]]] = []
     for uid, claims in naming.items():
         targets = images[uid]
         if len(claims) > 1:
-            for seg, _, _ in claims:
+            for seg, _ in claims:
                 _skip(seg, f"one of {len(claims)} segmentations of series {targets[0]['source']}; which one is its "
                            "label is not known, so none is used: ingest a folder holding one of them")
             continue
@@ -85,12 +111,17 @@ def pair_segmentations(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
             _skip(claims[0][0], f"the series it segments ({targets[0]['source']}) was split into "
                                 f"{len(targets)} volumes; not used as a label")
             continue
-        (seg, names, ours), image = claims[0], targets[0]
+        (seg, header), image = claims[0], targets[0]
+        series_frame = _series_frame_of_reference(image) if header.frame_of_reference else None
+        if series_frame and series_frame != header.frame_of_reference:
+            _skip(seg, f"it names series {image['source']}, but its Frame of Reference UID differs from the "
+                       "series' (its positions are in another coordinate system); not used as a label")
+            continue
         image.update(label_path=seg["series"].headers[0].path, label_source=_file(seg))
-        if ours:
+        if header.ours:
             image["problems"] = (*image.get("problems", ()), _FROM_MEDPIPE)
         used.append(seg)
-        declared.append((image, names))
+        declared.append((image, header.names))
     labels = None
     if declared and all(names == declared[0][1] for _, names in declared):
         labels = {"0": "background", **dict(sorted(declared[0][1].items(), key=lambda item: int(item[0])))}

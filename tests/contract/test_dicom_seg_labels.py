@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from pipeline.errors import GeometryError
@@ -69,6 +70,22 @@ def test_a_seg_that_cannot_be_the_label_is_accounted_for_with_the_reason(series_
     assert studies["ok"].label is None and "not an image series ingested from this scan folder" in (
         studies["skipped"].problems[0].message)
     assert studies["skipped"].problems[0].message.startswith("of_another.dcm: a DICOM SEG object")
+
+
+def test_a_seg_in_another_frame_of_reference_is_not_the_label(series_and_label: tuple[Path, Volume],
+                                                              tmp_path: Path) -> None:
+    """Its voxels may still land on the series' grid, but its positions are in another coordinate system."""
+    scan, label = series_and_label
+    export_dicom_seg(scan / "SE1", label, scan / "seg.dcm")
+    ds = pydicom.dcmread(scan / "seg.dcm")
+    ds.FrameOfReferenceUID = pydicom.uid.generate_uid()
+    ds.save_as(scan / "seg.dcm")
+    ingest(scan, tmp_path / "out")
+    studies = {s.status: s for s in load_manifest(tmp_path / "out").studies}
+    assert studies["ok"].label is None and studies["ok"].label_source is None
+    (problem,) = studies["skipped"].problems
+    assert problem.code == "dicom_segmentation" and "Frame of Reference UID differs from the series'" in (
+        problem.message)
 
 
 def test_a_seg_off_the_series_grid_is_refused(series_and_label: tuple[Path, Volume]) -> None:
