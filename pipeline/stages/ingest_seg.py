@@ -4,9 +4,10 @@ A SEG (one file) whose ReferencedSeriesSequence names a series of the same scan 
 it, and a series that was not split into parts, is that series' label: its own entry leaves the manifest and
 the series' study gets ``label_source`` (the SEG's path) and, once converted, ``labels/<id>.nii.gz`` on the
 series' grid (:mod:`pipeline.io.dicom_seg_label`). Anything else stays a skipped ``dicom_segmentation``
-entry, with the reason: the series it names is not here, several SEGs name it (which one is the label is
-not known), the series was split, or the SEG's Frame of Reference UID is not the series' (a SEG edited or made
-for another acquisition). Only headers are read here; pixels are decoded in the study's worker.
+entry, with the reason: the series it names is not here; several SEGs name it (which one is the label is
+not known; but SEGs that medpipe export-seg wrote step aside for a single other one); the series was split;
+or the SEG's Frame of Reference UID is not the series' (a SEG edited or made for another acquisition). Only
+headers are read here; pixels are decoded in the study's worker.
 """
 
 from __future__ import annotations
@@ -74,6 +75,20 @@ def _skip(spec: dict[str, Any], why: str) -> None:
     spec["skip"] = (SEGMENTATION, f"{_file(spec)}: a DICOM SEG object; {why}")
 
 
+def _predictions_aside(claims: list[tuple[dict[str, Any], SegHeader]],
+                       series: str) -> list[tuple[dict[str, Any], SegHeader]]:
+    """The SEGs of one series, less those medpipe export-seg wrote when exactly one other SEG is left: predictions
+    written back beside the scans do not hide the reference segmentation."""
+    reference = [claim for claim in claims if not claim[1].ours]
+    if len(claims) == 1 or len(reference) != 1:
+        return claims
+    for seg, header in claims:
+        if header.ours:
+            _skip(seg, f"a segmentation of series {series} that medpipe export-seg wrote (a prediction); the "
+                       f"series' other SEG, {_file(reference[0][0])}, is its label")
+    return reference
+
+
 def pair_segmentations(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
     """``specs`` with each SEG that labels a series of the scan folder moved onto that series' spec (``label_path``,
     ``label_source``), and the label names they declare (``{"0": "background", "1": "Liver"}``) when every
@@ -102,6 +117,7 @@ def pair_segmentations(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
     declared: list[tuple[dict[str, Any], dict[str, str]]] = []
     for uid, claims in naming.items():
         targets = images[uid]
+        claims = _predictions_aside(claims, targets[0]["source"])
         if len(claims) > 1:
             for seg, _ in claims:
                 _skip(seg, f"one of {len(claims)} segmentations of series {targets[0]['source']}; which one is its "

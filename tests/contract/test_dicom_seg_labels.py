@@ -88,6 +88,37 @@ def test_a_seg_in_another_frame_of_reference_is_not_the_label(series_and_label: 
         problem.message)
 
 
+def _reader_seg(series: Path, label: Volume, path: Path) -> None:
+    """A SEG of ``label`` on ``series`` as another tool would write it (not medpipe's)."""
+    export_dicom_seg(series, label, path, label_names={"1": "core", "2": "rim"})
+    ds = pydicom.dcmread(path)
+    ds.Manufacturer = "a reader's workstation"
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()  # export-seg's UIDs follow its inputs: a reader's do not
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(path)
+
+
+def test_a_prediction_written_back_beside_the_scan_does_not_hide_the_reference_seg(
+        series_and_label: tuple[Path, Volume], tmp_path: Path) -> None:
+    scan, label = series_and_label
+    _reader_seg(scan / "SE1", label, scan / "reference.dcm")
+    predicted = label.with_array((label.array > 0).astype(np.uint8))
+    export_dicom_seg(scan / "SE1", predicted, scan / "SEG" / "prediction.dcm", label_names={"1": "core", "2": "rim"})
+    ingest(scan, tmp_path / "out")
+    studies = {s.status: s for s in load_manifest(tmp_path / "out").studies}
+    assert studies["ok"].label_source == "reference.dcm" and studies["ok"].problems == []
+    assert np.array_equal(load_nifti(tmp_path / "out" / str(studies["ok"].label)).array, label.array)
+    assert "that medpipe export-seg wrote (a prediction); the series' other SEG, reference.dcm, is its label" in (
+        studies["skipped"].problems[0].message)
+    # two SEGs that are not medpipe's: which one is the label is not known again, so none is (nor the prediction)
+    _reader_seg(scan / "SE1", label, scan / "second_reader.dcm")
+    ingest(scan, tmp_path / "out2")
+    manifest = load_manifest(tmp_path / "out2")
+    assert [s.label for s in manifest.studies if s.status == "ok"] == [None]
+    skipped = [s.problems[0].message for s in manifest.studies if s.status == "skipped"]
+    assert len(skipped) == 3 and all("one of 3 segmentations of series SE1" in message for message in skipped)
+
+
 def test_a_seg_off_the_series_grid_is_refused(series_and_label: tuple[Path, Volume]) -> None:
     scan, label = series_and_label
     label = label.with_array((label.array == 1).astype(np.uint8))  # one slice deep: placed by its position alone
