@@ -17,9 +17,10 @@ the best epoch and the minutes spent. The per-epoch curve is history.csv in the 
 ``classify.seeds: N``: N seeds trained into OUT/train/seed_S, their average scored on the
 validation studies (OUT/train/validation_metrics.json) exactly as ``medpipe infer
 OUT/train/model`` averages their calibrated probabilities. ``--max-minutes`` bounds the whole run,
-each seed getting an equal share. The default, 8 seeds of 30 epochs, takes about 22 minutes on 2
-CPU cores; why 8, and the spread of single seeds and of their averages, is in
-benchmarks/RESULTS.md.
+each seed getting an equal share. The default, 8 seeds of 30 epochs, takes 18-22 minutes on the
+faster 2-core VMs; on slower ones the 28-minute budget stops each seed after 14-28 epochs. Why 8,
+the spread of single seeds and of their averages, and why a budget-shortened schedule was not kept,
+are in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
