@@ -16,7 +16,7 @@ from pipeline.classification.metrics import predict, probability_metrics, reliab
 from pipeline.config import PipelineConfig
 from pipeline.errors import ManifestError, StageError
 from pipeline.fileio import atomic_path, read_json, write_json_atomic, write_text_atomic
-from pipeline.manifest import MANIFEST_NAME, load_manifest
+from pipeline.manifest import MANIFEST_NAME, Study, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.stages.common import execute_stage
 
@@ -105,7 +105,7 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], path: Path) ->
     return path
 
 
-def _nothing_to_score(pred: Path, ref: Path, rows: list[tuple[str, np.ndarray]], studies: dict[str, Any],
+def _nothing_to_score(pred: Path, ref: Path, rows: list[tuple[str, np.ndarray]], studies: dict[str, Study],
                       failed: int) -> StageError | None:
     """The error for predictions and a manifest that give no labelled study to score (a wrong folder, almost
     always), or None when at least one study can be scored."""

@@ -327,7 +327,7 @@ def train(preprocess_dir: Path, out: Path, *, config: PipelineConfig | None = No
 
         load_manifest(preprocess_dir)  # a wrong folder fails here, before anything is written into out
         return train_classifier(preprocess_dir, out, config=config, force=force)
-    read_preprocessed(preprocess_dir)  # likewise
+    read_preprocessed(preprocess_dir)  # a wrong folder fails here too, before anything is written into out
     fold = config.train.fold
     if fold is None:
         return _train_split(preprocess_dir, out, config=config, force=force, fold=None)
