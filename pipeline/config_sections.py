@@ -43,7 +43,9 @@ class IngestConfig(_Section):
     limits (a file that breaks its reader fails alone). ``pseudonym_key`` keys the study
     ids and the tokens that replace path components holding patient data (names, IDs, dates,
     ... read from the headers); ``scrub_phi: false`` keeps paths and messages as they are, for
-    data already de-identified."""
+    data already de-identified. ``seg_label_pattern`` chooses the label among several DICOM SEGs
+    of one series: a glob (``reader1*``), matched case-insensitively against each SEG's series
+    description, file path and file name; the one SEG it matches is the label."""
 
     workers: int = Field(1, ge=1)
     pseudonym_key: str = DEFAULT_PSEUDONYM_KEY
@@ -62,6 +64,7 @@ class IngestConfig(_Section):
     timeout_s: float | None = Field(600.0, gt=0)
     max_voxels: int = Field(1 << 29, ge=1)
     scrub_phi: bool = True
+    seg_label_pattern: str | None = Field(None, min_length=1)
 
     @field_serializer("pseudonym_key")
     def _redact_key(self, value: str) -> str:

@@ -191,7 +191,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
                       "modality": series.modality, "skip": skip_reason(series), "dicom_options": options,
                       "error": _too_large(series, config.max_voxels),
                       "problems": (neighbours[series.key],) if series.key in neighbours else ()})
-    specs, seg_labels = pair_segmentations(specs)
+    specs, seg_labels = pair_segmentations(specs, pattern=config.seg_label_pattern)
     scrubber = scan_scrubber([[h.path for h in s.headers] for s in scan.series],
                              [relative(root, p) for p in files], key=config.pseudonym_key,
                              enabled=config.scrub_phi)

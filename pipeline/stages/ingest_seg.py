@@ -5,7 +5,8 @@ it, and a series that was not split into parts, is that series' label: its own e
 the series' study gets ``label_source`` (the SEG's path) and, once converted, ``labels/<id>.nii.gz`` on the
 series' grid (:mod:`pipeline.io.dicom_seg_label`). Anything else stays a skipped ``dicom_segmentation``
 entry, with the reason: the series it names is not here; several SEGs name it (which one is the label is
-not known; but SEGs that medpipe export-seg wrote step aside for a single other one); the series was split;
+not known, unless ``ingest.seg_label_pattern`` matches exactly one of them; and SEGs that medpipe export-seg
+wrote step aside for a single other one); the series was split;
 or the SEG's Frame of Reference UID is not the series' (a SEG edited or made for another acquisition). Only
 headers are read here; pixels are decoded in the study's worker.
 """
@@ -13,6 +14,7 @@ headers are read here; pixels are decoded in the study's worker.
 from __future__ import annotations
 
 from collections import defaultdict
+from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
 SEGMENTATION = "dicom_segmentation"
@@ -25,6 +27,7 @@ class SegHeader(NamedTuple):
     names: dict[str, str]  # segment names by number
     ours: bool  # written by medpipe export-seg
     frame_of_reference: str | None
+    description: str  # its SeriesDescription ("" when none)
 
 
 def _references(path: str) -> SegHeader | None:
@@ -40,8 +43,8 @@ def _references(path: str) -> SegHeader | None:
                  for s in ds.get("SegmentSequence", [])}
     except (InvalidDicomError, OSError, AttributeError, KeyError, ValueError, TypeError):
         return None
-    return SegHeader(uids, names, str(ds.get("Manufacturer", "")) == "medpipe",
-                     _frame_of_reference(ds)) if uids and names else None
+    return SegHeader(uids, names, str(ds.get("Manufacturer", "")) == "medpipe", _frame_of_reference(ds),
+                     str(ds.get("SeriesDescription", "") or "").strip()) if uids and names else None
 
 
 def _frame_of_reference(ds: Any) -> str | None:
@@ -75,6 +78,30 @@ def _skip(spec: dict[str, Any], why: str) -> None:
     spec["skip"] = (SEGMENTATION, f"{_file(spec)}: a DICOM SEG object; {why}")
 
 
+def _matches(claim: tuple[dict[str, Any], SegHeader], pattern: str) -> bool:
+    """Whether ``pattern`` (a glob, case-insensitive) matches the SEG's series description, its file path
+    relative to the scan folder, or its file name."""
+    rel = _file(claim[0])
+    return any(fnmatchcase(text.lower(), pattern.lower())
+               for text in (claim[1].description, rel, rel.rpartition("/")[2]) if text)
+
+
+def _matching(claims: list[tuple[dict[str, Any], SegHeader]], series: str,
+              pattern: str | None) -> list[tuple[dict[str, Any], SegHeader]]:
+    """The SEGs of one series, narrowed to the one ``pattern`` matches when exactly one does; all of them
+    otherwise (then the message says how many matched)."""
+    if pattern is None or len(claims) < 2:
+        return claims
+    chosen = [claim for claim in claims if _matches(claim, pattern)]
+    if len(chosen) != 1:
+        return claims
+    for seg, _ in claims:
+        if seg is not chosen[0][0]:
+            _skip(seg, f"a segmentation of series {series} that ingest.seg_label_pattern does not match; the one "
+                       f"it matches, {_file(chosen[0][0])}, is the series' label")
+    return chosen
+
+
 def _predictions_aside(claims: list[tuple[dict[str, Any], SegHeader]],
                        series: str) -> list[tuple[dict[str, Any], SegHeader]]:
     """The SEGs of one series, less those medpipe export-seg wrote when exactly one other SEG is left: predictions
@@ -89,10 +116,12 @@ def _predictions_aside(claims: list[tuple[dict[str, Any], SegHeader]],
     return reference
 
 
-def pair_segmentations(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
+def pair_segmentations(specs: list[dict[str, Any]], *,
+                       pattern: str | None = None) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
     """``specs`` with each SEG that labels a series of the scan folder moved onto that series' spec (``label_path``,
     ``label_source``), and the label names they declare (``{"0": "background", "1": "Liver"}``) when every
-    such SEG declares the same names, else None."""
+    such SEG declares the same names, else None. ``pattern`` (``ingest.seg_label_pattern``) chooses among
+    several SEGs of one series."""
     segs = [s for s in specs if s.get("skip") and s["skip"][0] == SEGMENTATION and len(s["series"].headers) == 1]
     if not segs:
         return specs, None
@@ -117,11 +146,14 @@ def pair_segmentations(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
     declared: list[tuple[dict[str, Any], dict[str, str]]] = []
     for uid, claims in naming.items():
         targets = images[uid]
-        claims = _predictions_aside(claims, targets[0]["source"])
+        claims = _predictions_aside(_matching(claims, targets[0]["source"], pattern), targets[0]["source"])
         if len(claims) > 1:
+            matched = "" if pattern is None else \
+                f" (ingest.seg_label_pattern matches {sum(_matches(c, pattern) for c in claims)} of them)"
             for seg, _ in claims:
                 _skip(seg, f"one of {len(claims)} segmentations of series {targets[0]['source']}; which one is its "
-                           "label is not known, so none is used: ingest a folder holding one of them")
+                           f"label is not known{matched}, so none is used: set ingest.seg_label_pattern to a glob "
+                           "of the label's series description or file name, or ingest a folder holding one of them")
             continue
         if len(targets) > 1:
             _skip(claims[0][0], f"the series it segments ({targets[0]['source']}) was split into "

@@ -10,12 +10,13 @@ import numpy as np
 import pydicom
 import pytest
 
+from pipeline.config import load_config
 from pipeline.errors import GeometryError
 from pipeline.export.dicom_seg import export_dicom_seg
 from pipeline.io.dicom_seg_label import seg_label
 from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
-from pipeline.manifest import load_manifest
+from pipeline.manifest import Study, load_manifest
 from pipeline.stages.ingest import ingest
 from tests.fixtures.bad_inputs import small_stored
 from tests.fixtures.dicom_writer import write_series
@@ -88,11 +89,11 @@ def test_a_seg_in_another_frame_of_reference_is_not_the_label(series_and_label: 
         problem.message)
 
 
-def _reader_seg(series: Path, label: Volume, path: Path) -> None:
+def _reader_seg(series: Path, label: Volume, path: Path, *, description: str = "") -> None:
     """A SEG of ``label`` on ``series`` as another tool would write it (not medpipe's)."""
     export_dicom_seg(series, label, path, label_names={"1": "core", "2": "rim"})
     ds = pydicom.dcmread(path)
-    ds.Manufacturer = "a reader's workstation"
+    ds.Manufacturer, ds.SeriesDescription = "a reader's workstation", description
     ds.SeriesInstanceUID = pydicom.uid.generate_uid()  # export-seg's UIDs follow its inputs: a reader's do not
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(path)
@@ -117,6 +118,36 @@ def test_a_prediction_written_back_beside_the_scan_does_not_hide_the_reference_s
     assert [s.label for s in manifest.studies if s.status == "ok"] == [None]
     skipped = [s.problems[0].message for s in manifest.studies if s.status == "skipped"]
     assert len(skipped) == 3 and all("one of 3 segmentations of series SE1" in message for message in skipped)
+
+
+def test_seg_label_pattern_chooses_the_label_among_several_segs(series_and_label: tuple[Path, Volume],
+                                                                tmp_path: Path) -> None:
+    """Two readers' SEGs and a prediction of one series: ``ingest.seg_label_pattern`` picks the label by the SEG's
+    series description or file name; a pattern matching several leaves the series without one, and says so."""
+    scan, label = series_and_label
+    second = label.with_array((label.array > 0).astype(np.uint8))  # reader 2 drew one structure
+    _reader_seg(scan / "SE1", label, scan / "a.dcm", description="Reader 1 adrenal")
+    _reader_seg(scan / "SE1", second, scan / "b" / "b.dcm", description="Reader 2 adrenal")
+    export_dicom_seg(scan / "SE1", label, scan / "prediction.dcm")
+
+    def run(out: str, pattern: str) -> tuple[Study, list[str]]:
+        ingest(scan, tmp_path / out, config=load_config(None, overrides=[f"ingest.seg_label_pattern={pattern}"]))
+        studies = load_manifest(tmp_path / out).studies
+        (ok,) = [s for s in studies if s.status == "ok"]
+        return ok, sorted(s.problems[0].message for s in studies if s.status == "skipped")
+
+    ok, skipped = run("by_description", "reader 2*")
+    assert ok.label_source == "b/b.dcm" and len(skipped) == 2
+    assert np.array_equal(load_nifti(tmp_path / "by_description" / str(ok.label)).array, second.array)
+    assert all("that ingest.seg_label_pattern does not match; the one it matches, b/b.dcm, is the series' label"
+               in message for message in skipped)
+    ok, _ = run("by_description", "A.DCM")  # the file name, any case; the study is converted again
+    assert ok.label_source == "a.dcm"
+    assert np.array_equal(load_nifti(tmp_path / "by_description" / str(ok.label)).array, label.array)
+    ok, skipped = run("several", "reader*")
+    assert ok.label is None and len(skipped) == 3
+    assert all("one of 3 segmentations of series SE1; which one is its label is not known (ingest.seg_label_pattern "
+               "matches 2 of them), so none is used" in message for message in skipped)
 
 
 def test_a_seg_off_the_series_grid_is_refused(series_and_label: tuple[Path, Volume]) -> None:
