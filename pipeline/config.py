@@ -98,7 +98,11 @@ def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set '{override}': expected section.key=value, e.g. --set train.epochs=5")
     parts = key.strip().split(".")
-    value = parse_yaml(f"v: {raw}" if raw.strip() else "v: null", source=f"--set {key}")["v"]
+    try:
+        value = parse_yaml(f"v: {raw}" if raw.strip() else "v: null", source=f"--set {key}")["v"]
+    except ConfigError as exc:  # "*.dcm" is a YAML alias, "a: b" a mapping: a string needs quotes
+        raise ConfigError(f"{exc}\n(values are YAML; quote a string that YAML reads otherwise: "
+                          f"--set '{key.strip()}=\"{raw.strip()}\"')") from None
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})

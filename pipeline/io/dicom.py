@@ -97,12 +97,30 @@ def group_series(headers: Iterable[DicomHeader | None], *, split_4d: bool = Fals
         groups[header.series_uid].append(header)
     for uid in sorted(groups):
         members_of_uid = sorted(groups[uid], key=lambda h: h.rel)
-        for part, members in split_series(members_of_uid, split_4d=split_4d):
+        for part, members in _segs_apart(split_series(members_of_uid, split_4d=split_4d)):
             parents = [h.rel.rpartition("/")[0] or "." for h in members]  # PurePosixPath(rel).parent, 20x faster
             folder = os.path.commonpath(parents) if all(p != "." for p in parents) else "."
             scan.series.append(DicomSeries(uid=uid, folder=folder or ".", headers=tuple(members), part=part))
     scan.series.sort(key=lambda s: (s.folder, s.headers[0].rel, s.part))
     return scan
+
+
+def _segs_apart(parts: list[tuple[str, list[DicomHeader]]]) -> list[tuple[str, list[DicomHeader]]]:
+    """``parts`` with each file of a DICOM SEG series made a part of its own: every SEG file is a whole
+    segmentation (two readers' SEGs, or one SEG saved twice, may share a SeriesInstanceUID), so each is paired
+    with the series it segments, or accounted for, alone."""
+    out: list[tuple[str, list[DicomHeader]]] = []
+    for part, members in parts:
+        if len(members) > 1 and all(_is_seg(h.sop_class) for h in members):
+            out += [(f"{part}/{h.rel}" if part else h.rel, [h]) for h in members]
+        else:
+            out.append((part, members))
+    return out
+
+
+def _is_seg(sop_class: str) -> bool:
+    found = _non_image(sop_class)
+    return found is not None and found[0] == "dicom_segmentation"
 
 
 # ---- series checks -------------------------------------------------------------------------

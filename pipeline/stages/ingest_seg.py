@@ -40,7 +40,7 @@ def _references(path: str) -> SegHeader | None:
         uids = [str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", [])
                 if "SeriesInstanceUID" in item]
         names = {str(int(s.SegmentNumber)): str(s.get("SegmentLabel", "") or f"segment_{int(s.SegmentNumber)}")
-                 for s in ds.get("SegmentSequence", [])}
+                 for s in ds.get("SegmentSequence", []) if int(s.SegmentNumber) != 0}  # 0: a LABELMAP's background
     except (InvalidDicomError, OSError, AttributeError, KeyError, ValueError, TypeError):
         return None
     return SegHeader(uids, names, str(ds.get("Manufacturer", "")) == "medpipe", _frame_of_reference(ds),

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, load_config
 from pipeline.io.dicom_header import _pydicom_header, header_from_bytes
 from pipeline.manifest import load_manifest
 from pipeline.stages.ingest import ingest
@@ -197,6 +197,34 @@ def test_dcmqi_label_segs_land_on_their_series_as_their_nrrd_masks(tmp_path: Pat
     mask, mask_affine = _canonical(*_nrrd_volume(root / "nrrd" / "label.nrrd"))
     np.testing.assert_allclose(our_affine, mask_affine, atol=1e-3)
     assert ours.shape == mask.shape and np.array_equal(ours, mask) and ours.sum() > 300
+
+
+def test_label_map_segs_sharing_a_series_uid_are_told_apart_and_land_as_their_nrrd_masks(tmp_path: Path) -> None:
+    """dcmqi's two sparse LABELMAP SEGs of one series share a SeriesInstanceUID: each file is a segmentation of its
+    own (two of the series, so neither without a choice), and the one ingest.seg_label_pattern picks lands on the
+    series' voxels as dcmqi's NRRD has it (its PixelPaddingValue 5, slices the SEG leaves out, as background)."""
+    root = shared_data("dicom_qa", "dcmqi_segmentations")
+    scan = tmp_path / "scan"
+    shutil.copytree(root / "24x38x3" / "image", scan / "image")
+    for name in ("sparse-labelmap-noppv.dcm", "sparse-labelmap-ppv5.dcm"):
+        shutil.copy(root / name, scan / name)
+    ingest(scan, tmp_path / "neither")
+    manifest = load_manifest(tmp_path / "neither")
+    assert [s.label for s in manifest.studies if s.status == "ok"] == [None]
+    assert sorted(s.problems[0].message.partition(";")[0] for s in manifest.studies if s.status == "skipped") == [
+        "sparse-labelmap-noppv.dcm: a DICOM SEG object", "sparse-labelmap-ppv5.dcm: a DICOM SEG object"]
+    for name, nrrd in (("sparse-labelmap-noppv.dcm", "sparse_labelmap_noppv_seg.nrrd"),
+                       ("sparse-labelmap-ppv5.dcm", "sparse_labelmap_ppv5_seg.nrrd")):
+        out = tmp_path / name
+        ingest(scan, out, config=load_config(None, overrides=[f"ingest.seg_label_pattern={name}"]))
+        manifest = load_manifest(out)
+        (study,) = [s for s in manifest.studies if s.status == "ok"]
+        assert study.label_source == name and manifest.labels == {"0": "background", "1": "Liver"}
+        label = nib.load(str(out / str(study.label)))
+        ours, our_affine = _canonical(np.asanyarray(label.dataobj), label.affine)
+        mask, mask_affine = _canonical(*_nrrd_volume(root / nrrd))
+        np.testing.assert_allclose(our_affine, mask_affine, atol=1e-3)
+        assert ours.shape == mask.shape and np.array_equal(ours, np.where(mask == 5, 0, mask)) and ours.sum() > 500
 
 
 def test_a_dicom_seg_becomes_its_series_label_as_dcmqi_s_nrrd_mask_has_it(tmp_path: Path) -> None:
