@@ -22,7 +22,7 @@ from pipeline.io.dicom_header import DicomHeader, FrameInfo, header_from_bytes, 
 from pipeline.io.dicom_mosaic import untile
 from pipeline.io.dicom_pixels import decode_stored, decoder_for, decoder_note
 from pipeline.io.dicom_resample import resample_stack
-from pipeline.io.dicom_split import split_series
+from pipeline.io.dicom_split import LABEL_MAP_SEG_STORAGE, SEG_STORAGE, split_series
 from pipeline.io.volume import Volume
 
 __all__ = ["DicomHeader", "DicomOptions", "DicomScan", "DicomSeries", "check_supported", "decode_series",
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 # SOP classes that are never ingested as images, by UID prefix (the longest match wins)
 _NON_IMAGE = {
-    "1.2.840.10008.5.1.4.1.1.66.4": ("dicom_segmentation", "a DICOM SEG object, not an image series"),
-    "1.2.840.10008.5.1.4.1.1.66.7": ("dicom_segmentation", "a DICOM label map SEG object, not an image series"),
+    SEG_STORAGE: ("dicom_segmentation", "a DICOM SEG object, not an image series"),
+    LABEL_MAP_SEG_STORAGE: ("dicom_segmentation", "a DICOM label map SEG object, not an image series"),
     "1.2.840.10008.5.1.4.1.1.66": ("dicom_non_image", "a raw data / registration / fiducials object"),
     "1.2.840.10008.5.1.4.1.1.88": ("dicom_non_image", "a structured report (SR) or key object selection"),
     "1.2.840.10008.5.1.4.1.1.481.2": ("dicom_non_image", "an RT dose grid, not a scan"),
@@ -97,30 +97,12 @@ def group_series(headers: Iterable[DicomHeader | None], *, split_4d: bool = Fals
         groups[header.series_uid].append(header)
     for uid in sorted(groups):
         members_of_uid = sorted(groups[uid], key=lambda h: h.rel)
-        for part, members in _segs_apart(split_series(members_of_uid, split_4d=split_4d)):
+        for part, members in split_series(members_of_uid, split_4d=split_4d):
             parents = [h.rel.rpartition("/")[0] or "." for h in members]  # PurePosixPath(rel).parent, 20x faster
             folder = os.path.commonpath(parents) if all(p != "." for p in parents) else "."
             scan.series.append(DicomSeries(uid=uid, folder=folder or ".", headers=tuple(members), part=part))
     scan.series.sort(key=lambda s: (s.folder, s.headers[0].rel, s.part))
     return scan
-
-
-def _segs_apart(parts: list[tuple[str, list[DicomHeader]]]) -> list[tuple[str, list[DicomHeader]]]:
-    """``parts`` with each file of a DICOM SEG series made a part of its own: every SEG file is a whole
-    segmentation (two readers' SEGs, or one SEG saved twice, may share a SeriesInstanceUID), so each is paired
-    with the series it segments, or accounted for, alone."""
-    out: list[tuple[str, list[DicomHeader]]] = []
-    for part, members in parts:
-        if len(members) > 1 and all(_is_seg(h.sop_class) for h in members):
-            out += [(f"{part}/{h.rel}" if part else h.rel, [h]) for h in members]
-        else:
-            out.append((part, members))
-    return out
-
-
-def _is_seg(sop_class: str) -> bool:
-    found = _non_image(sop_class)
-    return found is not None and found[0] == "dicom_segmentation"
 
 
 # ---- series checks -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from pipeline import privacy
+from pipeline import phi_values as phi
 from pipeline.io.dicom_tags import FastParseError, NeedMoreData
 from pipeline.io.dicom_text import text_elements
 from tests.fixtures.bad_inputs import CANARY_NAME, write_canary_series
@@ -25,8 +25,8 @@ def _with_pydicom(path: Path) -> dict[str, bool]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
-        privacy._values(ds, found)
-        privacy._values(ds.file_meta, found)
+        phi._values(ds, found)
+        phi._values(ds.file_meta, found)
     return found
 
 
@@ -58,8 +58,8 @@ def test_fast_values_equal_pydicoms_on_canaries_nested_items_and_utf8(tmp_path: 
     plain = written.files[0]
     nested = _rewrite(plain, _nested)
     for path in (plain, nested):
-        assert privacy._fast_values(path) == _with_pydicom(path)
-    values = privacy._fast_values(nested)
+        assert phi._fast_values(path) == _with_pydicom(path)
+    values = phi._fast_values(nested)
     for expected in ("NESTED_DOCTOR", "NESTED_PROCEDURE", "CANARYONE", "CANARYTWO", "Müller", "Jörg",
                      "CANARY_PRIVATE_TEXT holding CANARY_NAME^ZZQ again"):  # LT: one value, backslashes or not
         assert expected in values, expected
@@ -86,11 +86,11 @@ def test_files_the_walker_leaves_to_pydicom_give_the_same_values(tmp_path: Path,
         assert data.count(written) == 1
         path.write_bytes(data.replace(written, b"\x32\x00\x32\x10UN\x00\x00\x10\x00\x00\x00"))
     with pytest.raises((FastParseError, UnicodeDecodeError)):
-        privacy._fast_values(path)
-    assert privacy.phi_values(path) == _with_pydicom(path)
-    assert CANARY_NAME in privacy.phi_values(path)
+        phi._fast_values(path)
+    assert phi.phi_values(path) == _with_pydicom(path)
+    assert CANARY_NAME in phi.phi_values(path)
     if case == "un_element":
-        assert "UN_DOCTOR" in privacy.phi_values(path)  # pydicom knows the VR: PN
+        assert "UN_DOCTOR" in phi.phi_values(path)  # pydicom knows the VR: PN
 
 
 def test_walker_asks_for_more_data_until_the_header_ends(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_walker_asks_for_more_data_until_the_header_ends(tmp_path: Path) -> None
 def test_phi_tags_are_the_dictionarys() -> None:
     from pydicom.datadict import keyword_for_tag
 
-    assert {tag: keyword_for_tag(tag) for tag in privacy.PHI_ATTRIBUTES} == privacy.PHI_ATTRIBUTES
+    assert {tag: keyword_for_tag(tag) for tag in phi.PHI_ATTRIBUTES} == phi.PHI_ATTRIBUTES
 
 
 def test_dicom_ingest_reads_phi_without_importing_pydicom(tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_fast_values_equal_pydicoms_on_the_shared_dicom() -> None:
         except Exception:  # noqa: BLE001, S112 - not a DICOM file: nothing to compare
             continue
         try:
-            found = privacy._fast_values(path)
+            found = phi._fast_values(path)
         except (FastParseError, UnicodeDecodeError):
             continue
         assert found == expected, path
