@@ -8,12 +8,13 @@ entry, with the reason: the series it names is not here; several SEGs name it (w
 not known, unless ``ingest.seg_label_pattern`` matches exactly one of them; and SEGs that medpipe export-seg
 wrote step aside for a single other one); the series was split;
 or the SEG's Frame of Reference UID is not the series' (a SEG edited or made for another acquisition). Only
-headers are read here; pixels are decoded in the study's worker.
+headers are read here; pixels are decoded in the study's worker. Segment numbers are the label's values,
+unless SEGs number the same names differently: then the names decide (:func:`_label_names`).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
@@ -170,13 +171,57 @@ def pair_segmentations(specs: list[dict[str, Any]], *,
             image["problems"] = (*image.get("problems", ()), _FROM_MEDPIPE)
         used.append(seg)
         declared.append((image, header.names))
-    labels = None
-    if declared and all(names == declared[0][1] for _, names in declared):
-        labels = {"0": "background", **dict(sorted(declared[0][1].items(), key=lambda item: int(item[0])))}
-    for image, names in declared if declared and labels is None else ():
-        shown = ", ".join(f"{value} {name}" for value, name in sorted(names.items(), key=lambda i: int(i[0])))
-        image["problems"] = (*image.get("problems", ()), (
-            "dicom_seg_names_differ", f"the DICOM SEGs of this scan folder name their segments differently (this "
-                                      f"one: {shown}), so the manifest declares no label names; check that equal "
-                                      "values mean the same structure in every study"))
-    return [s for s in specs if not any(s is u for u in used)], labels
+    return [s for s in specs if not any(s is u for u in used)], _label_names(declared)
+
+
+def _by_number(names: dict[str, str]) -> dict[str, str]:
+    return dict(sorted(names.items(), key=lambda item: int(item[0])))
+
+
+def _label_names(declared: list[tuple[dict[str, Any], dict[str, str]]]) -> dict[str, str] | None:
+    """The manifest's label names for the SEGs used as labels, or None. Where SEGs number the same names
+    differently (a study without one structure: its SEG has one segment fewer, and the later ones move
+    up), each such image spec gets ``seg_values`` (segment number -> label value) so that one name is one
+    value in every study, with a ``dicom_seg_renumbered`` problem; where that cannot be decided, each
+    image gets ``dicom_seg_names_differ`` instead."""
+    if not declared:
+        return None
+    if all(names == declared[0][1] for _, names in declared):
+        return {"0": "background", **_by_number(declared[0][1])}
+    reference = _reference_names([names for _, names in declared])
+    if reference is None:
+        for image, names in declared:
+            shown = ", ".join(f"{value} {name}" for value, name in _by_number(names).items())
+            image["problems"] = (*image.get("problems", ()), (
+                "dicom_seg_names_differ", f"the DICOM SEGs of this scan folder name their segments differently "
+                                          f"(this one: {shown}), and no SEG names every structure, so the manifest "
+                                          "declares no label names; check that equal values mean the same structure "
+                                          "in every study"))
+        return None
+    values = {name.casefold(): int(number) for number, name in reference.items()}
+    for image, names in declared:
+        mapping = {int(number): values[name.casefold()] for number, name in names.items()}
+        moved = {number: value for number, value in mapping.items() if number != value}
+        if moved:
+            image["seg_values"] = tuple(sorted(mapping.items()))
+            shown = ", ".join(f"{names[str(n)]} {n} -> {v}" for n, v in sorted(moved.items()))
+            image["problems"] = (*image.get("problems", ()), (
+                "dicom_seg_renumbered", f"its SEG numbers its segments unlike the scan folder's other SEGs; the "
+                                        f"label's values follow the segment names: {shown}"))
+    return {"0": "background", **_by_number(reference)}
+
+
+def _reference_names(named: list[dict[str, str]]) -> dict[str, str] | None:
+    """The numbering of the SEGs that name every structure of the folder (the most common one among them), or
+    None: a SEG names two segments alike (case aside), or no SEG names them all (then "Liver" in one and
+    "Liver_1" in another may be one structure spelt two ways, not two)."""
+    folded = [{number: name.casefold() for number, name in names.items()} for names in named]
+    if any(len(set(f.values())) != len(f) for f in folded):
+        return None
+    every = set().union(*(f.values() for f in folded))
+    full = Counter(tuple(sorted((int(n), name) for n, name in f.items())) for f in folded if set(f.values()) == every)
+    if not full:
+        return None
+    chosen = max(sorted(full), key=full.__getitem__)
+    return next(names for names, f in zip(named, folded, strict=True)
+                if tuple(sorted((int(n), name) for n, name in f.items())) == chosen)

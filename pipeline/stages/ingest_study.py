@@ -41,6 +41,7 @@ class IngestTask:
     error: tuple[str, str] | None = None  # decided at discovery: (code, message)
     skip: tuple[str, str] | None = None
     max_voxels: int | None = None
+    seg_values: tuple[tuple[int, int], ...] | None = None  # a SEG label's segment number -> value, where they differ
 
 
 def _load(path: str, rel: str) -> Volume:
@@ -139,12 +140,16 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         inputs = {"input": digest, "options": sha256_bytes(repr(options).encode()), **_discovery_digest(task)}
         if task.label_path:  # a DICOM SEG of this series
             inputs["label_input"] = _checksum(task.label_path, task.label_source or "")
+            if task.seg_values:
+                inputs["label_input"] = sha256_bytes(f"{inputs['label_input']}|{task.seg_values}".encode())
         if _reusable(task, inputs):
             return task.previous, True  # type: ignore[return-value]
         volume = decode_series(task.series, blobs, options=options, release=True)
         del blobs
         problems = [*task.problems, *volume.meta["problems"]]
         label = seg_label(task.label_path, volume, rel=task.label_source or "") if task.label_path else None
+        if label is not None and task.seg_values:
+            label = _renumbered(label, task.seg_values)
         return _write(task, volume, storage_dtype(volume.array), label, inputs, problems), False
     inputs = {"input": _checksum(task.image_path, task.source), **_discovery_digest(task)}  # type: ignore[arg-type]
     if task.label_path:
@@ -158,6 +163,14 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
     dtype = source_dtype.newbyteorder("=") if image.array.dtype == source_dtype else np.float32
     label = _label_array(_load(task.label_path, task.label_source or ""), image, task) if task.label_path else None
     return _write(task, image, dtype, label, inputs, list(task.problems)), False
+
+
+def _renumbered(label: np.ndarray, values: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """``label`` with each segment number replaced by its value (numbers not listed stay)."""
+    table = np.arange(max(int(label.max()), *(n for n, _ in values)) + 1)
+    for number, value in values:
+        table[number] = value
+    return table[label].astype(np.uint8 if table.max() <= 255 else np.int16)
 
 
 def _checksum(path: str, rel: str) -> str:

@@ -170,15 +170,49 @@ def _translation(*voxels: float) -> np.ndarray:
     return matrix
 
 
+def test_segs_that_number_the_same_names_differently_give_one_value_per_name(series_and_label: tuple[Path, Volume],
+                                                                             tmp_path: Path) -> None:
+    """A SEG numbers only the segments it holds: a study without the core has the rim as segment 1. Values follow
+    the names of the SEG that names every structure, so one value means one structure in every study."""
+    scan, label = series_and_label
+    write_series(scan / "SE2", small_stored(2, (6, 5, 5)), series_tag="second", **OBLIQUE)
+    write_series(scan / "SE3", small_stored(3, (6, 5, 5)), series_tag="third", **OBLIQUE)
+    rim_only = label.with_array(np.where(label.array == 2, 2, 0).astype(np.uint8))
+    export_dicom_seg(scan / "SE1", label, scan / "SE1.seg.dcm", label_names={"1": "core", "2": "rim"})
+    export_dicom_seg(scan / "SE2", label, scan / "SE2.seg.dcm", label_names={"1": "Rim", "2": "core"})
+    export_dicom_seg(scan / "SE3", rim_only, scan / "SE3.seg.dcm", label_names={"2": "rim"})  # segment 1: rim
+    ingest(scan, tmp_path / "out")
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.labels == {"0": "background", "1": "core", "2": "rim"}
+    studies = {s.label_source: s for s in manifest.studies}
+    arrays = {name: load_nifti(tmp_path / "out" / str(s.label)).array for name, s in studies.items()}
+    assert np.array_equal(arrays["SE1.seg.dcm"], label.array)
+    assert np.array_equal(arrays["SE2.seg.dcm"], np.choose(label.array, [0, 2, 1]))  # its "Rim" was 1
+    assert np.array_equal(arrays["SE3.seg.dcm"], rim_only.array)
+    assert [p.code for p in studies["SE1.seg.dcm"].problems] == ["dicom_seg_from_medpipe"]
+    for name, shown in (("SE2.seg.dcm", "Rim 1 -> 2, core 2 -> 1"), ("SE3.seg.dcm", "rim 1 -> 2")):
+        assert [p.code for p in studies[name].problems] == ["dicom_seg_from_medpipe", "dicom_seg_renumbered"]
+        assert studies[name].problems[1].message.endswith(f"the label's values follow the segment names: {shown}")
+    assert ingest(scan, tmp_path / "out", force=True)["reused_studies"] == 3  # reused, renumbering included
+    (scan / "SE1.seg.dcm").unlink()  # SE2's numbering is the reference now: every label changes
+    record = ingest(scan, tmp_path / "out")
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.labels == {"0": "background", "1": "Rim", "2": "core"} and record["reused_studies"] == 0
+    studies = {s.label_source: s for s in manifest.studies}
+    assert np.array_equal(load_nifti(tmp_path / "out" / str(studies["SE3.seg.dcm"].label)).array, rim_only.array > 0)
+    assert [p.code for p in studies["SE3.seg.dcm"].problems] == ["dicom_seg_from_medpipe"]
+
+
 def test_segs_that_name_their_segments_differently_declare_no_label_names(series_and_label: tuple[Path, Volume],
                                                                            tmp_path: Path) -> None:
     scan, label = series_and_label
     write_series(scan / "SE2", small_stored(2, (6, 5, 5)), series_tag="second", **OBLIQUE)
     export_dicom_seg(scan / "SE1", label, scan / "SE1.seg.dcm", label_names={"1": "core", "2": "rim"})
-    export_dicom_seg(scan / "SE2", label, scan / "SE2.seg.dcm", label_names={"1": "rim", "2": "core"})
+    export_dicom_seg(scan / "SE2", label, scan / "SE2.seg.dcm", label_names={"1": "kern", "2": "rand"})
     ingest(scan, tmp_path / "out")
     manifest = load_manifest(tmp_path / "out")
     assert manifest.labels is None and [s.label_source for s in manifest.studies] == ["SE1.seg.dcm", "SE2.seg.dcm"]
     assert [[p.code for p in s.problems] for s in manifest.studies] == [
         ["dicom_seg_from_medpipe", "dicom_seg_names_differ"]] * 2
-    assert "this one: 1 rim, 2 core" in manifest.studies[1].problems[1].message
+    assert "this one: 1 kern, 2 rand" in manifest.studies[1].problems[1].message
+    assert np.array_equal(load_nifti(tmp_path / "out" / str(manifest.studies[1].label)).array, label.array)
