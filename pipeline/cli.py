@@ -64,6 +64,13 @@ def _prestart(config: PipelineConfig, modules: Sequence[str], *, actors: bool) -
 def _cmd_ingest(args: argparse.Namespace) -> int:
     extra = [f"ingest.workers={args.workers}"] if args.workers else []
     config = _config(args, extra=extra)
+    if args.dry_run:
+        from pipeline.stages.ingest_survey import survey, survey_lines
+
+        print("\n".join(survey_lines(survey(args.scan_dir, config=config), args.scan_dir)))
+        return EXIT_OK
+    if args.out is None:
+        raise ConfigError("medpipe ingest needs --out OUT (the output folder), or --dry-run to only list the studies")
     _prestart(config, ["pipeline.stages.ingest_study"], actors=False)
     from pipeline.stages.ingest import ingest
 
@@ -269,7 +276,7 @@ _COMMANDS.update({"compare": _cmd_compare, "export-seg": _cmd_export_seg, "expor
 
 def _log_file(args: argparse.Namespace) -> Path | None:
     out = getattr(args, "out", None)
-    if out is None:
+    if out is None or getattr(args, "dry_run", False):  # a dry run writes nothing, its log included
         return None
     return Path(out) / ("medpipe.log" if args.command not in ("demo",) else "run/medpipe.log")
 

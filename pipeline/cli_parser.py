@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "series under SCAN_DIR; write OUT/images, OUT/labels and OUT/manifest.json. A study that "
                        "fails is recorded with its reason and the others go on.")
     p.add_argument("scan_dir", type=Path, metavar="SCAN_DIR")
-    p.add_argument("--out", "-o", type=Path, required=True, help="output folder")
+    p.add_argument("--out", "-o", type=Path, help="output folder (required unless --dry-run)")
     p.add_argument("--workers", type=int, help="parallel worker processes (default: config ingest.workers)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list each study found and what ingest would do with it (convert, skip or fail, and why); "
+                        "decode nothing, write nothing")
     _common(p)
     _batch_options(p)
 
