@@ -45,7 +45,9 @@ class IngestConfig(_Section):
     ... read from the headers); ``scrub_phi: false`` keeps paths and messages as they are, for
     data already de-identified. ``seg_label_pattern`` chooses the label among several DICOM SEGs
     of one series: a glob (``reader1*``), matched case-insensitively against each SEG's series
-    description, file path and file name; the one SEG it matches is the label."""
+    description, file path and file name; the one SEG it matches is the label. ``rtstruct_rois``
+    makes an RT structure set its series' label: the ROIs to convert, by name (globs,
+    case-insensitive), the n-th becoming value n; where they overlap the later listed wins."""
 
     workers: int = Field(1, ge=1)
     pseudonym_key: str = DEFAULT_PSEUDONYM_KEY
@@ -65,6 +67,15 @@ class IngestConfig(_Section):
     max_voxels: int = Field(1 << 29, ge=1)
     scrub_phi: bool = True
     seg_label_pattern: str | None = Field(None, min_length=1)
+    rtstruct_rois: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("rtstruct_rois")
+    @classmethod
+    def _distinct_rois(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (len({v.casefold() for v in value}) != len(value)
+                                  or not all(v.strip() for v in value)):
+            raise ValueError("list each ROI name once (names are compared without case), none empty")
+        return value
 
     @field_serializer("pseudonym_key")
     def _redact_key(self, value: str) -> str:

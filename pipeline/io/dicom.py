@@ -22,7 +22,12 @@ from pipeline.io.dicom_header import DicomHeader, FrameInfo, header_from_bytes, 
 from pipeline.io.dicom_mosaic import untile
 from pipeline.io.dicom_pixels import decode_stored, decoder_for, decoder_note
 from pipeline.io.dicom_resample import resample_stack
-from pipeline.io.dicom_split import LABEL_MAP_SEG_STORAGE, SEG_STORAGE, split_series
+from pipeline.io.dicom_split import (
+    LABEL_MAP_SEG_STORAGE,
+    RT_STRUCTURE_SET_STORAGE,
+    SEG_STORAGE,
+    split_series,
+)
 from pipeline.io.volume import Volume
 
 __all__ = ["DicomHeader", "DicomOptions", "DicomScan", "DicomSeries", "check_supported", "decode_series",
@@ -37,7 +42,8 @@ _NON_IMAGE = {
     "1.2.840.10008.5.1.4.1.1.66": ("dicom_non_image", "a raw data / registration / fiducials object"),
     "1.2.840.10008.5.1.4.1.1.88": ("dicom_non_image", "a structured report (SR) or key object selection"),
     "1.2.840.10008.5.1.4.1.1.481.2": ("dicom_non_image", "an RT dose grid, not a scan"),
-    "1.2.840.10008.5.1.4.1.1.481": ("dicom_non_image", "an RT object (structure set, plan, ...)"),
+    RT_STRUCTURE_SET_STORAGE: ("dicom_rtstruct", "an RT structure set (contours), not an image series"),
+    "1.2.840.10008.5.1.4.1.1.481": ("dicom_non_image", "an RT object (plan, treatment record, ...)"),
     "1.2.840.10008.5.1.4.1.1.11": ("dicom_non_image", "a presentation state"),
     "1.2.840.10008.5.1.4.1.1.104": ("dicom_non_image", "an encapsulated document (PDF, CDA, STL)"),
     "1.2.840.10008.5.1.4.1.1.9": ("dicom_non_image", "a waveform"),

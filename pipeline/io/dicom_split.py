@@ -13,6 +13,8 @@ from pipeline.io.dicom_header import DicomHeader, FrameInfo
 _ORIENTATION_TOL = 1e-4  # cosines closer than this belong to one stack
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
 LABEL_MAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+_LABEL_OBJECTS = (SEG_STORAGE, LABEL_MAP_SEG_STORAGE, RT_STRUCTURE_SET_STORAGE)  # each file a whole segmentation
 
 
 def _discrete_key(frame: FrameInfo) -> tuple:
@@ -63,9 +65,9 @@ def split_series(headers: Sequence[DicomHeader], *, split_4d: bool = False) -> l
 
     Image frames are grouped by rows/columns, split key (image type, echo) and orientation
     (within 1e-4); non-image objects form their own part. With ``split_4d`` every volume of a
-    4D part becomes its own part (label suffix ``tNNNN``), in acquisition order. Each DICOM SEG
-    file is a part of its own (label: its path): a SEG is a whole segmentation, and two of them
-    (two readers', or one saved twice) may share a SeriesInstanceUID.
+    4D part becomes its own part (label suffix ``tNNNN``), in acquisition order. Each DICOM SEG or
+    RT structure set file is a part of its own (label: its path): each is a whole segmentation, and
+    two of them (two readers', or one saved twice) may share a SeriesInstanceUID.
     """
     objects = [h for h in headers if not h.pixels]
     images = [h for h in headers if h.pixels]
@@ -94,6 +96,6 @@ def split_series(headers: Sequence[DicomHeader], *, split_4d: bool = False) -> l
 
 
 def _segs_apart(label: str, members: list[DicomHeader]) -> list[tuple[str, list[DicomHeader]]]:
-    if len(members) < 2 or any(h.sop_class not in (SEG_STORAGE, LABEL_MAP_SEG_STORAGE) for h in members):
+    if len(members) < 2 or any(h.sop_class not in _LABEL_OBJECTS for h in members):
         return [(label, members)]
     return [(f"{label}/{h.rel}" if label else h.rel, [h]) for h in members]

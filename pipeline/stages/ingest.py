@@ -33,6 +33,7 @@ from pipeline.stages.ingest_listing import (
     scan_listing,
 )
 from pipeline.stages.ingest_msd import msd_tasks
+from pipeline.stages.ingest_rtstruct import pair_structure_sets
 from pipeline.stages.ingest_seg import pair_segmentations
 from pipeline.stages.ingest_study import IngestTask, process_study
 
@@ -192,6 +193,11 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
                       "error": _too_large(series, config.max_voxels),
                       "problems": (neighbours[series.key],) if series.key in neighbours else ()})
     specs, seg_labels = pair_segmentations(specs, pattern=config.seg_label_pattern)
+    specs, rtstruct_labels = pair_structure_sets(specs, rois=config.rtstruct_rois)
+    if seg_labels is not None and rtstruct_labels is not None and seg_labels != rtstruct_labels:
+        seg_labels = None  # SEG segment names and the listed ROIs: which value means what is not one list
+        _label_kinds_mixed(specs)
+    seg_labels = seg_labels or rtstruct_labels
     scrubber = scan_scrubber([[h.path for h in s.headers] for s in scan.series],
                              [relative(root, p) for p in files], key=config.pseudonym_key,
                              enabled=config.scrub_phi)
@@ -214,6 +220,15 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
         header["labels"] = {value: scrubber.text(name) for value, name in seg_labels.items()}
     header["ignored_files"] = scan.ignored
     return tasks, header, scrubber
+
+
+def _label_kinds_mixed(specs: list[dict[str, Any]]) -> None:
+    for spec in specs:
+        if spec.get("label_path") and spec.get("series") is not None:
+            spec["problems"] = (*spec.get("problems", ()), (
+                "label_kinds_mixed", "this scan folder's labels come from DICOM SEGs and RT structure sets whose "
+                                     "names differ, so the manifest declares no label names; check that equal "
+                                     "values mean the same structure in every study"))
 
 
 def _unique_id(id_key: str, taken: set[str], *, key: str) -> tuple[str, bool]:

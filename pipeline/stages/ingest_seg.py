@@ -53,7 +53,7 @@ def _frame_of_reference(ds: Any) -> str | None:
     return value or None
 
 
-def _series_frame_of_reference(spec: dict[str, Any]) -> str | None:
+def series_frame_of_reference(spec: dict[str, Any]) -> str | None:
     """The FrameOfReferenceUID of the series' first file, None when it has none or cannot be read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -161,7 +161,7 @@ def pair_segmentations(specs: list[dict[str, Any]], *,
                                 f"{len(targets)} volumes; not used as a label")
             continue
         (seg, header), image = claims[0], targets[0]
-        series_frame = _series_frame_of_reference(image) if header.frame_of_reference else None
+        series_frame = series_frame_of_reference(image) if header.frame_of_reference else None
         if series_frame and series_frame != header.frame_of_reference:
             _skip(seg, f"it names series {image['source']}, but its Frame of Reference UID differs from the "
                        "series' (its positions are in another coordinate system); not used as a label")

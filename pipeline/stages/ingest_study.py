@@ -13,6 +13,7 @@ from pipeline.errors import GeometryError, IngestError
 from pipeline.fileio import sha256_bytes, sha256_file
 from pipeline.io import nib
 from pipeline.io.dicom import DicomOptions, DicomSeries, decode_series, read_series_bytes, storage_dtype
+from pipeline.io.dicom_rtstruct_label import rtstruct_label
 from pipeline.io.dicom_seg_label import seg_label
 from pipeline.io.nifti import load_nifti, save_nifti
 from pipeline.io.volume import Volume
@@ -42,6 +43,7 @@ class IngestTask:
     skip: tuple[str, str] | None = None
     max_voxels: int | None = None
     seg_values: tuple[tuple[int, int], ...] | None = None  # a SEG label's segment number -> value, where they differ
+    rtstruct_rois: tuple[str, ...] | None = None  # the label is an RT structure set: these ROIs, value 1, 2, ...
 
 
 def _load(path: str, rel: str) -> Volume:
@@ -140,16 +142,22 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         inputs = {"input": digest, "options": sha256_bytes(repr(options).encode()), **_discovery_digest(task)}
         if task.label_path:  # a DICOM SEG of this series
             inputs["label_input"] = _checksum(task.label_path, task.label_source or "")
-            if task.seg_values:
-                inputs["label_input"] = sha256_bytes(f"{inputs['label_input']}|{task.seg_values}".encode())
+            if task.seg_values or task.rtstruct_rois:
+                inputs["label_input"] = sha256_bytes(
+                    f"{inputs['label_input']}|{task.seg_values or ''}|{task.rtstruct_rois or ''}".encode())
         if _reusable(task, inputs):
             return task.previous, True  # type: ignore[return-value]
         volume = decode_series(task.series, blobs, options=options, release=True)
         del blobs
         problems = [*task.problems, *volume.meta["problems"]]
-        label = seg_label(task.label_path, volume, rel=task.label_source or "") if task.label_path else None
-        if label is not None and task.seg_values:
-            label = _renumbered(label, task.seg_values)
+        label = None
+        if task.label_path and task.rtstruct_rois:
+            label, outlined = rtstruct_label(task.label_path, volume, rois=task.rtstruct_rois,
+                                             rel=task.label_source or "")
+            problems += outlined
+        elif task.label_path:
+            label = seg_label(task.label_path, volume, rel=task.label_source or "")
+            label = _renumbered(label, task.seg_values) if task.seg_values else label
         return _write(task, volume, storage_dtype(volume.array), label, inputs, problems), False
     inputs = {"input": _checksum(task.image_path, task.source), **_discovery_digest(task)}  # type: ignore[arg-type]
     if task.label_path:

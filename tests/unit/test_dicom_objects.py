@@ -65,7 +65,8 @@ def test_skipped_series_carry_their_reason_and_the_rest_converts(mixed_export: P
     assert skipped == {("seg", "dicom_segmentation"), ("rgb", "dicom_colour"),
                        ("burned", "dicom_burned_in_annotation"), ("scout", "dicom_localizer"),
                        ("xray", "dicom_non_volume"),
-                       *{("objects", "dicom_non_image") for _ in NON_IMAGE_CLASSES}}
+                       ("objects", "dicom_rtstruct"),  # its own code: one can be a label (test_rtstruct_labels.py)
+                       *{("objects", "dicom_non_image") for kind in NON_IMAGE_CLASSES if kind != "rtstruct"}}
     assert sum(1 for s in studies if s.source == "objects") == len(NON_IMAGE_CLASSES)
     ok = {s.source: s for s in studies if s.status == "ok"}
     assert set(ok) == {"good", "anon"}
@@ -73,6 +74,7 @@ def test_skipped_series_carry_their_reason_and_the_rest_converts(mixed_export: P
     assert all(s.image is None for s in studies if s.status == "skipped")
     messages = " ".join(p.message for s in studies for p in s.problems)
     assert "structured report" in messages and "encapsulated document" in messages
+    assert "an RT structure set; the series it outlines is not an image series ingested" in messages
 
 
 def test_log_keeps_the_skip_code_when_a_series_is_described_by_the_same_word(

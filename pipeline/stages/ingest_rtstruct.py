@@ -1,0 +1,112 @@
+"""Ingest's pairing of DICOM RT Structure Sets with the series they outline: a structure set becomes its series' label.
+
+A structure set (one file) whose referenced series is an image series of the scan folder, the only structure
+set to name it, in that series' Frame of Reference, on a series that was not split and has no DICOM SEG label,
+becomes the label of that series once ``ingest.rtstruct_rois`` says which ROIs to convert (its n-th name is
+label value n: :mod:`pipeline.io.dicom_rtstruct_label`). Anything else stays a skipped entry with the reason;
+without ``ingest.rtstruct_rois`` the reason lists the ROIs it holds. Only headers are read here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, NamedTuple
+
+from pipeline.io.dicom_split import RT_STRUCTURE_SET_STORAGE
+from pipeline.stages.ingest_seg import series_frame_of_reference
+
+RTSTRUCT = "dicom_rtstruct"
+
+
+class StructureSetHeader(NamedTuple):
+    series: list[str]  # the series UIDs it references
+    frames: list[str]  # the Frame of Reference UIDs it references
+    rois: list[str]  # its ROI names
+
+
+def _header(path: str) -> StructureSetHeader | None:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from pipeline.io.dicom_rtstruct_label import roi_names
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        frames = list(ds.get("ReferencedFrameOfReferenceSequence", []) or [])
+        series = [str(s.SeriesInstanceUID) for frame in frames for study in frame.get("RTReferencedStudySequence", [])
+                  for s in study.get("RTReferencedSeriesSequence", []) if "SeriesInstanceUID" in s]
+        uids = [str(frame.FrameOfReferenceUID) for frame in frames if "FrameOfReferenceUID" in frame]
+        rois = sorted(roi_names(ds).values())
+    except (InvalidDicomError, OSError, AttributeError, KeyError, ValueError, TypeError):
+        return None
+    return StructureSetHeader(series, uids, rois)
+
+
+def _file(spec: dict[str, Any]) -> str:
+    return spec["series"].headers[0].rel
+
+
+def _skip(spec: dict[str, Any], why: str) -> None:
+    spec["skip"] = (RTSTRUCT, f"{_file(spec)}: an RT structure set; {why}")
+
+
+def pair_structure_sets(specs: list[dict[str, Any]], *, rois: list[str] | None) -> tuple[list[dict[str, Any]],
+                                                                                       dict[str, str] | None]:
+    """``specs`` with each structure set that labels a series moved onto that series' spec (``label_path``,
+    ``label_source``, ``rtstruct_rois``), and the label names (``rois``) when one was used."""
+    sets = [s for s in specs if s.get("series") is not None and s.get("skip") and len(s["series"].headers) == 1
+            and s["series"].headers[0].sop_class == RT_STRUCTURE_SET_STORAGE]
+    if not sets:
+        return specs, None
+    images: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for spec in specs:
+        if spec.get("series") is not None and spec.get("skip") is None:
+            images[spec["series"].uid].append(spec)
+    naming: dict[str, list[tuple[dict[str, Any], StructureSetHeader]]] = defaultdict(list)
+    for rtstruct in sets:
+        header = _header(rtstruct["series"].headers[0].path)
+        if header is None:
+            _skip(rtstruct, "its header cannot be read or names no series; not ingested")
+            continue
+        here = [uid for uid in dict.fromkeys(header.series) if uid in images]
+        if len(here) != 1:
+            _skip(rtstruct, "the series it outlines is not an image series ingested from this scan folder; not used"
+                  if not here else f"it outlines {len(here)} series of this scan folder at once; not used")
+            continue
+        naming[here[0]].append((rtstruct, header))
+    used: list[dict[str, Any]] = []
+    for uid, claims in naming.items():
+        targets = images[uid]
+        series = targets[0]["source"]
+        if len(claims) > 1:
+            for rtstruct, _ in claims:
+                _skip(rtstruct, f"one of {len(claims)} structure sets of series {series}; which one is its label is "
+                                "not known, so none is used: ingest a folder holding one of them")
+            continue
+        (rtstruct, header), image = claims[0], targets[0]
+        if rois is None:
+            _skip(rtstruct, f"it outlines series {series} (ROIs: {', '.join(header.rois) or 'none'}); to make it the "
+                            "series' label, list the ROIs to convert in ingest.rtstruct_rois (the n-th is value n)")
+            continue
+        why = _not_a_label(image, targets, header)
+        if why is not None:
+            _skip(rtstruct, why)
+            continue
+        image.update(label_path=rtstruct["series"].headers[0].path, label_source=_file(rtstruct),
+                     rtstruct_rois=tuple(rois))
+        used.append(rtstruct)
+    labels = {"0": "background", **{str(value): name for value, name in enumerate(rois or [], start=1)}}
+    return [s for s in specs if not any(s is u for u in used)], labels if used else None
+
+
+def _not_a_label(image: dict[str, Any], targets: list[dict[str, Any]], header: StructureSetHeader) -> str | None:
+    series = image["source"]
+    if len(targets) > 1:
+        return f"the series it outlines ({series}) was split into {len(targets)} volumes; not used as a label"
+    if image.get("label_path"):
+        return f"series {series} has a DICOM SEG as its label already; not used"
+    frame = series_frame_of_reference(image) if header.frames else None
+    if frame and frame not in header.frames:
+        return (f"it names series {series}, but not the series' Frame of Reference UID (its contours are in another "
+                "coordinate system); not used as a label")
+    return None

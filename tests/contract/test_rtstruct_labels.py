@@ -1,0 +1,86 @@
+"""An RT structure set beside the series it outlines becomes that series' label once the ROIs to convert are listed:
+contours filled on the series' slices (voxel centres inside, holes kept), values in the listed order."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.io.nifti import load_nifti
+from pipeline.io.volume import Volume
+from pipeline.manifest import load_manifest
+from pipeline.stages.ingest import ingest
+from tests.fixtures.bad_inputs import small_stored
+from tests.fixtures.dicom_writer import write_series
+from tests.fixtures.rtstruct_writer import square, write_structure_set
+
+ANGLE = math.radians(20)
+OBLIQUE = {"row_cosine": (math.cos(ANGLE), math.sin(ANGLE), 0.0), "col_cosine": (0.0, 0.0, -1.0)}
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> tuple[Path, Path, Volume]:
+    """An oblique series (files shuffled), one of its files, and the image ingest makes of it."""
+    scan = tmp_path / "scan"
+    written = write_series(scan / "CT", small_stored(1, (6, 5, 5)), shuffle_seed=3, **OBLIQUE)
+    ingest(scan, tmp_path / "plain")
+    (study,) = load_manifest(tmp_path / "plain").studies
+    return scan, written.files[0], load_nifti(tmp_path / "plain" / str(study.image))
+
+
+def _config(*rois: str):
+    return load_config(None, overrides=[f"ingest.rtstruct_rois={list(rois)}"])
+
+
+def test_listed_rois_become_the_label_in_their_order(series: tuple[Path, Path, Volume], tmp_path: Path) -> None:
+    scan, first, image = series
+    write_structure_set(scan / "RS.dcm", first, image, {
+        "Outer": [square((0.5, 4.5), (0.5, 3.5), 1), square((1.5, 2.5), (1.5, 2.5), 1)],  # a hole at (2, 2)
+        "Core": [square((2.5, 5.5), (1.5, 2.5), 1), square((2.5, 5.5), (1.5, 2.5), 3)],
+        "Body": [square((-0.5, 5.5), (-0.5, 4.5), k) for k in range(5)],  # not listed: left out
+    }, open_contours={"Core": 1})
+    record = ingest(scan, tmp_path / "out", config=_config("outer", "co*", "Spleen"))
+    manifest = load_manifest(tmp_path / "out")
+    (study,) = manifest.studies  # the structure set is the series' label, not an entry of its own
+    assert record["counts"] == {"ok": 1, "failed": 0, "skipped": 0} and study.label_source == "RS.dcm"
+    assert manifest.labels == {"0": "background", "1": "outer", "2": "co*", "3": "Spleen"}
+    expected = np.zeros(image.spatial_shape, np.uint8)
+    expected[1:5, 1:4, 1] = 1
+    expected[2, 2, 1] = 0
+    expected[3:6, 2, 1] = 2  # voxels 3 and 4 of row 2 lie in Outer too: Core, listed later, takes them
+    expected[3:6, 2, 3] = 2
+    label = load_nifti(tmp_path / "out" / str(study.label))
+    assert label.same_grid(image) and np.array_equal(label.array, expected)
+    problems = {p.code: p.message for p in study.problems}
+    assert set(problems) == {"rtstruct_overlap", "rtstruct_open_contour", "rtstruct_roi_missing"}
+    assert problems["rtstruct_overlap"].startswith("RS.dcm: 2 voxels of 'co*' lie in ROIs listed before it")
+    assert "no ROI matches 'Spleen' (its ROIs: Body, Core, Outer)" in problems["rtstruct_roi_missing"]
+    assert ingest(scan, tmp_path / "out", config=_config("outer", "co*", "Spleen"), force=True)["reused_studies"] == 1
+    ingest(scan, tmp_path / "out", config=_config("core"))  # other ROIs: the label is made again
+    assert np.array_equal(load_nifti(tmp_path / "out" / str(study.label)).array, (expected == 2).astype(np.uint8))
+
+
+def test_without_a_list_of_rois_the_structure_set_is_accounted_for(series: tuple[Path, Path, Volume],
+                                                                  tmp_path: Path) -> None:
+    scan, first, image = series
+    write_structure_set(scan / "RS.dcm", first, image, {"Liver": [square((0.5, 2.5), (0.5, 2.5), 2)]})
+    ingest(scan, tmp_path / "out")
+    studies = {s.status: s for s in load_manifest(tmp_path / "out").studies}
+    assert studies["ok"].label is None
+    (problem,) = studies["skipped"].problems
+    assert problem.code == "dicom_rtstruct" and problem.message == (
+        "RS.dcm: an RT structure set; it outlines series CT (ROIs: Liver); to make it the series' label, list the "
+        "ROIs to convert in ingest.rtstruct_rois (the n-th is value n)")
+
+
+def test_a_contour_between_slices_is_refused(series: tuple[Path, Path, Volume], tmp_path: Path) -> None:
+    scan, first, image = series
+    write_structure_set(scan / "RS.dcm", first, image, {"Liver": [square((0.5, 2.5), (0.5, 2.5), 1.5)]})
+    ingest(scan, tmp_path / "out", config=_config("liver"))
+    (study,) = load_manifest(tmp_path / "out").studies
+    assert study.status == "failed" and study.error is not None and study.error.code == "rtstruct_off_grid"
+    assert "0.50 voxels from the nearest slice" in study.error.message and "RS.dcm: ROI 'Liver'" in study.error.message
