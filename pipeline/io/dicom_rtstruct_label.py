@@ -42,12 +42,15 @@ def roi_names(ds: Any) -> dict[int, str]:
             for item in ds.get("StructureSetROISequence", []) if "ROINumber" in item}
 
 
-def _fill(mask: np.ndarray, points: np.ndarray, inverse: np.ndarray, where: str) -> None:
-    """XOR the voxels whose centres lie inside one closed planar contour (LPS points, mm) into ``mask``."""
+def _fill(mask: np.ndarray, points: np.ndarray, inverse: np.ndarray, where: str) -> bool:
+    """XOR the voxels whose centres lie inside one closed planar contour (LPS points, mm) into ``mask``; False for
+    a contour that encloses no area (its points on a line)."""
     from matplotlib.path import Path as Polygon
 
     voxels = (inverse[:3, :3] @ (points * _LPS_TO_RAS).T).T + inverse[:3, 3]
     spread = voxels.max(axis=0) - voxels.min(axis=0)
+    if np.count_nonzero(spread <= _ON_SLICE) > 1:
+        return False
     axis = int(np.argmin(spread))
     depth = float(voxels[:, axis].mean())
     index = int(round(depth))
@@ -63,13 +66,14 @@ def _fill(mask: np.ndarray, points: np.ndarray, inverse: np.ndarray, where: str)
     low = np.maximum(np.floor(flat.min(axis=0)).astype(int), 0)
     high = np.minimum(np.ceil(flat.max(axis=0)).astype(int), [mask.shape[a] - 1 for a in plane])
     if (high < low).any():
-        return
+        return True
     grid = np.meshgrid(np.arange(low[0], high[0] + 1), np.arange(low[1], high[1] + 1), indexing="ij")
     inside = Polygon(flat).contains_points(np.column_stack([g.ravel() for g in grid])).reshape(grid[0].shape)
     region: list[int | slice] = [slice(None)] * 3
     region[axis] = index
     region[plane[0]], region[plane[1]] = slice(low[0], high[0] + 1), slice(low[1], high[1] + 1)
     mask[tuple(region)] ^= inside
+    return True
 
 
 def _roi_mask(contours: Sequence[Any], image: Volume, inverse: np.ndarray, where: str) -> tuple[np.ndarray, int]:
@@ -79,10 +83,9 @@ def _roi_mask(contours: Sequence[Any], image: Volume, inverse: np.ndarray, where
     for contour in contours:
         kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR") or "CLOSED_PLANAR").upper()
         data = np.asarray(contour.get("ContourData", []) or [], dtype=np.float64)
-        if kind != "CLOSED_PLANAR" or data.size < 9 or data.size % 3:
+        if kind != "CLOSED_PLANAR" or data.size < 9 or data.size % 3 or \
+                not _fill(mask, data.reshape(-1, 3), inverse, f"{where}: a contour"):
             left_out += 1
-            continue
-        _fill(mask, data.reshape(-1, 3), inverse, f"{where}: a contour")
     return mask, left_out
 
 
@@ -113,8 +116,8 @@ def rtstruct_label(path: str, image: Volume, *, rois: Sequence[str], rel: str) -
             mask |= roi
             if left_out:
                 problems.append(("rtstruct_open_contour", f"{rel}: {left_out} contour(s) of ROI {names[number]!r} "
-                                                          "are points or open lines, which outline no area; left "
-                                                          "out"))
+                                                          "are points, open or flat, which outline no "
+                                                          "area; left out"))
         overlap = int(np.count_nonzero(mask & (label > 0)))
         if overlap:
             problems.append(("rtstruct_overlap", f"{rel}: {overlap} voxels of {wanted!r} lie in ROIs listed before "

@@ -39,7 +39,8 @@ def _config(*rois: str):
 def test_listed_rois_become_the_label_in_their_order(series: tuple[Path, Path, Volume], tmp_path: Path) -> None:
     scan, first, image = series
     write_structure_set(scan / "RS.dcm", first, image, {
-        "Outer": [square((0.5, 4.5), (0.5, 3.5), 1), square((1.5, 2.5), (1.5, 2.5), 1)],  # a hole at (2, 2)
+        "Outer": [square((0.5, 4.5), (0.5, 3.5), 1), square((1.5, 2.5), (1.5, 2.5), 1),  # a hole at (2, 2)
+                  square((0.5, 4.5), (2.3, 2.3), 4)],  # flat: its points on a line outline nothing
         "Core": [square((2.5, 5.5), (1.5, 2.5), 1), square((2.5, 5.5), (1.5, 2.5), 3)],
         "Body": [square((-0.5, 5.5), (-0.5, 4.5), k) for k in range(5)],  # not listed: left out
     }, open_contours={"Core": 1})
@@ -56,7 +57,8 @@ def test_listed_rois_become_the_label_in_their_order(series: tuple[Path, Path, V
     label = load_nifti(tmp_path / "out" / str(study.label))
     assert label.same_grid(image) and np.array_equal(label.array, expected)
     problems = {p.code: p.message for p in study.problems}
-    assert set(problems) == {"rtstruct_overlap", "rtstruct_open_contour", "rtstruct_roi_missing"}
+    assert [p.code for p in study.problems] == ["rtstruct_open_contour", "rtstruct_open_contour", "rtstruct_overlap",
+                                                "rtstruct_roi_missing"]  # Outer's flat contour, Core's point
     assert problems["rtstruct_overlap"].startswith("RS.dcm: 2 voxels of 'co*' lie in ROIs listed before it")
     assert "no ROI matches 'Spleen' (its ROIs: Body, Core, Outer)" in problems["rtstruct_roi_missing"]
     assert ingest(scan, tmp_path / "out", config=_config("outer", "co*", "Spleen"), force=True)["reused_studies"] == 1
