@@ -9,10 +9,10 @@ without ``ingest.rtstruct_rois`` the reason lists the ROIs it holds. Only header
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, NamedTuple
 
 from pipeline.io.dicom_split import RT_STRUCTURE_SET_STORAGE
+from pipeline.stages.ingest_claims import claims, image_series
 from pipeline.stages.ingest_seg import series_frame_of_reference
 
 RTSTRUCT = "dicom_rtstruct"
@@ -58,32 +58,19 @@ def pair_structure_sets(specs: list[dict[str, Any]], *, rois: list[str] | None) 
             and s["series"].headers[0].sop_class == RT_STRUCTURE_SET_STORAGE]
     if not sets:
         return specs, None
-    images: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for spec in specs:
-        if spec.get("series") is not None and spec.get("skip") is None:
-            images[spec["series"].uid].append(spec)
-    naming: dict[str, list[tuple[dict[str, Any], StructureSetHeader]]] = defaultdict(list)
-    for rtstruct in sets:
-        header = _header(rtstruct["series"].headers[0].path)
-        if header is None:
-            _skip(rtstruct, "its header cannot be read or names no series; not ingested")
-            continue
-        here = [uid for uid in dict.fromkeys(header.series) if uid in images]
-        if len(here) != 1:
-            _skip(rtstruct, "the series it outlines is not an image series ingested from this scan folder; not used"
-                  if not here else f"it outlines {len(here)} series of this scan folder at once; not used")
-            continue
-        naming[here[0]].append((rtstruct, header))
+    images = image_series(specs)
+    naming = claims(sets, images, read=_header, skip=_skip, verb="outlines",
+                    unreadable="its header cannot be read or names no series; not ingested")
     used: list[dict[str, Any]] = []
-    for uid, claims in naming.items():
+    for uid, claimed in naming.items():
         targets = images[uid]
         series = targets[0]["source"]
-        if len(claims) > 1:
-            for rtstruct, _ in claims:
-                _skip(rtstruct, f"one of {len(claims)} structure sets of series {series}; which one is its label is "
+        if len(claimed) > 1:
+            for rtstruct, _ in claimed:
+                _skip(rtstruct, f"one of {len(claimed)} structure sets of series {series}; which one is its label is "
                                 "not known, so none is used: ingest a folder holding one of them")
             continue
-        (rtstruct, header), image = claims[0], targets[0]
+        (rtstruct, header), image = claimed[0], targets[0]
         if rois is None:
             _skip(rtstruct, f"it outlines series {series} (ROIs: {', '.join(header.rois) or 'none'}); to make it the "
                             "series' label, list the ROIs to convert in ingest.rtstruct_rois (the n-th is value n)")

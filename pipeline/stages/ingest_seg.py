@@ -14,9 +14,11 @@ unless SEGs number the same names differently: then the names decide (:func:`_la
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
+
+from pipeline.stages.ingest_claims import claims, image_series
 
 SEGMENTATION = "dicom_segmentation"
 
@@ -126,41 +128,27 @@ def pair_segmentations(specs: list[dict[str, Any]], *,
     segs = [s for s in specs if s.get("skip") and s["skip"][0] == SEGMENTATION and len(s["series"].headers) == 1]
     if not segs:
         return specs, None
-    images: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for spec in specs:
-        if spec.get("series") is not None and spec.get("skip") is None:
-            images[spec["series"].uid].append(spec)
-    naming: dict[str, list[tuple[dict[str, Any], SegHeader]]] = defaultdict(list)
-    for seg in segs:
-        found = _references(seg["series"].headers[0].path)
-        if found is None:
-            _skip(seg, "its header names no referenced series or no segments; not ingested")
-            continue
-        here = [uid for uid in dict.fromkeys(found.series) if uid in images]
-        if len(here) != 1:
-            _skip(seg, "the series it segments is not an image series ingested from this scan folder; not used"
-                  if not here else
-                  f"it segments {len(here)} series of this scan folder at once; not ingested")
-            continue
-        naming[here[0]].append((seg, found))
+    images = image_series(specs)
+    naming = claims(segs, images, read=_references, skip=_skip, verb="segments",
+                    unreadable="its header names no referenced series or no segments; not ingested")
     used: list[dict[str, Any]] = []
     declared: list[tuple[dict[str, Any], dict[str, str]]] = []
-    for uid, claims in naming.items():
+    for uid, claimed in naming.items():
         targets = images[uid]
-        claims = _predictions_aside(_matching(claims, targets[0]["source"], pattern), targets[0]["source"])
-        if len(claims) > 1:
+        claimed = _predictions_aside(_matching(claimed, targets[0]["source"], pattern), targets[0]["source"])
+        if len(claimed) > 1:
             matched = "" if pattern is None else \
-                f" (ingest.seg_label_pattern matches {sum(_matches(c, pattern) for c in claims)} of them)"
-            for seg, _ in claims:
-                _skip(seg, f"one of {len(claims)} segmentations of series {targets[0]['source']}; which one is its "
+                f" (ingest.seg_label_pattern matches {sum(_matches(c, pattern) for c in claimed)} of them)"
+            for seg, _ in claimed:
+                _skip(seg, f"one of {len(claimed)} segmentations of series {targets[0]['source']}; which one is its "
                            f"label is not known{matched}, so none is used: set ingest.seg_label_pattern to a glob "
                            "of the label's series description or file name, or ingest a folder holding one of them")
             continue
         if len(targets) > 1:
-            _skip(claims[0][0], f"the series it segments ({targets[0]['source']}) was split into "
-                                f"{len(targets)} volumes; not used as a label")
+            _skip(claimed[0][0], f"the series it segments ({targets[0]['source']}) was split into "
+                                 f"{len(targets)} volumes; not used as a label")
             continue
-        (seg, header), image = claims[0], targets[0]
+        (seg, header), image = claimed[0], targets[0]
         series_frame = series_frame_of_reference(image) if header.frame_of_reference else None
         if series_frame and series_frame != header.frame_of_reference:
             _skip(seg, f"it names series {image['source']}, but its Frame of Reference UID differs from the "

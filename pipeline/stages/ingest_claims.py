@@ -1,0 +1,45 @@
+"""Which image series of a scan folder each label object (a DICOM SEG, an RT structure set) claims to label."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+
+class _Referencing(Protocol):
+    @property
+    def series(self) -> list[str]: ...
+
+
+H = TypeVar("H", bound=_Referencing)
+Spec = dict[str, Any]
+
+
+def image_series(specs: list[Spec]) -> dict[str, list[Spec]]:
+    """Series UID -> the specs of its image parts that ingest converts (more than one when it was split)."""
+    images: dict[str, list[Spec]] = defaultdict(list)
+    for spec in specs:
+        if spec.get("series") is not None and spec.get("skip") is None:
+            images[spec["series"].uid].append(spec)
+    return images
+
+
+def claims(objects: list[Spec], images: dict[str, list[Spec]], *, read: Callable[[str], H | None],
+           skip: Callable[[Spec, str], None], unreadable: str, verb: str) -> dict[str, list[tuple[Spec, H]]]:
+    """Image series UID -> the objects (with their headers, ``read`` from their one file) that name it and no other
+    series of the folder. An object whose header ``read`` cannot give, or that names none or several of the
+    folder's series, is skipped with the reason (``verb``: what it does to a series, "segments")."""
+    naming: dict[str, list[tuple[Spec, H]]] = defaultdict(list)
+    for spec in objects:
+        header = read(spec["series"].headers[0].path)
+        if header is None:
+            skip(spec, unreadable)
+            continue
+        here = [uid for uid in dict.fromkeys(header.series) if uid in images]
+        if len(here) != 1:
+            skip(spec, f"the series it {verb} is not an image series ingested from this scan folder; not used"
+                 if not here else f"it {verb} {len(here)} series of this scan folder at once; not used")
+            continue
+        naming[here[0]].append((spec, header))
+    return naming
