@@ -4,10 +4,9 @@ A structure set usually holds structures that overlap (the body, nested target v
 convert are named by the user (``ingest.rtstruct_rois``): the n-th listed name (a glob, case-insensitive,
 matched against each ROIName) becomes label value n, and where listed ROIs overlap the one listed later
 takes the voxel (recorded as a problem). A voxel belongs to an ROI when its centre lies inside an odd
-number of the ROI's contours on its slice (a contour inside another is a hole), the rule of dcmqi and
-plastimatch. Strict about geometry: a contour must lie in one of the series' slices (within 0.1 voxel);
-one between slices or across them is refused, never snapped. Points and open contours outline no area and
-are left out, recorded.
+number of the ROI's contours on its slice (a contour inside another is a hole). Strict about geometry: a
+contour must lie in one of the series' slices (within 0.1 voxel); one between slices or across them is
+refused, never snapped. Points, open contours and flat ones outline no area and are left out, recorded.
 """
 
 from __future__ import annotations

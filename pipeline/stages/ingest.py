@@ -195,7 +195,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
     specs, seg_labels = pair_segmentations(specs, pattern=config.seg_label_pattern)
     specs, rtstruct_labels = pair_structure_sets(specs, rois=config.rtstruct_rois)
     if seg_labels is not None and rtstruct_labels is not None and seg_labels != rtstruct_labels:
-        seg_labels = None  # SEG segment names and the listed ROIs: which value means what is not one list
+        seg_labels = rtstruct_labels = None  # SEG segment names and the listed ROIs: not one list of values
         _label_kinds_mixed(specs)
     seg_labels = seg_labels or rtstruct_labels
     scrubber = scan_scrubber([[h.path for h in s.headers] for s in scan.series],

@@ -140,7 +140,7 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         digest, blobs = read_series_bytes(task.series)
         options = task.dicom_options or DicomOptions()
         inputs = {"input": digest, "options": sha256_bytes(repr(options).encode()), **_discovery_digest(task)}
-        if task.label_path:  # a DICOM SEG of this series
+        if task.label_path:  # a DICOM SEG or RT structure set of this series
             inputs["label_input"] = _checksum(task.label_path, task.label_source or "")
             if task.seg_values or task.rtstruct_rois:
                 inputs["label_input"] = sha256_bytes(

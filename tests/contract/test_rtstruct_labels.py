@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
+from pipeline.export.dicom_seg import export_dicom_seg
 from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import load_manifest
@@ -86,3 +87,23 @@ def test_a_contour_between_slices_is_refused(series: tuple[Path, Path, Volume], 
     (study,) = load_manifest(tmp_path / "out").studies
     assert study.status == "failed" and study.error is not None and study.error.code == "rtstruct_off_grid"
     assert "0.50 voxels from the nearest slice" in study.error.message and "RS.dcm: ROI 'Liver'" in study.error.message
+
+
+@pytest.mark.parametrize(("rois", "labels"), [(["liver"], {"0": "background", "1": "liver"}), (["spleen"], None)])
+def test_seg_and_rtstruct_labels_of_one_folder_declare_names_only_when_they_agree(
+        series: tuple[Path, Path, Volume], tmp_path: Path, rois: list[str], labels: dict[str, str] | None) -> None:
+    scan, first, image = series
+    write_structure_set(scan / "RS.dcm", first, image, {"Liver": [square((0.5, 2.5), (0.5, 2.5), 2)],
+                                                        "Spleen": [square((2.5, 4.5), (0.5, 2.5), 2)]})
+    write_series(scan / "MR", small_stored(2, (6, 5, 5)), series_tag="second")
+    ingest(scan, tmp_path / "plain")
+    (mr,) = [s for s in load_manifest(tmp_path / "plain").studies if s.source == "MR"]
+    mr_image = load_nifti(tmp_path / "plain" / str(mr.image))
+    export_dicom_seg(scan / "MR", mr_image.with_array((mr_image.array > mr_image.array.mean()).astype(np.uint8)),
+                     scan / "MR.seg.dcm", label_names={"1": "liver"})
+    ingest(scan, tmp_path / "out", config=_config(*rois))
+    manifest = load_manifest(tmp_path / "out")
+    assert sorted(str(s.label_source) for s in manifest.studies) == ["MR.seg.dcm", "RS.dcm"]
+    assert manifest.labels == labels
+    mixed = [s.id for s in manifest.studies if "label_kinds_mixed" in [p.code for p in s.problems]]
+    assert len(mixed) == (2 if labels is None else 0)
