@@ -13,7 +13,7 @@ from pipeline.batch import run_batch
 from pipeline.classification.labels_csv import apply_class_labels
 from pipeline.collector import long_lived
 from pipeline.config import DEFAULT_PSEUDONYM_KEY, IngestConfig, PipelineConfig
-from pipeline.errors import FileUnreadable, IngestError, PackedFile, PipelineError
+from pipeline.errors import FileUnreadable, PackedFile, PipelineError
 from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, group_series, skip_reason
 from pipeline.io.nifti import is_nifti
 from pipeline.isolation import Isolation
@@ -27,10 +27,11 @@ from pipeline.stages.ingest_listing import (
     LeftOut,
     StageFolder,
     Unreadable,
+    checked_listing,
     list_scan_files,
     listing_digest,
+    no_studies,
     relative,
-    scan_listing,
 )
 from pipeline.stages.ingest_msd import msd_tasks
 from pipeline.stages.ingest_rtstruct import pair_structure_sets
@@ -160,7 +161,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
     """All tasks under ``root``, the manifest header (dataset name, labels, ignored file count) and the
     scrubber that keeps this scan's PHI out of sources and messages (task sources are already scrubbed).
     ``files``: the scan's listing, sorted (as :func:`list_scan_files` gives it); ``unreadable``: what
-    that listing could not read (:func:`scan_listing`): a failed entry each; ``links``: the links it did
+    that listing could not read (:func:`checked_listing`): a failed entry each; ``links``: the links it did
     not follow, ``outputs``: the medpipe output folders it left out: a skipped entry each."""
     base: dict[str, Any] = {"out_dir": str(out_dir)}
     specs: list[dict[str, Any]] = []
@@ -344,20 +345,8 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
     scan_dir, out = Path(scan_dir), shard_out(Path(out), config)
     owns = study_selector(config)
     with scrubbed_logs(key=settings.pseudonym_key) as logs:
-        if not scan_dir.is_dir():
-            raise IngestError(f"scan folder {scan_dir} does not exist or is not a folder; pass the folder holding "
-                              "the NIfTI/DICOM files", code="scan_dir_missing")
-        if scan_dir.resolve().is_relative_to(out.resolve()):  # its listing would leave everything out
-            raise IngestError(f"the output folder {out} is the scan folder or holds it; pass another output "
-                              f"folder: one outside {scan_dir}, or a new subfolder of it (left out of the scan)",
-                              code="out_holds_scan")
-        listing = scan_listing(scan_dir, exclude=out.resolve())
+        listing = checked_listing(scan_dir, out=out)
         files = listing.files
-        if listing.unreadable and listing.unreadable[0].path == scan_dir:
-            raise IngestError(f"scan folder {scan_dir} cannot be read ({listing.unreadable[0].reason}); check its "
-                              "permissions", code="scan_dir_unreadable")
-        if not files and not listing.unreadable and not listing.links and not listing.outputs:
-            raise IngestError(f"scan folder {scan_dir} is empty; nothing to ingest", code="scan_dir_empty")
         digest = listing_digest(scan_dir, files, left_out=[*listing.unreadable, *listing.links, *listing.outputs])
 
         def work(record: StageRecord) -> list[Path]:
@@ -369,8 +358,7 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
                 logs.release(scrubber)
                 _warn_default_key(settings, tasks, record)
                 if not tasks:
-                    raise IngestError(f"scan folder {scan_dir} holds {len(files)} files but no NIfTI image or "
-                                      "DICOM image series", code="no_studies")
+                    raise no_studies(scan_dir, listing)
                 tasks = [t for t in tasks if owns(t.id)]  # the whole scan when unsharded
                 runnable = [t for t in tasks if t.error is None and t.skip is None]
                 outcomes = {o.key: o for o in run_batch(runnable, process_study, key=lambda t: t.id,

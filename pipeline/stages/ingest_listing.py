@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pipeline.errors import os_reason
+from pipeline.errors import IngestError, os_reason
 from pipeline.fileio import sha256_bytes, writable
 from pipeline.provenance import CONFIG_HEADER, CONFIG_NAME, RECORD_NAME
 
@@ -208,3 +208,28 @@ def listing_digest(root: Path, files: list[Path], *,
             continue
         lines.append(f"{relative(root, path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}")
     return sha256_bytes("\n".join(lines).encode(errors="surrogateescape"))  # the root's own name may not be UTF-8
+
+
+def checked_listing(scan_dir: Path, *, out: Path | None = None) -> ScanListing:
+    """:func:`scan_listing` of a scan folder (``out``, an output folder inside it, left out), or IngestError when
+    the folder is missing, is or lies inside ``out``, cannot be read, or holds nothing at all."""
+    if not scan_dir.is_dir():
+        raise IngestError(f"scan folder {scan_dir} does not exist or is not a folder; pass the folder holding "
+                          "the NIfTI/DICOM files", code="scan_dir_missing")
+    if out is not None and scan_dir.resolve().is_relative_to(out.resolve()):  # its listing would leave all out
+        raise IngestError(f"the output folder {out} is the scan folder or holds it; pass another output "
+                          f"folder: one outside {scan_dir}, or a new subfolder of it (left out of the scan)",
+                          code="out_holds_scan")
+    listing = scan_listing(scan_dir, exclude=None if out is None else out.resolve())
+    if listing.unreadable and listing.unreadable[0].path == scan_dir:
+        raise IngestError(f"scan folder {scan_dir} cannot be read ({listing.unreadable[0].reason}); check its "
+                          "permissions", code="scan_dir_unreadable")
+    if not listing.files and not listing.unreadable and not listing.links and not listing.outputs:
+        raise IngestError(f"scan folder {scan_dir} is empty; nothing to ingest", code="scan_dir_empty")
+    return listing
+
+
+def no_studies(scan_dir: Path, listing: ScanListing) -> IngestError:
+    """The error for a scan folder in which discovery found no study."""
+    return IngestError(f"scan folder {scan_dir} holds {len(listing.files)} files but no NIfTI image or DICOM image "
+                       "series", code="no_studies")

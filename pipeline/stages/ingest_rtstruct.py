@@ -16,6 +16,7 @@ from pipeline.stages.ingest_claims import claims, image_series
 from pipeline.stages.ingest_seg import series_frame_of_reference
 
 RTSTRUCT = "dicom_rtstruct"
+_HEADER_TAGS = ["ReferencedFrameOfReferenceSequence", "StructureSetROISequence"]  # not the contours
 
 
 class StructureSetHeader(NamedTuple):
@@ -31,7 +32,7 @@ def _header(path: str) -> StructureSetHeader | None:
     from pipeline.io.dicom_rtstruct_label import roi_names
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, specific_tags=_HEADER_TAGS)
         frames = list(ds.get("ReferencedFrameOfReferenceSequence", []) or [])
         series = [str(s.SeriesInstanceUID) for frame in frames for study in frame.get("RTReferencedStudySequence", [])
                   for s in study.get("RTReferencedSeriesSequence", []) if "SeriesInstanceUID" in s]

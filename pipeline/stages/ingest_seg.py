@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 from pipeline.stages.ingest_claims import claims, image_series
 
 SEGMENTATION = "dicom_segmentation"
+_HEADER_TAGS = ["ReferencedSeriesSequence", "SegmentSequence", "Manufacturer", "FrameOfReferenceUID",
+                "SeriesDescription"]  # not the per-frame groups nor the pixels
 
 
 class SegHeader(NamedTuple):
@@ -39,7 +41,7 @@ def _references(path: str) -> SegHeader | None:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, specific_tags=_HEADER_TAGS)
         uids = [str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", [])
                 if "SeriesInstanceUID" in item]
         names = {str(int(s.SegmentNumber)): str(s.get("SegmentLabel", "") or f"segment_{int(s.SegmentNumber)}")
@@ -207,9 +209,8 @@ def _reference_names(named: list[dict[str, str]]) -> dict[str, str] | None:
     if any(len(set(f.values())) != len(f) for f in folded):
         return None
     every = set().union(*(f.values() for f in folded))
-    full = Counter(tuple(sorted((int(n), name) for n, name in f.items())) for f in folded if set(f.values()) == every)
+    numberings = [tuple(sorted((int(n), name) for n, name in f.items())) for f in folded]
+    full = Counter(numbering for numbering, f in zip(numberings, folded, strict=True) if set(f.values()) == every)
     if not full:
         return None
-    chosen = max(sorted(full), key=full.__getitem__)
-    return next(names for names, f in zip(named, folded, strict=True)
-                if tuple(sorted((int(n), name) for n, name in f.items())) == chosen)
+    return named[numberings.index(max(sorted(full), key=full.__getitem__))]

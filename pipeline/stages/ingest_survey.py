@@ -17,10 +17,9 @@ from pathlib import Path
 
 from pipeline.collector import long_lived
 from pipeline.config import PipelineConfig
-from pipeline.errors import IngestError
 from pipeline.privacy import scrubbed_logs
 from pipeline.stages.ingest import discover
-from pipeline.stages.ingest_listing import scan_listing
+from pipeline.stages.ingest_listing import checked_listing, no_studies
 
 
 @dataclass(frozen=True)
@@ -37,18 +36,12 @@ class SurveyedStudy:
 
 def survey(scan_dir: Path, *, config: PipelineConfig | None = None) -> list[SurveyedStudy]:
     """Every study under ``scan_dir`` with what ingest would do with it, in the manifest's order; nothing is
-    written. Errors as ingest's for a folder that is missing, unreadable or holds no study."""
+    written. Errors as ingest's for a folder that is missing, unreadable, empty or holds no study."""
     config = config or PipelineConfig()
     settings = config.ingest
     scan_dir = Path(scan_dir)
     with scrubbed_logs(key=settings.pseudonym_key) as logs:
-        if not scan_dir.is_dir():
-            raise IngestError(f"scan folder {scan_dir} does not exist or is not a folder; pass the folder holding "
-                              "the NIfTI/DICOM files", code="scan_dir_missing")
-        listing = scan_listing(scan_dir)
-        if listing.unreadable and listing.unreadable[0].path == scan_dir:
-            raise IngestError(f"scan folder {scan_dir} cannot be read ({listing.unreadable[0].reason}); check its "
-                              "permissions", code="scan_dir_unreadable")
+        listing = checked_listing(scan_dir)
         find = partial(discover, scan_dir, listing.files, out_dir=Path(os.devnull), config=settings, previous={},
                        unreadable=listing.unreadable, links=listing.links, outputs=listing.outputs)
         with long_lived(find) as (tasks, _, scrubber):  # tasks name an output folder; nothing is written to it
@@ -57,8 +50,7 @@ def survey(scan_dir: Path, *, config: PipelineConfig | None = None) -> list[Surv
                                      status="skipped" if t.skip else "failed" if t.error else "to_convert",
                                      reason=t.skip or t.error) for t in tasks]
     if not studies:
-        raise IngestError(f"scan folder {scan_dir} holds {len(listing.files)} files but no NIfTI image or DICOM "
-                          "image series", code="no_studies")
+        raise no_studies(scan_dir, listing)
     return sorted(studies, key=lambda s: (s.source, s.id))
 
 
