@@ -14,22 +14,28 @@ class _Referencing(Protocol):
 
 H = TypeVar("H", bound=_Referencing)
 Spec = dict[str, Any]
+Images = dict[str, list[Spec]]
 
 
-def image_series(specs: list[Spec]) -> dict[str, list[Spec]]:
+def image_series(specs: list[Spec]) -> Images:
     """Series UID -> the specs of its image parts that ingest converts (more than one when it was split)."""
-    images: dict[str, list[Spec]] = defaultdict(list)
+    images: Images = defaultdict(list)
     for spec in specs:
         if spec.get("series") is not None and spec.get("skip") is None:
             images[spec["series"].uid].append(spec)
     return images
 
 
-def claims(objects: list[Spec], images: dict[str, list[Spec]], *, read: Callable[[str], H | None],
-           skip: Callable[[Spec, str], None], unreadable: str, verb: str) -> dict[str, list[tuple[Spec, H]]]:
-    """Image series UID -> the objects (with their headers, ``read`` from their one file) that name it and no other
-    series of the folder. An object whose header ``read`` cannot give, or that names none or several of the
-    folder's series, is skipped with the reason (``verb``: what it does to a series, "segments")."""
+def claims(specs: list[Spec], objects: list[Spec], *, read: Callable[[str], H | None],
+           skip: Callable[[Spec, str], None], unreadable: str,
+           verb: str) -> tuple[Images, dict[str, list[tuple[Spec, H]]]]:
+    """(image series UID -> its image specs, as :func:`image_series`; image series UID -> the ``objects`` (with
+    their headers, ``read`` from their one file) that name it and no other series of the folder). An object
+    whose header ``read`` cannot give, or that names none or several of the folder's series, is skipped with
+    the reason (``verb``: what it does to a series, "segments"). No objects: nothing is read."""
+    if not objects:
+        return {}, {}
+    images = image_series(specs)
     naming: dict[str, list[tuple[Spec, H]]] = defaultdict(list)
     for spec in objects:
         header = read(spec["series"].headers[0].path)
@@ -42,4 +48,4 @@ def claims(objects: list[Spec], images: dict[str, list[Spec]], *, read: Callable
                  if not here else f"it {verb} {len(here)} series of this scan folder at once; not used")
             continue
         naming[here[0]].append((spec, header))
-    return naming
+    return images, naming

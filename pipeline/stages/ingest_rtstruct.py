@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from pipeline.io.dicom_split import RT_STRUCTURE_SET_STORAGE
-from pipeline.stages.ingest_claims import claims, image_series
+from pipeline.stages.ingest_claims import claims
 from pipeline.stages.ingest_seg import series_frame_of_reference
 
 RTSTRUCT = "dicom_rtstruct"
@@ -57,11 +57,8 @@ def pair_structure_sets(specs: list[dict[str, Any]], *, rois: list[str] | None) 
     ``label_source``, ``rtstruct_rois``), and the label names (``rois``) when one was used."""
     sets = [s for s in specs if s.get("series") is not None and s.get("skip") and len(s["series"].headers) == 1
             and s["series"].headers[0].sop_class == RT_STRUCTURE_SET_STORAGE]
-    if not sets:
-        return specs, None
-    images = image_series(specs)
-    naming = claims(sets, images, read=_header, skip=_skip, verb="outlines",
-                    unreadable="its header cannot be read or names no series; not ingested")
+    images, naming = claims(specs, sets, read=_header, skip=_skip, verb="outlines",
+                            unreadable="its header cannot be read or names no series; not ingested")
     used: list[dict[str, Any]] = []
     for uid, claimed in naming.items():
         targets = images[uid]

@@ -18,7 +18,7 @@ from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
-from pipeline.stages.ingest_claims import claims, image_series
+from pipeline.stages.ingest_claims import claims
 
 SEGMENTATION = "dicom_segmentation"
 _HEADER_TAGS = ["ReferencedSeriesSequence", "SegmentSequence", "Manufacturer", "FrameOfReferenceUID",
@@ -128,11 +128,8 @@ def pair_segmentations(specs: list[dict[str, Any]], *,
     such SEG declares the same names, else None. ``pattern`` (``ingest.seg_label_pattern``) chooses among
     several SEGs of one series."""
     segs = [s for s in specs if s.get("skip") and s["skip"][0] == SEGMENTATION and len(s["series"].headers) == 1]
-    if not segs:
-        return specs, None
-    images = image_series(specs)
-    naming = claims(segs, images, read=_references, skip=_skip, verb="segments",
-                    unreadable="its header names no referenced series or no segments; not ingested")
+    images, naming = claims(specs, segs, read=_references, skip=_skip, verb="segments",
+                            unreadable="its header names no referenced series or no segments; not ingested")
     used: list[dict[str, Any]] = []
     declared: list[tuple[dict[str, Any], dict[str, str]]] = []
     for uid, claimed in naming.items():
