@@ -57,6 +57,7 @@ class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     dataset: str | None = None
     labels: dict[str, str] | None = None
+    channels: list[str] | None = None  # several image channels (4D images, channel last): their names, in order
     studies: list[Study] = []
     classes: dict[str, str] | None = None
 

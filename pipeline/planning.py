@@ -36,7 +36,7 @@ class StudyFingerprint:
     id: str
     spacing: tuple[float, float, float]
     shape: tuple[int, int, int]
-    foreground: np.ndarray
+    foreground: np.ndarray  # foreground intensity samples; (C, n) for a C-channel image
     class_counts: dict[int, int]
     modality: str | None = None
     cropped_shape: tuple[int, int, int] | None = None  # bounding box of image > 0 (what crop_foreground keeps)
@@ -93,14 +93,22 @@ def study_fingerprint(
     counts = _class_counts(lab)
     order = axis_order(image.affine, orientation)
     img = np.asarray(image.array)
+    mask = lab > 0
+    if img.ndim == 4:  # channel last: each channel's samples, a row each; cropping keeps where any channel is > 0
+        foreground = np.stack([foreground_samples(_masked_in_c_order(img[..., c], mask), max_samples=max_samples)
+                               for c in range(img.shape[3])])
+        extent = _positive_extent(img.max(axis=3))
+    else:
+        foreground = foreground_samples(_masked_in_c_order(img, mask), max_samples=max_samples)
+        extent = _positive_extent(img)
     return StudyFingerprint(
         id=study_id,
         spacing=tuple(_reoriented(image.spacing, order)),  # type: ignore[arg-type]
         shape=tuple(int(s) for s in _reoriented(image.spatial_shape, order)),  # type: ignore[arg-type]
-        foreground=foreground_samples(_masked_in_c_order(img, lab > 0), max_samples=max_samples),
+        foreground=foreground,
         class_counts={int(c): int(n) for c, n in enumerate(counts) if n},
         modality=modality,
-        cropped_shape=tuple(int(s) for s in _reoriented(_positive_extent(img), order)),  # type: ignore[arg-type]
+        cropped_shape=tuple(int(s) for s in _reoriented(extent, order)),  # type: ignore[arg-type]
     )
 
 
@@ -172,7 +180,12 @@ def dataset_fingerprint(studies: Sequence[StudyFingerprint]) -> dict[str, Any]:
         totals.update(s.class_counts)
     voxels = sum(totals.values())
     modalities = Counter(s.modality for s in studies if s.modality)
-    pooled = np.concatenate([s.foreground for s in studies]) if studies else np.zeros(0)
+    if len({s.foreground.shape[:-1] for s in studies}) > 1:
+        raise StageError("the studies hold different numbers of image channels; ingest checks them against "
+                         "dataset.json's 'modality', so rerun ingest", code="channels_mismatch")
+    pooled = np.concatenate([s.foreground for s in studies], axis=-1)
+    channels = {"channel_intensity": [_stats(row) for row in pooled]} if pooled.ndim == 2 else {}
+    pooled = pooled[0] if pooled.ndim == 2 else pooled
     return {
         "n_studies": len(studies),
         "median_spacing": [round(float(v), 6) for v in np.median(spacings, axis=0)],
@@ -185,7 +198,8 @@ def dataset_fingerprint(studies: Sequence[StudyFingerprint]) -> dict[str, Any]:
         "max_shape": [int(v) for v in shapes.max(axis=0)],
         "total_volume_mm3": round(float(np.sum(np.prod(shapes, axis=1) * voxel_mm3)), 3),
         "total_cropped_volume_mm3": round(float(np.sum(np.prod(cropped, axis=1) * voxel_mm3)), 3),
-        "intensity": _stats(pooled),
+        "intensity": _stats(pooled),  # of the first channel where there are several; channel_intensity: each's
+        **channels,
         "intensity_percentiles": list(INTENSITY_PERCENTILES),
         "foreground_samples": int(pooled.size),
         "class_fractions": {str(c): totals[c] / voxels for c in sorted(totals)} if voxels else {},
@@ -237,6 +251,37 @@ def _class_names(fingerprint: dict[str, Any], labels: dict[str, str] | None) -> 
     return num_classes, {str(c): names[str(c)] for c in range(num_classes)}
 
 
+def _channel_plans(fingerprint: dict[str, Any], channels: Sequence[str], requested: str, ov: dict[str, Any],
+                   source: str) -> tuple[list[dict[str, Any]], str]:
+    """The plans' ``channels`` (each one's name, normalisation and intensity statistics) for a multi-channel
+    dataset, and their common normalisation (``per_channel`` where they differ).
+
+    A plans file's ``channels`` must name the dataset's channels in order; its normalisations and any
+    intensities it gives replace the planned ones. ``normalization`` (one method for every channel,
+    ``auto`` by each name; ``per_channel``: as planned) applies where it gives none."""
+    names = [str(n) for n in channels]
+    if "intensity" in ov or ov.get("modality") is not None:
+        raise ConfigError(f"{source}: plans keys 'intensity' and 'modality' describe one channel, but this dataset "
+                          f"has {len(names)} ({', '.join(names)}); give them per channel under 'channels'")
+    stats = fingerprint.get("channel_intensity") or []
+    if len(stats) != len(names):
+        raise StageError(f"the manifest names {len(names)} channels ({', '.join(names)}) but the images hold "
+                         f"{len(stats) or 1}; rerun ingest", code="channels_mismatch")
+    given = ov.get("channels")
+    if given is not None and [str(c["name"]) for c in given] != names:
+        raise ConfigError(f"{source}: plans key 'channels' names {[c['name'] for c in given]}, but this dataset's "
+                          f"channels are {names}; list those, in that order")
+    requested = "auto" if requested == "per_channel" else requested
+    planned = []
+    for number, (name, measured) in enumerate(zip(names, stats, strict=True)):
+        own = given[number] if given is not None else {}
+        intensity = own.get("intensity", measured)
+        planned.append({"name": name, "normalization": resolve_normalization(own.get("normalization", requested), name),
+                        "intensity": {k: float(intensity[k]) for k in ("mean", "std", "p005", "p995")}})
+    methods = {c["normalization"] for c in planned}
+    return planned, methods.pop() if len(methods) == 1 else "per_channel"
+
+
 def make_plans(
     fingerprint: dict[str, Any],
     *,
@@ -244,6 +289,7 @@ def make_plans(
     labels: dict[str, str] | None = None,
     overrides: dict[str, Any] | None = None,
     overrides_source: str = "plans_file",
+    channels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The plans: target grid, normalisation, patch and batch size, network topology and classes.
 
@@ -251,7 +297,10 @@ def make_plans(
     :mod:`pipeline.plans_file`), the config, or the fingerprint: spacing by
     :func:`planned_spacing`, normalisation by :func:`resolve_normalization`, patch/batch/topology
     by :func:`pipeline.topology.plan_patch_and_batch` for ``config.memory_budget_mb`` on the
-    resampled median shape (after foreground cropping when ``crop_foreground``).
+    resampled median shape (after foreground cropping when ``crop_foreground``). Several ``channels``
+    (their names, from the ingest manifest) give ``channels`` in place of ``intensity``: each one's
+    name, normalisation (``auto`` resolved by its name, so a ``CT`` channel gets ``ct``) and intensity
+    statistics; ``normalization`` is then their common method, or ``per_channel`` (see :func:`_channel_plans`).
     """
     ov = dict(overrides or {})
     num_classes, names = _class_names(fingerprint, labels)
@@ -300,19 +349,30 @@ def make_plans(
         "estimated_memory_mb": plan.memory_mb,
         "memory_budget_mb": float(config.memory_budget_mb),
     }
-    intensity = ov.get("intensity", stats)
+    requested = ov.get("normalization", config.normalization)
+    if channels is not None and len(channels) > 1:
+        planned, normalization = _channel_plans(fingerprint, channels, requested, ov, overrides_source)
+        intensity_plans: dict[str, Any] = {"channels": planned}
+        modality = None
+    elif "channels" in ov or requested == "per_channel":
+        raise ConfigError(f"{overrides_source}: plans keys 'channels' and normalization 'per_channel' are for images "
+                          "of several channels, and this dataset's have one; remove them")
+    else:
+        intensity = ov.get("intensity", stats)
+        normalization = resolve_normalization(requested, modality)
+        intensity_plans = {"intensity": {k: float(intensity[k]) for k in ("mean", "std", "p005", "p995")}}
     return {
         "schema_version": PLANS_SCHEMA_VERSION,
         "orientation": ov.get("orientation", config.orientation),
         "target_spacing": [float(v) for v in spacing],
-        "normalization": resolve_normalization(ov.get("normalization", config.normalization), modality),
+        "normalization": normalization,
         "crop_foreground": crop,
         "patch_size": [int(v) for v in plan.patch_size],
         "batch_size": int(plan.batch_size),
         "num_classes": num_classes,
         "labels": names,
         "modality": modality,
-        "intensity": {k: float(intensity[k]) for k in ("mean", "std", "p005", "p995")},
+        **intensity_plans,
         "network": plan.topology.as_dict(),
         "fingerprint": fingerprint,
     }

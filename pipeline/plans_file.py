@@ -12,6 +12,7 @@ from pipeline.errors import ConfigError
 from pipeline.registry import did_you_mean
 
 NORMALIZATIONS = ("auto", "zscore", "ct", "none")
+CHANNEL_KEYS = ("name", "normalization", "intensity")
 IGNORED_KEYS = ("schema_version", "fingerprint")  # measurements and format, not choices: never replace planned values
 
 
@@ -71,6 +72,20 @@ def _network(value: Any) -> str | None:
     return None
 
 
+def _channels(value: Any) -> str | None:
+    shape = ("a list of two or more objects, one per image channel in order, each with 'name', "
+             f"'normalization' ({', '.join(NORMALIZATIONS)}) and optionally 'intensity'")
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, dict) for c in value):
+        return shape
+    for channel in value:
+        if set(channel) - set(CHANNEL_KEYS) or not isinstance(channel.get("name"), str) or \
+                channel.get("normalization") not in NORMALIZATIONS:
+            return shape
+        if "intensity" in channel and _intensity(channel["intensity"]) is not None:
+            return shape
+    return None
+
+
 def _choice(values: tuple[str, ...]) -> Callable[[Any], str | None]:
     return lambda value: None if value in values else f"one of {', '.join(values)}"
 
@@ -83,7 +98,7 @@ VALIDATORS: dict[str, Callable[[Any], str | None]] = {
     "schema_version": _check(lambda v: v == 1, "1 (the only plans schema)"),
     "orientation": _orientation,
     "target_spacing": _triple(lambda v: _is_number(v) and v > 0, "positive numbers (mm)"),
-    "normalization": _choice(NORMALIZATIONS),
+    "normalization": _choice((*NORMALIZATIONS, "per_channel")),
     "crop_foreground": _check(lambda v: isinstance(v, bool), "true or false"),
     "patch_size": _triple(lambda v: _is_int(v) and v >= 4, "integers >= 4"),
     "batch_size": _check(lambda v: _is_int(v) and v >= 1, "a positive integer"),
@@ -91,6 +106,7 @@ VALIDATORS: dict[str, Callable[[Any], str | None]] = {
     "labels": _labels,
     "modality": _check(lambda v: v is None or isinstance(v, str), "a string or null"),
     "intensity": _intensity,
+    "channels": _channels,
     "network": _network,
     "fingerprint": _check(lambda v: isinstance(v, dict), "an object"),
 }

@@ -24,7 +24,7 @@ IMAGE_FILE = "image.nii.gz"
 LABEL_FILE = "label.nii.gz"
 META_FILE = "meta.json"
 # the code that decides a preprocessed study's bytes: any edit to these files starts a fresh key
-CODE_FILES = ("transforms/preprocessing.py", "io/nifti.py", "io/volume.py", "stages/preprocess.py")
+CODE_FILES = ("transforms/preprocessing.py", "io/nifti.py", "io/volume.py", "io/channels.py", "stages/preprocess.py")
 LIBRARIES = ("monai", "torch", "nibabel", "numpy")
 
 
@@ -36,7 +36,9 @@ def resampling_plans(plans: dict[str, Any]) -> dict[str, Any]:
     """
     keys = ("orientation", "target_spacing", "normalization", "crop_foreground", "num_classes")
     out = {k: plans.get(k) for k in keys}
-    if plans.get("normalization") == "ct":
+    if plans.get("channels"):  # several channels: each one's normalisation and statistics
+        out["channels"] = plans["channels"]
+    elif plans.get("normalization") == "ct":
         out["intensity"] = {k: plans["intensity"][k] for k in ("mean", "std", "p005", "p995")}
     return out
 

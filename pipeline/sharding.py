@@ -168,9 +168,10 @@ def _merge_ingest(out: Path, shards: list[tuple[Shard, Path]]) -> list[Path]:
     from pipeline.manifest import Manifest, load_manifest, save_manifest
 
     manifests = [load_manifest(folder) for _, folder in shards]
-    headers = {(m.dataset, repr(m.labels)) for m in manifests}
+    headers = {(m.dataset, repr(m.labels), repr(m.channels)) for m in manifests}
     if len(headers) > 1:
-        raise ManifestError("the shards' manifests name different datasets or labels; rerun them on one scan folder")
+        raise ManifestError("the shards' manifests name different datasets, labels or channels; rerun them on one "
+                            "scan folder")
     studies, outputs = [], []
     for (_, folder), manifest in zip(shards, manifests, strict=True):
         for study in manifest.studies:
@@ -179,8 +180,8 @@ def _merge_ingest(out: Path, shards: list[tuple[Shard, Path]]) -> list[Path]:
                 if rel and study.status == "ok":
                     outputs.append(_place(folder / rel, out / rel))
     studies.sort(key=lambda s: (s.source, s.id))
-    merged = Manifest(dataset=manifests[0].dataset, labels=manifests[0].labels, classes=manifests[0].classes,
-                      studies=studies)
+    merged = Manifest(dataset=manifests[0].dataset, labels=manifests[0].labels, channels=manifests[0].channels,
+                      classes=manifests[0].classes, studies=studies)
     return [save_manifest(merged, out), *outputs]
 
 

@@ -41,7 +41,8 @@ from pipeline.inference.model_loading import (
 )
 from pipeline.inference.postprocess import keep_largest_component
 from pipeline.io import nib
-from pipeline.io.nifti import load_nifti, write_image
+from pipeline.io.channels import channel_names, check_channels, load_channels
+from pipeline.io.nifti import write_image
 from pipeline.io.volume import Volume
 from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
 from pipeline.runtime import resolve_device
@@ -173,8 +174,18 @@ class Predictor:
         bundles = load_models(model_dir, folds=config.folds)
         return cls.from_bundles(bundles, config=config, postprocess=postprocess), bundles
 
+    @property
+    def channels(self) -> list[str] | None:
+        """The input channels' names (images 4D, channel last), or None for 3D images of one channel."""
+        return channel_names(self.plans)
+
+    def load(self, path: str | Path) -> Volume:
+        """An input image, validated by ``load_nifti`` and checked to hold the plans' channels."""
+        return load_channels(path, self.channels)
+
     def preprocess(self, volume: Volume) -> MetaTensor:
         """The volume on the plans' grid and intensities, channel first, with its affine."""
+        check_channels(volume, self.channels, what="the input image")
         tensor = MetaTensor(torch.from_numpy(np.asarray(volume.array, dtype=np.float32).copy()),
                             affine=torch.from_numpy(volume.affine.copy()), meta={"space": "RAS"})
         return self._transform({"image": tensor})["image"]
@@ -216,7 +227,7 @@ class Predictor:
         return self.predict(volume).labels
 
     def predict_file(self, path: str | Path) -> Volume:
-        return self.predict_volume(load_nifti(path))
+        return self.predict_volume(self.load(path))
 
 
 def save_probability_map(probabilities: Volume, path: str | Path) -> Path:

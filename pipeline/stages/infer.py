@@ -26,7 +26,7 @@ from pipeline.inference.model_files import (
     resolve_model_dirs,
 )
 from pipeline.inference.postprocess import VALIDATION_JSON, postprocess_plan
-from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem, save_nifti
+from pipeline.io.nifti import is_nifti, nifti_stem, save_nifti
 from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
@@ -128,7 +128,7 @@ def predict_item(predictor: Predictor, item: InferItem, *, out: Path, probabilit
     """Predict one input; write its labels (and probability map) into ``out``; return the labels' path."""
     from pipeline.inference.predictor import save_probability_map
 
-    prediction = predictor.predict(load_nifti(item.path), probabilities=probabilities)
+    prediction = predictor.predict(predictor.load(item.path), probabilities=probabilities)
     save_nifti(prediction.labels, out / item.prediction, dtype=np.uint8)
     if prediction.probabilities is not None:
         save_probability_map(prediction.probabilities, out / item.probabilities)

@@ -165,7 +165,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
     not follow, ``outputs``: the medpipe output folders it left out: a skipped entry each."""
     base: dict[str, Any] = {"out_dir": str(out_dir)}
     specs: list[dict[str, Any]] = []
-    header: dict[str, Any] = {"dataset": None, "labels": None}
+    header: dict[str, Any] = {"dataset": None, "labels": None, "channels": None}
     remaining = files
     if (root / "dataset.json").is_file():
         msd_specs, consumed, header = msd_tasks(root, base, set(files))
@@ -366,7 +366,8 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
                                                         isolation=_isolation(settings),
                                                         execution=config.execution)}
                 studies = _studies(tasks, outcomes, scrubber, record)
-                manifest = Manifest(dataset=header["dataset"], labels=header["labels"], studies=studies)
+                manifest = Manifest(dataset=header["dataset"], labels=header["labels"], channels=header["channels"],
+                                    studies=studies)
                 manifest = apply_class_labels(manifest, config.data.labels_csv, root=scan_dir,  # classification
                                               partial=config.execution.shard is not None)
                 outputs = [save_manifest(manifest, out)]

@@ -6,6 +6,7 @@ ingested once; images in imagesTr that no entry lists are ingested unlabeled, wi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -48,11 +49,34 @@ def _read_msd(root: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
     return meta, {str(k): pairs[k] for k in sorted(pairs)}
 
 
+def _channels(meta: dict[str, Any]) -> list[str] | None:
+    """The channel names of dataset.json's ``modality`` (MSD) or ``channel_names`` (nnU-Net v2): ``{"0": "FLAIR",
+    "1": "T1w", ...}``, numbered 0, 1, ... in the images' 4th axis; None when absent (one channel assumed)."""
+    raw = meta.get("modality", meta.get("channel_names"))
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return [raw]
+    try:
+        numbered = {int(k): str(v) for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        numbered = {}
+    if not numbered or sorted(numbered) != list(range(len(numbered))):
+        raise IngestError("dataset.json 'modality' (or 'channel_names') must number the image channels 0, 1, ... "
+                          f"(as {{\"0\": \"CT\"}} or {{\"0\": \"FLAIR\", \"1\": \"T1w\"}}), got "
+                          f"{json.dumps(raw)[:200]}", code="msd_bad_dataset_json")
+    return [numbered[k] for k in range(len(numbered))]
+
+
 def msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list[dict[str, Any]], set[Path], dict]:
-    """Study specs from dataset.json's training list, imagesTs and unlisted imagesTr images."""
+    """Study specs from dataset.json's training list, imagesTs and unlisted imagesTr images.
+
+    With several channels in ``modality`` (MSD's BrainTumour, Prostate), each image is 4D with one volume per
+    channel along its last axis; every study is checked to hold that many, and the header lists their names."""
     meta, labels = _read_msd(root)
-    modality = meta.get("modality")
-    modality = str(next(iter(modality.values()))) if isinstance(modality, dict) and len(modality) == 1 else None
+    names = _channels(meta)
+    modality = names[0] if names is not None and len(names) == 1 else None
+    channels = {"channels": len(names)} if names is not None and len(names) > 1 else {}
     allowed = tuple(int(k) for k in labels) if labels else None
     specs: list[dict[str, Any]] = []
     consumed = {root / "dataset.json"} | {p for p in files if p.parent == root / "labelsTr"}
@@ -62,8 +86,8 @@ def msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list[
         label_rel = str(entry.get("label", "")) if isinstance(entry, dict) else ""
         image, label = _inside(root, image_rel), _inside(root, label_rel)
         source = PurePosixPath(image_rel).as_posix()
-        spec = {**base, "source": source, "id_key": source, "modality": modality, "allowed_labels": allowed,
-                "label_source": PurePosixPath(label_rel).as_posix() if label_rel else None}
+        spec = {**base, "source": source, "id_key": source, "modality": modality, **channels,
+                "allowed_labels": allowed, "label_source": PurePosixPath(label_rel).as_posix() if label_rel else None}
         if source in first:  # one study per image: a second entry is recorded under its own id, not converted
             spec.update(id_key=f"{source}#training[{number}]", **_repeated_entry(number, spec["label_source"],
                                                                                  *first[source]))
@@ -86,9 +110,9 @@ def msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list[
         problems = () if path.parent.name == "imagesTs" else (
             ("msd_unlisted_image", f"{rel}: in imagesTr but not in dataset.json's training list; ingested unlabeled"),)
         specs.append({**base, "source": rel, "id_key": rel, "image_path": str(path), "modality": modality,
-                      "problems": problems})
+                      **channels, "problems": problems})
         consumed.add(path)
-    return specs, consumed, {"dataset": meta.get("name"), "labels": labels}
+    return specs, consumed, {"dataset": meta.get("name"), "labels": labels, "channels": names if channels else None}
 
 
 def _repeated_entry(number: int, label: str | None, before: int, before_label: str | None) -> dict[str, Any]:

@@ -44,15 +44,28 @@ class IngestTask:
     max_voxels: int | None = None
     seg_values: tuple[tuple[int, int], ...] | None = None  # a SEG label's segment number -> value, where they differ
     rtstruct_rois: tuple[str, ...] | None = None  # the label is an RT structure set: these ROIs, value 1, 2, ...
+    channels: int | None = None  # a 4D NIfTI image of this many channels (dataset.json's modality), channel last
 
 
-def _load(path: str, rel: str) -> Volume:
-    """load_nifti, with the error naming the file relative to the scan folder."""
+def _load(path: str, rel: str, *, channels: int | None = None, image: bool = False) -> Volume:
+    """load_nifti, with the error naming the file relative to the scan folder; ``channels``: a 4D image of
+    that many channels is expected (an MSD dataset.json naming several in 'modality')."""
     try:
-        return load_nifti(path, verify_gzip=True, order="K")
+        volume = load_nifti(path, verify_gzip=True, order="K", allow_4d=channels is not None)
     except IngestError as exc:
         message = str(exc).replace(f"{Path(path).name}:", f"{rel}:", 1)
-        raise type(exc)(message if rel in message else f"{rel}: {message}", code=exc.code) from exc
+        message = message if rel in message else f"{rel}: {message}"
+        if exc.code == "nifti_4d" and image:
+            message += ("; for one volume per channel (MSD's BrainTumour or Prostate), name each channel in the "
+                        "'modality' of the folder's dataset.json")
+        raise type(exc)(message, code=exc.code) from exc
+    held = volume.array.shape[3] if volume.array.ndim == 4 else 1
+    if channels is not None and held != channels:
+        raise IngestError(f"{rel}: {held} volume(s) along the 4th axis, but dataset.json names {channels} channels; "
+                          "each image must hold one volume per channel, in that order (one file per channel, as "
+                          "nnU-Net v2's case_0000.nii.gz, is not read: stack them into one 4D image)",
+                          code="nifti_channels")
+    return volume
 
 
 def _label_array(label: Volume, image: Volume, task: IngestTask) -> np.ndarray:
@@ -160,13 +173,15 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
             label = _renumbered(label, task.seg_values) if task.seg_values else label
         return _write(task, volume, storage_dtype(volume.array), label, inputs, problems), False
     inputs = {"input": _checksum(task.image_path, task.source), **_discovery_digest(task)}  # type: ignore[arg-type]
+    if task.channels:  # the same file read as channels is another study
+        inputs["input"] = sha256_bytes(f"{inputs['input']}|channels {task.channels}".encode())
     if task.label_path:
         label_sha = _checksum(task.label_path, task.label_source or "")
         inputs["label_input"] = sha256_bytes(f"{label_sha}|{task.allowed_labels}".encode())
     if _reusable(task, inputs):
         return task.previous, True  # type: ignore[return-value]
     _check_size(task.image_path, task.source, task.max_voxels)  # type: ignore[arg-type]
-    image = _load(task.image_path, task.source)  # type: ignore[arg-type]
+    image = _load(task.image_path, task.source, channels=task.channels, image=True)  # type: ignore[arg-type]
     source_dtype = np.dtype(image.meta["source_dtype"])
     dtype = source_dtype.newbyteorder("=") if image.array.dtype == source_dtype else np.float32
     label = _label_array(_load(task.label_path, task.label_source or ""), image, task) if task.label_path else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from pipeline.batch import outcome_summary, run_batch
 from pipeline.config import PipelineConfig
 from pipeline.errors import GeometryError, StageError
 from pipeline.fileio import read_json, sha256_file, write_json_atomic
+from pipeline.io.channels import channel_last, load_channels
 from pipeline.io.nifti import load_nifti, save_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import Manifest, Study, load_manifest
@@ -89,9 +90,10 @@ def _skip_reason(study: Study) -> tuple[str, str] | None:
     return None
 
 
-def fingerprint_study(item: StudyInput, *, orientation: str) -> StudyFingerprint:
-    """Load one study and measure it (module level, so worker processes can pickle it)."""
-    image = load_nifti(item.image, order="K")  # the file's voxel order: no transposing copies
+def fingerprint_study(item: StudyInput, *, orientation: str, channels: Sequence[str] | None = None) -> StudyFingerprint:
+    """Load one study (of the manifest's ``channels``) and measure it (module level, so worker processes can
+    pickle it)."""
+    image = load_channels(item.image, channels, order="K")  # the file's voxel order: no transposing copies
     label = load_nifti(item.label, order="K")
     return study_fingerprint(item.id, image, label, orientation=orientation, modality=item.modality)
 
@@ -124,7 +126,8 @@ def _compute(item: StudyInput, plans: dict[str, Any], image_out: Path, label_out
                                                                                       "label": str(item.label)})
     image, label = data["image"], data["label"]
     affine = np.asarray(image.affine, dtype=np.float64)
-    if not np.allclose(affine, np.asarray(label.affine, dtype=np.float64), atol=1e-4) or image.shape != label.shape:
+    if not np.allclose(affine, np.asarray(label.affine, dtype=np.float64), atol=1e-4) or \
+            image.shape[1:] != label.shape[1:]:
         raise GeometryError(f"study {item.id}: image and label ended on different grids after preprocessing",
                             code="label_grid_mismatch")
     classes = np.rint(np.asarray(label[0], dtype=np.float32))
@@ -132,7 +135,7 @@ def _compute(item: StudyInput, plans: dict[str, Any], image_out: Path, label_out
         raise StageError(f"study {item.id}: label values {int(classes.min())}..{int(classes.max())} lie outside "
                          f"the plans' {plans['num_classes']} classes", study_id=item.id, code="label_out_of_range")
     # in whatever voxel order the transforms left (nibabel writes Fortran order; an F-ordered array needs no copy)
-    save_nifti(Volume(np.asarray(image[0], dtype=np.float32), affine), image_out, dtype=np.float32)
+    save_nifti(Volume(channel_last(np.asarray(image, dtype=np.float32)), affine), image_out, dtype=np.float32)
     save_nifti(Volume(classes.astype(np.uint8, order="K"), affine), label_out, dtype=np.uint8)
     return [int(s) for s in image.shape[1:]]
 
@@ -167,12 +170,12 @@ def _labels(manifest: Manifest) -> dict[str, str] | None:
     return dict(manifest.labels) if manifest.labels else None
 
 
-def _fingerprints(items: list[StudyInput], *, orientation: str, config: PipelineConfig,
+def _fingerprints(items: list[StudyInput], *, orientation: str, channels: list[str] | None, config: PipelineConfig,
                   owns: Callable[[str], bool], record: StageRecord) -> tuple[list[StudyFingerprint], list[StudyInput]]:
     """Fingerprint every training study; failures go to the record (for the studies this shard owns)."""
     fingerprints: list[StudyFingerprint] = []
     usable: list[StudyInput] = []
-    for outcome in run_batch(items, functools.partial(fingerprint_study, orientation=orientation),
+    for outcome in run_batch(items, functools.partial(fingerprint_study, orientation=orientation, channels=channels),
                              key=lambda it: it.id, desc="fingerprint", execution=config.execution):
         if outcome.ok and outcome.result is not None:
             fingerprints.append(outcome.result)
@@ -217,20 +220,23 @@ def preprocess(ingest_dir: Path, out: Path, *, config: PipelineConfig | None = N
             raise StageError(f"{manifest_path}: no ok studies with a label, so there is nothing to train on; "
                              "check the ingest record for failures and that labels were found")
         orientation = overrides.get("orientation", config.preprocess.orientation)
-        fingerprints, usable = _fingerprints(items, orientation=orientation, config=config, owns=owns, record=record)
+        channels = manifest.channels if manifest.channels and len(manifest.channels) > 1 else None
+        fingerprints, usable = _fingerprints(items, orientation=orientation, channels=channels, config=config,
+                                             owns=owns, record=record)
         if not fingerprints:
             raise StageError(f"every labelled study in {manifest_path} failed to load; see record.json in {out}")
         fingerprint = dataset_fingerprint(fingerprints)
         plans = make_plans(fingerprint, config=config.preprocess, labels=_labels(manifest), overrides=overrides,
-                           overrides_source=str(plans_file))
+                           overrides_source=str(plans_file), channels=channels)
         if overrides:
-            planned = make_plans(fingerprint, config=config.preprocess, labels=_labels(manifest))
+            planned = make_plans(fingerprint, config=config.preprocess, labels=_labels(manifest), channels=channels)
             _log_overrides(overrides, planned, Path(str(plans_file)))
             record.extra["plans_file_keys"] = sorted(overrides)
         write_json_atomic(out / PLANS_NAME, plans)
-        log.info("plans: target spacing %s, normalization %s, %d classes, patch %s, batch %d, %d levels",
+        log.info("plans: target spacing %s, normalization %s, %d classes, patch %s, batch %d, %d levels%s",
                  plans["target_spacing"], plans["normalization"], plans["num_classes"], plans["patch_size"],
-                 plans["batch_size"], len(plans["network"]["strides"]))
+                 plans["batch_size"], len(plans["network"]["strides"]),
+                 "".join(f", channel {c['name']}: {c['normalization']}" for c in plans.get("channels", ())))
         entries: list[dict[str, str]] = []
         outputs: list[Path] = [out / PLANS_NAME, out / DATASET_NAME]
         sources = {it.id: it.source for it in usable}
@@ -257,6 +263,8 @@ def preprocess(ingest_dir: Path, out: Path, *, config: PipelineConfig | None = N
             log.info("preprocess cache %s: %d hit(s)", cache_dir, hits)
         record.extra.update({key: plans[key] for key in ("num_classes", "target_spacing", "normalization",
                                                         "patch_size", "batch_size")})
+        if plans.get("channels"):
+            record.extra["channels"] = [c["name"] for c in plans["channels"]]
         return outputs
 
     inputs = _input_files(manifest_path, ingest_dir)

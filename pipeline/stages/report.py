@@ -14,6 +14,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import ManifestError, PipelineError
 from pipeline.fileio import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from pipeline.inference.predictor import PREDICTIONS_JSON, prediction_paths
+from pipeline.io.channels import load_channels
 from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -44,12 +45,19 @@ def _load_optional(path: Path | None) -> Volume | None:
     return load_nifti(path) if path is not None and path.is_file() else None
 
 
+def _first_channel(path: Path | None, channels: list[str] | None) -> tuple[Volume | None, list[str]]:
+    """The image for a picture: of several channels (4D, channel last), the first, with a note naming it."""
+    if not channels or len(channels) < 2 or path is None or not path.is_file():
+        return _load_optional(path), []
+    volume = load_channels(path, channels)
+    return volume.with_array(volume.array[..., 0]), [f"image: channel {channels[0]} of {', '.join(channels)}"]
+
+
 def _figure(image: Path | None, reference: Path | None, prediction: Path | None,
-            study_id: str) -> tuple[bytes | None, list[str]]:
-    notes = []
+            study_id: str, *, channels: list[str] | None = None) -> tuple[bytes | None, list[str]]:
     ref = _load_optional(reference)
     pred = _load_optional(prediction)
-    img = _load_optional(image)
+    img, notes = _first_channel(image, channels)
     grid = ref or pred or img
     if grid is None:
         return None, ["no image or labels available for a picture"]
@@ -132,7 +140,7 @@ def report(
             reference = ingest / study.label if ingest is not None and study and study.label else None
             prediction = pred_paths.get(sid)
             try:
-                png, notes = _figure(image, reference, prediction, sid)
+                png, notes = _figure(image, reference, prediction, sid, channels=manifest.channels)
             except PipelineError as exc:
                 png, notes = None, [f"no picture: {scrub_source(str(exc), study)}"]
             name = names[sid]

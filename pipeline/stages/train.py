@@ -19,6 +19,7 @@ from pipeline.config import NetworkConfig, PipelineConfig, config_dict, config_h
 from pipeline.errors import ConfigError, StageError
 from pipeline.fileio import read_json, sha256_file, write_json_atomic
 from pipeline.inference.postprocess import VALIDATION_JSON, decide_postprocessing, mean_over, read_validation
+from pipeline.io.channels import channel_count, channel_names
 from pipeline.manifest import load_manifest
 from pipeline.provenance import RECORD_NAME, StageRecord, StudyStatus, hash_inputs, is_up_to_date
 from pipeline.runtime import device_description, resolve_device, seed_everything, set_threads
@@ -75,7 +76,8 @@ def model_metadata(config: PipelineConfig, plans: dict[str, Any], *, fold: int |
         "schema_version": MODEL_SCHEMA_VERSION,
         "task": "segmentation",
         "network": network.model_dump(mode="json"),
-        "in_channels": 1,
+        "in_channels": channel_count(plans),
+        "channels": channel_names(plans),
         "out_channels": int(plans["num_classes"]),
         "plans": plans,
         "labels": plans.get("labels", {}),

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 from pipeline.errors import ConfigError, ManifestError, StageError
 from pipeline.fileio import read_json
+from pipeline.io.channels import channel_first, load_channels
 from pipeline.io.nifti import load_nifti
 from pipeline.manifest import MANIFEST_NAME
 
@@ -57,12 +58,18 @@ def read_preprocessed(preprocess_dir: str | Path) -> tuple[dict[str, Any], list[
 
 
 class LoadPreprocessedd(mt.MapTransform):
-    """Read preprocessed NIfTI files (validated by ``load_nifti``) into channel-first float32 arrays."""
+    """Read preprocessed NIfTI files (validated by ``load_nifti``) into channel-first float32 arrays; the first
+    key's holds the plans' ``channels`` (4D, channel last, in the file), the others one channel."""
+
+    def __init__(self, keys: Sequence[str], *, channels: Sequence[str] | None = None) -> None:
+        super().__init__(keys)
+        self.channels = list(channels) if channels else None
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         out = dict(data)
-        for key in self.key_iterator(out):
-            out[key] = np.asarray(load_nifti(out[key]).array, dtype=np.float32)[np.newaxis]
+        for number, key in enumerate(self.key_iterator(out)):
+            volume = load_channels(out[key], self.channels) if number == 0 else load_nifti(out[key])
+            out[key] = np.ascontiguousarray(channel_first(np.asarray(volume.array, dtype=np.float32)))
         return out
 
 
@@ -78,21 +85,22 @@ def study_items(preprocess_dir: str | Path, entries: Sequence[dict[str, str]], i
             for i in ids]
 
 
-def train_dataset(items: Sequence[dict], transform: mt.Compose, *, cache_threads: int | None = None) -> CacheDataset:
+def train_dataset(items: Sequence[dict], transform: mt.Compose, *, cache_threads: int | None = None,
+                  channels: Sequence[str] | None = None) -> CacheDataset:
     """Cache the deterministic head of ``transform`` (loading, padding, class indices) for every volume.
 
     The cache is read, never copied, per sample (the patch sampler crops copies), and worker
     processes are persistent (see ``train_loader``), so it is not duplicated per worker or epoch.
     """
-    full = mt.Compose([LoadPreprocessedd(keys=["image", "label"]), *transform.transforms])
+    full = mt.Compose([LoadPreprocessedd(keys=["image", "label"], channels=channels), *transform.transforms])
     threads = cache_threads if cache_threads is not None else min(4, available_cpus())
     return CacheDataset(data=list(items), transform=full, cache_rate=1.0, num_workers=max(threads, 1),
                         progress=False, copy_cache=False)
 
 
-def validation_volumes(items: Sequence[dict]) -> list[dict[str, Any]]:
-    """Whole validation volumes as ``(1, 1, X, Y, Z)`` tensors."""
-    load = LoadPreprocessedd(keys=["image", "label"])
+def validation_volumes(items: Sequence[dict], *, channels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Whole validation volumes as ``(1, C, X, Y, Z)`` tensors (labels ``(1, 1, X, Y, Z)``)."""
+    load = LoadPreprocessedd(keys=["image", "label"], channels=channels)
     out = []
     for item in items:
         data = load(item)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import StageError
+from pipeline.io.channels import channel_count, channel_names
 from pipeline.models.segmenters import build_segmenter
 from pipeline.training import distributed as ddp
 from pipeline.training.checkpoints import restore_rng_state, rng_state, save_checkpoint, save_weights
@@ -154,7 +155,8 @@ def run_training(
     channels_last = bool(cfg.channels_last and dev_type == "cuda")
     resume = ddp.broadcast_object(resume, ctx)
 
-    net = build_segmenter(cfg.network, in_channels=1, out_channels=num_classes, plans=plans).to(device)
+    net = build_segmenter(cfg.network, in_channels=channel_count(plans), out_channels=num_classes,
+                          plans=plans).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(net.parameters(), cfg)
@@ -170,11 +172,11 @@ def run_training(
     transform = training_transforms(config.preprocess.augmentation, patch_size=patch_size, num_classes=num_classes,
                                     samples_per_volume=cfg.samples_per_volume, sampling=cfg.sampling,
                                     foreground_fraction=cfg.foreground_fraction)
-    dataset = train_dataset(train_items, transform)
+    dataset = train_dataset(train_items, transform, channels=channel_names(plans))
     generator = torch.Generator()
     loader = train_loader(dataset, batch_size=batch, num_workers=cfg.num_workers, generator=generator,
                           rank=ctx.rank, world_size=ctx.world_size, shuffle_seed=config.seed)
-    volumes = validation_volumes(val_items) if ctx.is_main else []
+    volumes = validation_volumes(val_items, channels=channel_names(plans)) if ctx.is_main else []
     has_validation = bool(val_items)
 
     start, history, train_seconds, best = 1, [], 0.0, _Best()

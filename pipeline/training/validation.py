@@ -22,6 +22,7 @@ from pipeline.fileio import write_json_atomic
 from pipeline.inference.model_loading import load_model
 from pipeline.inference.postprocess import CONNECTIVITY, VALIDATION_JSON, class_dice, mean_over
 from pipeline.inference.predictor import Predictor
+from pipeline.io.channels import channel_first, channel_names, load_channels
 from pipeline.io.nifti import load_nifti
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,10 @@ def validate_model(model_dir: Path, items: Sequence[Mapping[str, Any]], out: Pat
     classes = list(range(1, bundle.num_classes))
     rows = []
     for item in items:
-        image, label = load_nifti(item["image"]), load_nifti(item["label"])
+        image, label = load_channels(item["image"], channel_names(bundle.plans)), load_nifti(item["label"])
         if not image.same_grid(label):
             raise GeometryError(f"study {item['id']}: preprocessed image and label grids differ; rerun preprocess")
-        probs = predictor.probabilities(np.asarray(image.array, dtype=np.float32)[np.newaxis])
+        probs = predictor.probabilities(channel_first(np.asarray(image.array, dtype=np.float32)))
         pred = np.argmax(probs, axis=0)
         rows.append({"id": str(item["id"]), **class_dice(pred, np.rint(label.array).astype(np.int64), classes)})
         log.info("validation %s: Dice %s", item["id"], rows[-1]["dice"])

@@ -1,0 +1,57 @@
+"""Multi-channel images: one volume per MR sequence or modality (MSD's BrainTumour, Prostate), stored as one
+X x Y x Z x C NIfTI file, channel last, all channels on one grid. The plans name the channels
+(``plans["channels"]``, absent for one channel); every stage after ingest loads images through
+:func:`load_channels`, so a study with the wrong number of channels fails with the names it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.errors import GeometryError
+from pipeline.io.nifti import load_nifti
+from pipeline.io.volume import Volume
+
+
+def channel_names(plans: Mapping[str, Any]) -> list[str] | None:
+    """The plans' channel names (several channels), else None (one channel, 3D images)."""
+    channels = plans.get("channels")
+    return [str(c["name"]) for c in channels] if channels else None
+
+
+def channel_count(plans: Mapping[str, Any]) -> int:
+    return len(plans.get("channels") or ()) or 1
+
+
+def check_channels(volume: Volume, names: Sequence[str] | None, *, what: str) -> Volume:
+    """``volume`` when it holds the channels ``names`` lists (a 3D volume when None); else a GeometryError
+    naming ``what`` (the file or study), the channels found and those expected."""
+    found = volume.array.shape[3] if volume.array.ndim == 4 else 1
+    expected = len(names) if names else 1
+    if found != expected:
+        wanted = f"{expected} channels ({', '.join(names)}), one volume each along the 4th axis" if names else \
+            "a 3D image (one channel)"
+        held = f"{found} channels along the 4th axis" if volume.array.ndim == 4 else "one channel (a 3D image)"
+        raise GeometryError(f"{what}: {held}, but the model's plans expect {wanted}; give the images the "
+                            "model was trained on, channels in the same order", code="channels_mismatch")
+    return volume
+
+
+def load_channels(path: str | Path, names: Sequence[str] | None, *, order: Literal["C", "K"] = "C") -> Volume:
+    """:func:`load_nifti` for an image of the channels ``names`` lists (a 3D image when None)."""
+    volume = load_nifti(path, allow_4d=bool(names), order=order)
+    return check_channels(volume, names, what=Path(path).name)
+
+
+def channel_first(array: np.ndarray) -> np.ndarray:
+    """(C, X, Y, Z) from a 3D (X, Y, Z) or channel-last 4D (X, Y, Z, C) array (a view where possible)."""
+    return array[np.newaxis] if array.ndim == 3 else np.moveaxis(array, -1, 0)
+
+
+def channel_last(array: np.ndarray) -> np.ndarray:
+    """What a NIfTI file stores of a (C, X, Y, Z) array: (X, Y, Z) for one channel, else (X, Y, Z, C)."""
+    return array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
