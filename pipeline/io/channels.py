@@ -36,8 +36,10 @@ def check_channels(volume: Volume, names: Sequence[str] | None, *, what: str) ->
         wanted = f"{expected} channels ({', '.join(names)}), one volume each along the 4th axis" if names else \
             "a 3D image (one channel)"
         held = f"{found} channels along the 4th axis" if volume.array.ndim == 4 else "one channel (a 3D image)"
+        hint = ("; files of one channel each (nnU-Net v2's CASE_0000.nii.gz, CASE_0001.nii.gz) are stacked by "
+                "'medpipe ingest', so predict on its output folder") if found == 1 else ""
         raise GeometryError(f"{what}: {held}, but the model's plans expect {wanted}; give the images the "
-                            "model was trained on, channels in the same order", code="channels_mismatch")
+                            f"model was trained on, channels in the same order{hint}", code="channels_mismatch")
     return volume
 
 

@@ -211,6 +211,8 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
             spec["problems"] = (*spec.get("problems", ()), _WRITTEN_ALIKE)
         raw_source = spec["source"]
         spec.update({name: scrubber.path(spec[name]) for name in ("source", "label_source") if spec.get(name)})
+        if spec.get("channel_sources"):
+            spec["channel_sources"] = tuple(scrubber.path(rel) for rel in spec["channel_sources"])
         if spec.pop("withhold", False):
             spec["source"] = scrubber.withhold(raw_source, known=known)
         spec.update({name: (spec[name][0], scrubber.text(spec[name][1])) for name in ("error", "skip")

@@ -1,4 +1,5 @@
 """MSD-style dataset folders (``dataset.json`` with imagesTr, labelsTr, imagesTs): the ingest stage's study specs.
+nnU-Net v2's layout (one file per channel) is read by :mod:`pipeline.stages.ingest_nnunet`.
 
 A training entry whose image or label leaves the dataset folder is refused; an image listed twice is
 ingested once; images in imagesTr that no entry lists are ingested unlabeled, with a problem.
@@ -14,6 +15,7 @@ from pipeline.errors import IngestError
 from pipeline.fileio import read_json
 from pipeline.io.nifti import is_nifti
 from pipeline.stages.ingest_listing import outside, relative
+from pipeline.stages.ingest_nnunet import is_nnunet_v2, nnunet_tasks
 
 
 def _inside(root: Path, rel: str) -> Path | None:
@@ -75,9 +77,14 @@ def msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list[
     channel along its last axis; every study is checked to hold that many, and the header lists their names."""
     meta, labels = _read_msd(root)
     names = _channels(meta)
-    modality = names[0] if names is not None and len(names) == 1 else None
-    channels = {"channels": len(names)} if names is not None and len(names) > 1 else {}
     allowed = tuple(int(k) for k in labels) if labels else None
+    several = names if names is not None and len(names) > 1 else None
+    header = {"dataset": meta.get("name"), "labels": labels, "channels": several}
+    if is_nnunet_v2(meta):  # one file per channel, cases by file name
+        specs, consumed = nnunet_tasks(root, base, files, meta=meta, names=names or [], allowed=allowed)
+        return specs, consumed, header
+    modality = names[0] if names is not None and len(names) == 1 else None
+    channels = {"channels": len(names)} if several else {}
     specs: list[dict[str, Any]] = []
     consumed = {root / "dataset.json"} | {p for p in files if p.parent == root / "labelsTr"}
     first: dict[str, tuple[int, str | None]] = {}  # image source -> (its first training entry, that entry's label)
@@ -112,7 +119,7 @@ def msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list[
         specs.append({**base, "source": rel, "id_key": rel, "image_path": str(path), "modality": modality,
                       **channels, "problems": problems})
         consumed.add(path)
-    return specs, consumed, {"dataset": meta.get("name"), "labels": labels, "channels": names if channels else None}
+    return specs, consumed, header
 
 
 def _repeated_entry(number: int, label: str | None, before: int, before_label: str | None) -> dict[str, Any]:

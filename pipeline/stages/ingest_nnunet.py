@@ -69,7 +69,8 @@ def _case_spec(root: Path, base: dict[str, Any], folder: str, case: str, found: 
     missing = [f"{folder}/{case}_{number:04d}{ending}" for number in range(len(names)) if number not in found]
     extra = sorted(rel for number, rel in rels.items() if number >= len(names))
     if missing or extra:
-        what = f"{', '.join(missing)} missing" if missing else f"{', '.join(extra)} beyond them"
+        verb = "is" if len(missing or extra) == 1 else "are"
+        what = f"{', '.join(missing)} {verb} missing" if missing else f"{', '.join(extra)} {verb} beyond them"
         spec["error"] = ("nnunet_channel_files", f"{source}: dataset.json's channel_names name {len(names)} "
                                                  f"channel(s) ({', '.join(names)}), and {what}; each case needs one "
                                                  "file per channel")

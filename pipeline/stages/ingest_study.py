@@ -45,6 +45,8 @@ class IngestTask:
     seg_values: tuple[tuple[int, int], ...] | None = None  # a SEG label's segment number -> value, where they differ
     rtstruct_rois: tuple[str, ...] | None = None  # the label is an RT structure set: these ROIs, value 1, 2, ...
     channels: int | None = None  # a 4D NIfTI image of this many channels (dataset.json's modality), channel last
+    channel_paths: tuple[str, ...] | None = None  # nnU-Net v2: one 3D file per channel, stacked in this order
+    channel_sources: tuple[str, ...] | None = None  # those files relative to the scan folder (scrubbed)
 
 
 def _load(path: str, rel: str, *, channels: int | None = None, image: bool = False) -> Volume:
@@ -66,6 +68,25 @@ def _load(path: str, rel: str, *, channels: int | None = None, image: bool = Fal
                           "nnU-Net v2's case_0000.nii.gz, is not read: stack them into one 4D image)",
                           code="nifti_channels")
     return volume
+
+
+def _stacked(paths: tuple[str, ...], rels: tuple[str, ...]) -> Volume:
+    """One file per channel (nnU-Net v2) as one 4D volume, channel last; the files must share one grid."""
+    volumes = [_load(path, rel) for path, rel in zip(paths, rels, strict=True)]
+    first = volumes[0]
+    for volume, rel in zip(volumes[1:], rels[1:], strict=True):
+        if not volume.same_grid(first):
+            raise GeometryError(f"{rel}: grid ({_grid(volume)}) differs from {rels[0]}'s ({_grid(first)}); the "
+                                "channels of a case must share one grid: resample them onto the first",
+                                code="channel_grid_mismatch")
+    kept = all(v.array.dtype == np.dtype(v.meta["source_dtype"]) for v in volumes)  # none rescaled to float
+    array = np.stack([v.array for v in volumes], axis=-1)
+    return Volume(array, first.affine, meta={"source_dtype": str(array.dtype) if kept else "float32"})
+
+
+def _grid(volume: Volume) -> str:
+    return (f"shape {list(volume.spatial_shape)}, spacing {[round(s, 4) for s in volume.spacing]}, origin "
+            f"{[round(float(v), 3) for v in volume.affine[:3, 3]]} mm")
 
 
 def _label_array(label: Volume, image: Volume, task: IngestTask) -> np.ndarray:
@@ -172,7 +193,10 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
             label = seg_label(task.label_path, volume, rel=task.label_source or "")
             label = _renumbered(label, task.seg_values) if task.seg_values else label
         return _write(task, volume, storage_dtype(volume.array), label, inputs, problems), False
-    inputs = {"input": _checksum(task.image_path, task.source), **_discovery_digest(task)}  # type: ignore[arg-type]
+    paths, rels = task.channel_paths or (task.image_path,), task.channel_sources or (task.source,)
+    sums = [_checksum(path, rel) for path, rel in zip(paths, rels, strict=True)]  # type: ignore[arg-type]
+    inputs = {"input": sums[0] if len(sums) == 1 else sha256_bytes("|".join(sums).encode()),
+              **_discovery_digest(task)}
     if task.channels:  # the same file read as channels is another study
         inputs["input"] = sha256_bytes(f"{inputs['input']}|channels {task.channels}".encode())
     if task.label_path:
@@ -180,8 +204,12 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         inputs["label_input"] = sha256_bytes(f"{label_sha}|{task.allowed_labels}".encode())
     if _reusable(task, inputs):
         return task.previous, True  # type: ignore[return-value]
-    _check_size(task.image_path, task.source, task.max_voxels)  # type: ignore[arg-type]
-    image = _load(task.image_path, task.source, channels=task.channels, image=True)  # type: ignore[arg-type]
+    for path, rel in zip(paths, rels, strict=True):
+        _check_size(path, rel, task.max_voxels)  # type: ignore[arg-type]
+    if task.channel_paths:
+        image = _stacked(task.channel_paths, rels)  # type: ignore[arg-type]
+    else:
+        image = _load(task.image_path, task.source, channels=task.channels, image=True)  # type: ignore[arg-type]
     source_dtype = np.dtype(image.meta["source_dtype"])
     dtype = source_dtype.newbyteorder("=") if image.array.dtype == source_dtype else np.float32
     label = _label_array(_load(task.label_path, task.label_source or ""), image, task) if task.label_path else None
