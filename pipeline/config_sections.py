@@ -47,7 +47,10 @@ class IngestConfig(_Section):
     of one series: a glob (``reader1*``), matched case-insensitively against each SEG's series
     description, file path and file name; the one SEG it matches is the label. ``rtstruct_rois``
     makes an RT structure set its series' label: the ROIs to convert, by name (globs,
-    case-insensitive), the n-th becoming value n; where they overlap the later listed wins."""
+    case-insensitive), the n-th becoming value n; where they overlap the later listed wins.
+    ``rtstruct_label_pattern`` chooses among several structure sets of one series as
+    ``seg_label_pattern`` does among SEGs, matched against each one's structure set label,
+    series description, file path and file name."""
 
     workers: int = Field(1, ge=1)
     pseudonym_key: str = DEFAULT_PSEUDONYM_KEY
@@ -68,6 +71,7 @@ class IngestConfig(_Section):
     scrub_phi: bool = True
     seg_label_pattern: str | None = Field(None, min_length=1)
     rtstruct_rois: list[str] | None = Field(None, min_length=1)
+    rtstruct_label_pattern: str | None = Field(None, min_length=1)
 
     @field_validator("rtstruct_rois")
     @classmethod

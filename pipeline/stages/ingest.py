@@ -194,7 +194,8 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
                       "error": _too_large(series, config.max_voxels),
                       "problems": (neighbours[series.key],) if series.key in neighbours else ()})
     specs, seg_labels = pair_segmentations(specs, pattern=config.seg_label_pattern)
-    specs, rtstruct_labels = pair_structure_sets(specs, rois=config.rtstruct_rois)
+    specs, rtstruct_labels = pair_structure_sets(specs, rois=config.rtstruct_rois,
+                                                 pattern=config.rtstruct_label_pattern)
     if seg_labels is not None and rtstruct_labels is not None and seg_labels != rtstruct_labels:
         seg_labels = rtstruct_labels = None  # SEG segment names and the listed ROIs: not one list of values
         _label_kinds_mixed(specs)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from fnmatch import fnmatchcase
 from typing import Any, Protocol, TypeVar
 
 
@@ -49,3 +50,26 @@ def claims(specs: list[Spec], objects: list[Spec], *, read: Callable[[str], H | 
             continue
         naming[here[0]].append((spec, header))
     return images, naming
+
+
+def glob_matches(pattern: str, texts: Sequence[str | None]) -> bool:
+    """Whether ``pattern`` (a glob, case-insensitive) matches any of ``texts``."""
+    return any(fnmatchcase(text.lower(), pattern.lower()) for text in texts if text)
+
+
+def chosen_by_pattern(claimed: list[tuple[Spec, H]], pattern: str | None, *,
+                      texts: Callable[[tuple[Spec, H]], Sequence[str | None]], file: Callable[[Spec], str],
+                      skip: Callable[[Spec, str], None], what: str, series: str,
+                      setting: str) -> list[tuple[Spec, H]]:
+    """The label objects of one series, narrowed to the one ``pattern`` matches (on ``texts``: its description,
+    path, file name) when exactly one does, the others skipped naming it; all of them otherwise."""
+    if pattern is None or len(claimed) < 2:
+        return claimed
+    chosen = [claim for claim in claimed if glob_matches(pattern, texts(claim))]
+    if len(chosen) != 1:
+        return claimed
+    for spec, _ in claimed:
+        if spec is not chosen[0][0]:
+            skip(spec, f"{what} of series {series} that {setting} does not match; the one it matches, "
+                       f"{file(chosen[0][0])}, is the series' label")
+    return chosen

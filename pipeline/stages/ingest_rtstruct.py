@@ -12,17 +12,19 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from pipeline.io.dicom_split import RT_STRUCTURE_SET_STORAGE
-from pipeline.stages.ingest_claims import claims
+from pipeline.stages.ingest_claims import chosen_by_pattern, claims, glob_matches
 from pipeline.stages.ingest_seg import series_frame_of_reference
 
 RTSTRUCT = "dicom_rtstruct"
-_HEADER_TAGS = ["ReferencedFrameOfReferenceSequence", "StructureSetROISequence"]  # not the contours
+_HEADER_TAGS = ["ReferencedFrameOfReferenceSequence", "StructureSetROISequence", "StructureSetLabel",
+                "SeriesDescription"]  # not the contours
 
 
 class StructureSetHeader(NamedTuple):
     series: list[str]  # the series UIDs it references
     frames: list[str]  # the Frame of Reference UIDs it references
     rois: list[str]  # its ROI names
+    labels: tuple[str, ...] = ()  # its StructureSetLabel and SeriesDescription (what a pattern matches)
 
 
 def _header(path: str) -> StructureSetHeader | None:
@@ -38,9 +40,10 @@ def _header(path: str) -> StructureSetHeader | None:
                   for s in study.get("RTReferencedSeriesSequence", []) if "SeriesInstanceUID" in s]
         uids = [str(frame.FrameOfReferenceUID) for frame in frames if "FrameOfReferenceUID" in frame]
         rois = sorted(roi_names(ds).values())
+        labels = tuple(str(ds.get(key) or "") for key in ("StructureSetLabel", "SeriesDescription"))
     except (InvalidDicomError, OSError, AttributeError, KeyError, ValueError, TypeError):
         return None
-    return StructureSetHeader(series, uids, rois)
+    return StructureSetHeader(series, uids, rois, labels)
 
 
 def _file(spec: dict[str, Any]) -> str:
@@ -51,10 +54,18 @@ def _skip(spec: dict[str, Any], why: str) -> None:
     spec["skip"] = (RTSTRUCT, f"{_file(spec)}: an RT structure set; {why}")
 
 
-def pair_structure_sets(specs: list[dict[str, Any]], *, rois: list[str] | None) -> tuple[list[dict[str, Any]],
-                                                                                       dict[str, str] | None]:
+def _texts(claim: tuple[dict[str, Any], StructureSetHeader]) -> tuple[str | None, ...]:
+    """What ``ingest.rtstruct_label_pattern`` is matched against: the structure set's label, its series
+    description, its file path relative to the scan folder and its file name."""
+    rel = _file(claim[0])
+    return *claim[1].labels, rel, rel.rpartition("/")[2]
+
+
+def pair_structure_sets(specs: list[dict[str, Any]], *, rois: list[str] | None,
+                        pattern: str | None = None) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
     """``specs`` with each structure set that labels a series moved onto that series' spec (``label_path``,
-    ``label_source``, ``rtstruct_rois``), and the label names (``rois``) when one was used."""
+    ``label_source``, ``rtstruct_rois``), and the label names (``rois``) when one was used. ``pattern``
+    (``ingest.rtstruct_label_pattern``) chooses among several structure sets of one series."""
     sets = [s for s in specs if s.get("series") is not None and s.get("skip") and len(s["series"].headers) == 1
             and s["series"].headers[0].sop_class == RT_STRUCTURE_SET_STORAGE]
     images, naming = claims(specs, sets, read=_header, skip=_skip, verb="outlines",
@@ -63,10 +74,16 @@ def pair_structure_sets(specs: list[dict[str, Any]], *, rois: list[str] | None) 
     for uid, claimed in naming.items():
         targets = images[uid]
         series = targets[0]["source"]
+        claimed = chosen_by_pattern(claimed, pattern, texts=_texts, file=_file, skip=_skip, what="a structure set",
+                                    series=series, setting="ingest.rtstruct_label_pattern")
         if len(claimed) > 1:
+            matched = "" if pattern is None else \
+                f" (ingest.rtstruct_label_pattern matches {sum(glob_matches(pattern, _texts(c)) for c in claimed)})"
             for rtstruct, _ in claimed:
                 _skip(rtstruct, f"one of {len(claimed)} structure sets of series {series}; which one is its label is "
-                                "not known, so none is used: ingest a folder holding one of them")
+                                f"not known{matched}, so none is used: set ingest.rtstruct_label_pattern to a glob "
+                                "of the label's structure set label, series description or file name, or ingest a "
+                                "folder holding one of them")
             continue
         (rtstruct, header), image = claimed[0], targets[0]
         if rois is None:

@@ -15,10 +15,9 @@ unless SEGs number the same names differently: then the names decide (:func:`_la
 from __future__ import annotations
 
 from collections import Counter
-from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
-from pipeline.stages.ingest_claims import claims
+from pipeline.stages.ingest_claims import chosen_by_pattern, claims, glob_matches
 
 SEGMENTATION = "dicom_segmentation"
 _HEADER_TAGS = ["ReferencedSeriesSequence", "SegmentSequence", "Manufacturer", "FrameOfReferenceUID",
@@ -83,28 +82,17 @@ def _skip(spec: dict[str, Any], why: str) -> None:
     spec["skip"] = (SEGMENTATION, f"{_file(spec)}: a DICOM SEG object; {why}")
 
 
-def _matches(claim: tuple[dict[str, Any], SegHeader], pattern: str) -> bool:
-    """Whether ``pattern`` (a glob, case-insensitive) matches the SEG's series description, its file path
-    relative to the scan folder, or its file name."""
+def _texts(claim: tuple[dict[str, Any], SegHeader]) -> tuple[str | None, ...]:
+    """What ``ingest.seg_label_pattern`` is matched against: the SEG's series description, its file path
+    relative to the scan folder, its file name."""
     rel = _file(claim[0])
-    return any(fnmatchcase(text.lower(), pattern.lower())
-               for text in (claim[1].description, rel, rel.rpartition("/")[2]) if text)
+    return claim[1].description, rel, rel.rpartition("/")[2]
 
 
 def _matching(claims: list[tuple[dict[str, Any], SegHeader]], series: str,
               pattern: str | None) -> list[tuple[dict[str, Any], SegHeader]]:
-    """The SEGs of one series, narrowed to the one ``pattern`` matches when exactly one does; all of them
-    otherwise (then the message says how many matched)."""
-    if pattern is None or len(claims) < 2:
-        return claims
-    chosen = [claim for claim in claims if _matches(claim, pattern)]
-    if len(chosen) != 1:
-        return claims
-    for seg, _ in claims:
-        if seg is not chosen[0][0]:
-            _skip(seg, f"a segmentation of series {series} that ingest.seg_label_pattern does not match; the one "
-                       f"it matches, {_file(chosen[0][0])}, is the series' label")
-    return chosen
+    return chosen_by_pattern(claims, pattern, texts=_texts, file=_file, skip=_skip, what="a segmentation",
+                             series=series, setting="ingest.seg_label_pattern")
 
 
 def _predictions_aside(claims: list[tuple[dict[str, Any], SegHeader]],
@@ -137,7 +125,7 @@ def pair_segmentations(specs: list[dict[str, Any]], *,
         claimed = _predictions_aside(_matching(claimed, targets[0]["source"], pattern), targets[0]["source"])
         if len(claimed) > 1:
             matched = "" if pattern is None else \
-                f" (ingest.seg_label_pattern matches {sum(_matches(c, pattern) for c in claimed)} of them)"
+                f" (ingest.seg_label_pattern matches {sum(glob_matches(pattern, _texts(c)) for c in claimed)} of them)"
             for seg, _ in claimed:
                 _skip(seg, f"one of {len(claimed)} segmentations of series {targets[0]['source']}; which one is its "
                            f"label is not known{matched}, so none is used: set ingest.seg_label_pattern to a glob "

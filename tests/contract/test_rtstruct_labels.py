@@ -80,6 +80,40 @@ def test_without_a_list_of_rois_the_structure_set_is_accounted_for(series: tuple
         "ROIs to convert in ingest.rtstruct_rois (the n-th is value n)")
 
 
+def test_rtstruct_label_pattern_chooses_among_the_structure_sets_of_a_series(series: tuple[Path, Path, Volume],
+                                                                             tmp_path: Path) -> None:
+    scan, first, image = series
+    write_structure_set(scan / "plans/RS_a.dcm", first, image, {"Liver": [square((0.5, 2.5), (0.5, 2.5), 2)]},
+                        label="Physician")
+    write_structure_set(scan / "plans/RS_b.dcm", first, image, {"Liver": [square((2.5, 4.5), (1.5, 3.5), 3)]},
+                        label="Dosimetrist")
+    a, b = np.zeros(image.spatial_shape, np.uint8), np.zeros(image.spatial_shape, np.uint8)
+    a[1:3, 1:3, 2] = 1
+    b[3:5, 2:4, 3] = 1
+
+    def run(out: str, *pattern: str) -> dict[str, object]:
+        overrides = ["ingest.rtstruct_rois=[liver]", *(f"ingest.rtstruct_label_pattern={p}" for p in pattern)]
+        ingest(scan, tmp_path / out, config=load_config(None, overrides=overrides))
+        studies = load_manifest(tmp_path / out).studies  # a skipped structure set by its file, the series by name
+        return {s.problems[0].message.partition(":")[0] if s.status == "skipped" else s.source: s for s in studies}
+
+    for out, pattern, chosen, mask in (("label", "'physician*'", "plans/RS_a.dcm", a),
+                                       ("name", "rs_b.dcm", "plans/RS_b.dcm", b)):
+        studies = run(out, pattern)
+        other = "plans/RS_b.dcm" if chosen.endswith("a.dcm") else "plans/RS_a.dcm"
+        assert studies["CT"].label_source == chosen
+        assert np.array_equal(load_nifti(tmp_path / out / str(studies["CT"].label)).array, mask)
+        assert studies[other].status == "skipped" and studies[other].problems[0].message == (
+            f"{other}: an RT structure set; a structure set of series CT that ingest.rtstruct_label_pattern does not "
+            f"match; the one it matches, {chosen}, is the series' label")
+    for out, pattern, matched in (("none", (), ""), ("both", ("'*'",), " (ingest.rtstruct_label_pattern matches 2)")):
+        studies = run(out, *pattern)
+        assert studies["CT"].label is None
+        message = studies["plans/RS_a.dcm"].problems[0].message
+        assert f"one of 2 structure sets of series CT; which one is its label is not known{matched}, so none" in message
+        assert "set ingest.rtstruct_label_pattern to a glob" in message
+
+
 def test_a_contour_between_slices_is_refused(series: tuple[Path, Path, Volume], tmp_path: Path) -> None:
     scan, first, image = series
     write_structure_set(scan / "RS.dcm", first, image, {"Liver": [square((0.5, 2.5), (0.5, 2.5), 1.5)]})
