@@ -24,6 +24,7 @@ import torch
 from pipeline.errors import StageError
 from pipeline.fileio import atomic_path, sha256_file, write_json_atomic
 from pipeline.inference.predictor import MODEL_JSON, MODEL_WEIGHTS, ModelBundle, load_model
+from pipeline.io.channels import channel_names
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ def export_model(
         "files": files,
         "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "batch, channel, x, y, z",
                   "channels": int(bundle.meta.get("in_channels", 1)), "spatial_multiple_of": _divisor(bundle.meta),
+                  "channel_names": channel_names(bundle.plans),  # several: in this order (null: one channel)
                   "preprocessing": "the plans (orientation, spacing, normalisation) as in 'medpipe infer'"},
         "output": {"name": OUTPUT_NAME, "layout": "batch, class, x, y, z", "classes": bundle.num_classes,
                    "meaning": "logits; softmax over the class axis, argmax gives labels"},

@@ -43,6 +43,8 @@ def _read_msd(root: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
     try:
         if all(isinstance(v, int) for v in raw.values()):  # nnU-Net v2 style {"background": 0, ...}
             pairs = {int(v): str(k) for k, v in raw.items()}
+        elif any(isinstance(v, list) for v in raw.values()):  # nnU-Net v2 regions {"tumor core": [2, 3], ...}
+            pairs = _region_values(raw)
         else:
             pairs = {int(k): str(v) for k, v in raw.items()}
     except (AttributeError, TypeError, ValueError) as exc:
@@ -68,6 +70,21 @@ def _channels(meta: dict[str, Any]) -> list[str] | None:
                           f"(as {{\"0\": \"CT\"}} or {{\"0\": \"FLAIR\", \"1\": \"T1w\"}}), got "
                           f"{json.dumps(raw)[:200]}", code="msd_bad_dataset_json")
     return [numbered[k] for k in range(len(numbered))]
+
+
+def _region_values(raw: dict[str, Any]) -> dict[int, str]:
+    """The label values of nnU-Net v2 region-based labels (each name maps to a value or a list of them: regions
+    that overlap), each named by the region that is that value alone, else ``label_<value>``."""
+    values: set[int] = set()
+    alone: dict[int, str] = {}
+    for name, value in raw.items():
+        members = [int(v) for v in (value if isinstance(value, list) else [value])]
+        if not members or not all(isinstance(v, int) for v in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"region {name!r} must list integer label values")
+        values.update(members)
+        if len(members) == 1:
+            alone.setdefault(members[0], str(name))
+    return {value: alone.get(value, f"label_{value}") for value in sorted(values | {0})}
 
 
 def msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list[dict[str, Any]], set[Path], dict]:

@@ -19,6 +19,7 @@ from pipeline.config import PipelineConfig
 from pipeline.config_sections import PreprocessConfig
 from pipeline.demo_data import write_demo_dataset
 from pipeline.errors import ConfigError, GeometryError, IngestError
+from pipeline.export.model_export import export_model
 from pipeline.io.nifti import load_nifti, save_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import load_manifest
@@ -190,6 +191,9 @@ def test_two_channels_train_predict_and_report_and_a_one_channel_image_is_refuse
     assert train(tmp_path / "pre", tmp_path / "train", config=config)["status"] == "complete"
     meta = json.loads((tmp_path / "train/model/model.json").read_text())
     assert meta["in_channels"] == 2 and meta["channels"] == list(CHANNELS)
+    exported = export_model(tmp_path / "train/model", tmp_path / "export", formats=("torchscript",))
+    assert exported["input"]["channels"] == 2 and exported["input"]["channel_names"] == list(CHANNELS)
+    assert exported["parity"]["checks"]  # the exported network ran on two-channel inputs and matched
 
     assert infer(tmp_path / "train", ingested, tmp_path / "infer", config=config)["status"] == "complete"
     manifest = load_manifest(ingested)

@@ -132,3 +132,18 @@ def test_a_file_ending_medpipe_cannot_read_is_refused_with_the_fix(msd: Path, tm
     (scan / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".png"}))
     with pytest.raises(IngestError, match="medpipe reads NIfTI"):
         ingest(scan, tmp_path / "out")
+
+
+def test_region_based_labels_declare_every_value_they_name(tmp_path: Path) -> None:
+    one = write_demo_dataset(tmp_path / "one", n=2, seed=2, shape=(12, 14, 10))
+    scan = tmp_path / "Dataset004_Regions"
+    cases = _as_nnunet(one, scan, channels=1)
+    meta = json.loads((scan / "dataset.json").read_text())
+    regions = {"background": 0, "organ": [1, 2], "core": [1]}  # nnU-Net v2 regions: the organ holds the core
+    (scan / "dataset.json").write_text(json.dumps({**meta, "labels": regions, "regions_class_order": [2, 1]}))
+    assert ingest(scan, tmp_path / "out")["status"] == "complete"
+    assert load_manifest(tmp_path / "out").labels == {"0": "background", "1": "core", "2": "label_2"}
+    (scan / "dataset.json").write_text(json.dumps({**meta, "labels": {"background": 0, "core": [1]}}))
+    ingest(scan, tmp_path / "narrow")  # value 2 of the phantoms' shell is named by no region
+    studies = load_manifest(tmp_path / "narrow").studies
+    assert [s.error.code for s in studies] == ["label_undeclared_values"] * len(cases)
