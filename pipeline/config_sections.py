@@ -139,13 +139,16 @@ class PreprocessConfig(_Section):
     (median spacing; for anisotropic data the low-resolution axis gets its 10th percentile),
     ``patch_size`` (and ``train.batch_size``) from ``memory_budget_mb`` of estimated training
     memory. ``normalization: auto`` clips CT to the foreground 0.5-99.5 percentiles and z-scores
-    with the foreground statistics; other modalities get a per-image z-score. ``cache_dir`` is a
+    with the foreground statistics; other modalities get a per-image z-score. ``zscore_nonzero``
+    z-scores only the voxels that are not 0 and keeps the rest at 0 (nnU-Net's choice for
+    skull-stripped MR such as BraTS, whose zero background would otherwise weigh in); with
+    several channels it applies to each. ``cache_dir`` is a
     folder shared between runs holding preprocessed arrays keyed by content hash and settings.
     ``plans_file``: a plans.json edited by hand; its values replace the planned ones."""
 
     orientation: str = "RAS"
     spacing: tuple[float, float, float] | None = None
-    normalization: Literal["auto", "zscore", "ct", "none"] = "auto"
+    normalization: Literal["auto", "zscore", "zscore_nonzero", "ct", "none"] = "auto"
     crop_foreground: bool = True
     patch_size: tuple[int, int, int] | None = None
     memory_budget_mb: float = Field(8000.0, gt=0)

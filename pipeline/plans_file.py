@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.errors import ConfigError
 from pipeline.registry import did_you_mean
 
-NORMALIZATIONS = ("auto", "zscore", "ct", "none")
+NORMALIZATIONS = ("auto", "zscore", "zscore_nonzero", "ct", "none")
 CHANNEL_KEYS = ("name", "normalization", "intensity")
 IGNORED_KEYS = ("schema_version", "fingerprint")  # measurements and format, not choices: never replace planned values
 

@@ -72,4 +72,4 @@ CLASSIFICATION_NETWORKS = Registry(
     },
 )
 
-NORMALIZATIONS = ("zscore", "ct", "none")
+NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")

@@ -19,7 +19,8 @@ from pipeline.planning import resolve_normalization
 def normalization_transform(plans: dict[str, Any], *, key: str = "image") -> list[mt.MapTransform]:
     """Intensity normalisation by plans (``auto`` resolves by the plans' modality, as planning does).
 
-    ``zscore``: per image, (x - mean) / std over all voxels. ``ct`` (nnU-Net's CT scheme): clip to
+    ``zscore``: per image, (x - mean) / std over all voxels; ``zscore_nonzero``: over the voxels that are
+    not 0, which alone change (the rest stays 0). ``ct`` (nnU-Net's CT scheme): clip to
     the foreground 0.5/99.5 percentiles of the training set (``intensity.p005``/``p995``), then
     subtract the foreground mean and divide by the foreground std of the training set. ``none``:
     unchanged. Plans of several channels normalise each channel by its own entry in ``channels``.
@@ -27,15 +28,15 @@ def normalization_transform(plans: dict[str, Any], *, key: str = "image") -> lis
     if plans.get("channels"):
         return [ChannelNormalized(keys=key, channels=plans["channels"])]
     method = resolve_normalization(plans.get("normalization", "zscore"), plans.get("modality"))
-    if method == "zscore":
-        return [mt.NormalizeIntensityd(keys=key, nonzero=False, channel_wise=True)]
+    if method in ("zscore", "zscore_nonzero"):
+        return [mt.NormalizeIntensityd(keys=key, nonzero=method == "zscore_nonzero", channel_wise=True)]
     if method == "ct":
         lo, hi, mean, std = _ct_values(plans["intensity"])
         clip = [mt.ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True)] if hi > lo else []
         return [*clip, mt.NormalizeIntensityd(keys=key, subtrahend=mean, divisor=std)]
     if method == "none":
         return []
-    raise ConfigError(f"unknown normalization {method!r} in the plans; use zscore, ct, none or auto")
+    raise ConfigError(f"unknown normalization {method!r} in the plans; use zscore, zscore_nonzero, ct, none or auto")
 
 
 def _ct_values(stats: dict[str, Any]) -> tuple[float, float, float, float]:
@@ -46,8 +47,8 @@ def _ct_values(stats: dict[str, Any]) -> tuple[float, float, float, float]:
 def _channel_steps(channel: dict[str, Any]) -> list[Any]:
     """The array transforms normalising one channel (C = 1) as ``normalization_transform`` does a whole image."""
     method = resolve_normalization(str(channel.get("normalization", "zscore")), str(channel.get("name")))
-    if method == "zscore":
-        return [mt.NormalizeIntensity(nonzero=False, channel_wise=True)]
+    if method in ("zscore", "zscore_nonzero"):
+        return [mt.NormalizeIntensity(nonzero=method == "zscore_nonzero", channel_wise=True)]
     if method == "ct":
         lo, hi, mean, std = _ct_values(channel["intensity"])
         clip = [mt.ScaleIntensityRange(a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True)] if hi > lo else []
@@ -55,7 +56,7 @@ def _channel_steps(channel: dict[str, Any]) -> list[Any]:
     if method == "none":
         return []
     raise ConfigError(f"unknown normalization {method!r} for channel {channel.get('name')!r} in the plans; use "
-                      "zscore, ct, none or auto")
+                      "zscore, zscore_nonzero, ct, none or auto")
 
 
 class ChannelNormalized(mt.MapTransform):

@@ -28,6 +28,7 @@ from pipeline.plans_file import validate_plans_overrides
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.infer import infer
 from pipeline.stages.ingest import ingest
+from pipeline.stages.ingest_survey import survey, survey_lines
 from pipeline.stages.preprocess import preprocess
 from pipeline.stages.report import report
 from pipeline.stages.train import train
@@ -62,6 +63,9 @@ def test_ingest_keeps_each_channel_voxel_for_voxel_and_names_them(two_channel: P
         np.testing.assert_array_equal(image.array, source.array)
         np.testing.assert_allclose(image.affine, source.affine, atol=1e-5)
         assert label.same_grid(image)
+    surveyed = survey(two_channel)  # the dry run says so too
+    assert {s.channels for s in surveyed} == {2} and [s.id for s in surveyed] == [s.id for s in manifest.studies]
+    assert all(line.endswith("; 2 channels") for line in survey_lines(surveyed, two_channel)[2:])
 
 
 def test_a_study_with_other_channels_fails_alone_and_says_how_many(two_channel: Path, tmp_path: Path) -> None:
@@ -215,3 +219,29 @@ def test_two_channels_train_predict_and_report_and_a_one_channel_image_is_refuse
     assert failure["code"] == "channels_mismatch"
     assert "one.nii.gz: one channel (a 3D image), but the model's plans expect 2 channels (FLAIR, CT)" \
         in failure["message"]
+
+
+def test_zscore_nonzero_keeps_the_zero_background_and_scales_the_rest(tmp_path: Path,
+                                                                      rng: np.random.Generator) -> None:
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    brain = np.zeros((12, 10, 8), bool)
+    brain[2:9, 3:8, 1:7] = True
+    first = np.where(brain, rng.normal(500, 80, brain.shape), 0.0).astype(np.float32)  # skull-stripped: 0 outside
+    second = np.where(brain, rng.normal(90, 20, brain.shape), 0.0).astype(np.float32)
+    save_nifti(Volume(np.stack([first, second], -1), affine), tmp_path / "two.nii.gz")
+    save_nifti(Volume(first, affine), tmp_path / "one.nii.gz")
+    common = {"orientation": "RAS", "target_spacing": [1.0, 1.0, 2.0], "crop_foreground": False, "num_classes": 2}
+    channels = [{"name": "T1", "normalization": "zscore_nonzero"}, {"name": "FLAIR", "normalization": "zscore"}]
+    two = preprocessing_transforms({**common, "channels": channels}, keys=("image",))(
+        {"image": str(tmp_path / "two.nii.gz")})["image"]
+    one = preprocessing_transforms({**common, "normalization": "zscore_nonzero"}, keys=("image",))(
+        {"image": str(tmp_path / "one.nii.gz")})["image"]
+    inside = first[brain]
+    expected = np.where(brain, (first - inside.mean()) / inside.std(), 0.0)
+    for image in (np.asarray(two[0]), np.asarray(one[0])):
+        np.testing.assert_allclose(image, expected, atol=1e-4)
+        assert np.all(image[~brain] == 0.0)
+    whole = (second - second.mean()) / second.std()  # plain zscore: the background counts, and moves
+    np.testing.assert_allclose(np.asarray(two[1]), whole, atol=1e-4)
+    assert validate_plans_overrides({"normalization": "zscore_nonzero"}, source="p") == {
+        "normalization": "zscore_nonzero"}
