@@ -11,6 +11,7 @@ folder names is accounted for.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,25 +30,34 @@ class FolderImage:
     path: Path
     rel: str
     error: tuple[str, str] | None = None
+    channel_paths: tuple[Path, ...] | None = None  # a case of one file per channel (nnU-Net v2), in order
 
 
 def _visible(rel: str) -> bool:
     return not any(part.startswith(".") for part in rel.split("/"))  # hidden files and folders are not inputs
 
 
-def folder_images(folder: Path, *, exclude: Path | None = None) -> list[FolderImage]:
+def folder_images(folder: Path, *, exclude: Path | None = None, channels: int = 1) -> list[FolderImage]:
     """Every NIfTI image under ``folder`` (any depth, hidden ones skipped), sorted by relative path, with the
-    refused ones (a shared stem, a link leaving the folder) among them; ``exclude``: the output folder."""
+    refused ones (a shared stem, a link leaving the folder) among them; ``exclude``: the output folder.
+    With several ``channels``, files named ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ... (nnU-Net v2) are
+    one image each case, called CASE; a case lacking a channel file, or holding one too many, is refused."""
     listing = scan_listing(folder, exclude=exclude.resolve() if exclude is not None else None)
     found = [(relative(folder, p), p) for p in listing.files if is_nifti(p)]
+    images, found = _cases([(rel, path) for rel, path in found if _visible(rel)], channels) if channels > 1 else \
+        ([], found)
     by_stem: dict[str, list[tuple[str, Path]]] = {}
+    for image in images:
+        by_stem.setdefault(image.id, []).append((image.rel, image.path))
     for rel, path in found:
         if _visible(rel):
             by_stem.setdefault(writable(nifti_stem(path)), []).append((rel, path))
+    cases = {image.rel: image for image in images}
     images = []
     for stem, named in by_stem.items():
         if len(named) == 1:
-            images.append(FolderImage(id=stem, path=named[0][1], rel=named[0][0]))
+            rel, path = named[0]
+            images.append(cases.get(rel) or FolderImage(id=stem, path=path, rel=rel))
             continue
         for rel, path in named:
             others = ", ".join(other for other, _ in named if other != rel)
@@ -62,6 +72,38 @@ def folder_images(folder: Path, *, exclude: Path | None = None) -> list[FolderIm
                       "a link pointing nowhere (its target is missing, or links loop)")
             images.append(FolderImage(id=rel, path=link.path, rel=rel, error=(link.code, f"{rel}: {reason}")))
     return sorted(images, key=lambda image: image.rel)
+
+
+_CASE_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$", re.IGNORECASE)
+
+
+def _cases(found: list[tuple[str, Path]], channels: int) -> tuple[list[FolderImage], list[tuple[str, Path]]]:
+    """(the cases of one file per channel among ``found``, the files that are not a case's)."""
+    groups: dict[tuple[str, str], dict[int, tuple[str, Path]]] = {}
+    rest = []
+    for rel, path in found:
+        match = _CASE_FILE.match(path.name)
+        if match is None:
+            rest.append((rel, path))
+            continue
+        folder = rel.rpartition("/")[0]
+        groups.setdefault((folder, match["case"]), {})[int(match["channel"])] = (rel, path)
+    images = []
+    for (folder, case), files in groups.items():
+        name = writable(case)
+        rel = f"{folder}/{name}" if folder else name
+        wanted = range(channels)
+        if sorted(files) == list(wanted):
+            images.append(FolderImage(id=name, path=files[0][1], rel=rel,
+                                      channel_paths=tuple(files[n][1] for n in wanted)))
+            continue
+        missing = [f"{name}_{n:04d}" for n in wanted if n not in files]
+        extra = [files[n][0] for n in sorted(files) if n >= channels]
+        what = f"{', '.join(missing)} missing" if missing else f"{', '.join(extra)} beyond them"
+        images.append(FolderImage(id=rel, path=files[min(files)][1], rel=rel, error=(
+            "channel_files", f"{rel}: the model takes {channels} channels, one file each (CASE_0000.nii.gz, ...), "
+                             f"and {what}")))
+    return images, rest
 
 
 def label_folder(folder: Path) -> tuple[dict[str, Path], list[FolderImage]]:

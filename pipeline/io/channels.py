@@ -57,3 +57,22 @@ def channel_first(array: np.ndarray) -> np.ndarray:
 def channel_last(array: np.ndarray) -> np.ndarray:
     """What a NIfTI file stores of a (C, X, Y, Z) array: (X, Y, Z) for one channel, else (X, Y, Z, C)."""
     return array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+
+
+def _grid(volume: Volume) -> str:
+    return (f"shape {list(volume.spatial_shape)}, spacing {[round(s, 4) for s in volume.spacing]}, origin "
+            f"{[round(float(v), 3) for v in volume.affine[:3, 3]]} mm")
+
+
+def stack_channels(volumes: Sequence[Volume], names: Sequence[str]) -> Volume:
+    """3D volumes, one per channel (files ``names``), as one 4D volume, channel last. They must share one grid
+    (GeometryError ``channel_grid_mismatch`` naming the file that differs); never resampled here."""
+    first = volumes[0]
+    for volume, name in zip(volumes[1:], names[1:], strict=True):
+        if not volume.same_grid(first):
+            raise GeometryError(f"{name}: grid ({_grid(volume)}) differs from {names[0]}'s ({_grid(first)}); the "
+                                "channels of a case must share one grid: resample them onto the first",
+                                code="channel_grid_mismatch")
+    kept = all(v.array.dtype == np.dtype(v.meta.get("source_dtype", v.array.dtype)) for v in volumes)  # no rescale
+    array = np.stack([v.array for v in volumes], axis=-1)
+    return Volume(array, first.affine, meta={"source_dtype": str(array.dtype) if kept else "float32"})

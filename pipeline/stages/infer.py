@@ -23,9 +23,11 @@ from pipeline.inference.model_files import (
     common_flip_axes,
     is_classification_model,
     read_model_files,
+    read_model_json,
     resolve_model_dirs,
 )
 from pipeline.inference.postprocess import VALIDATION_JSON, postprocess_plan
+from pipeline.io.channels import channel_count
 from pipeline.io.nifti import is_nifti, nifti_stem, save_nifti
 from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
 from pipeline.manifest import MANIFEST_NAME, load_manifest
@@ -51,6 +53,7 @@ class InferItem:
     name: str  # output file name, "<name>.nii.gz"
     error: str | None = None  # why it is refused unread, with ``code``
     code: str | None = None
+    channel_paths: tuple[Path, ...] | None = None  # a case of one file per channel (nnU-Net v2), in order
 
     @property
     def prediction(self) -> str:
@@ -61,11 +64,12 @@ class InferItem:
         return f"{PROBABILITIES_DIR}/{self.name}"
 
 
-def _folder_items(folder: Path, exclude: Path) -> list[InferItem]:
-    """Every NIfTI under ``folder`` (:func:`folder_images`), named after its file."""
+def _folder_items(folder: Path, exclude: Path, channels: int) -> list[InferItem]:
+    """Every NIfTI under ``folder`` (:func:`folder_images`), named after its file (or its case)."""
     return [InferItem(id=image.id, path=image.path, image=image.rel, name=f"{image.id}.nii.gz",
-                      error=image.error[1] if image.error else None, code=image.error[0] if image.error else None)
-            for image in folder_images(folder, exclude=exclude)]
+                      error=image.error[1] if image.error else None, code=image.error[0] if image.error else None,
+                      channel_paths=image.channel_paths)
+            for image in folder_images(folder, exclude=exclude, channels=channels)]
 
 
 def _manifest_items(folder: Path, studies: list[str] | None) -> tuple[list[InferItem], dict[str, str] | None]:
@@ -84,8 +88,10 @@ def _manifest_items(folder: Path, studies: list[str] | None) -> tuple[list[Infer
     return items, manifest.labels
 
 
-def collect_items(input: Path, out: Path, *, studies: list[str] | None = None) -> tuple[str, list[InferItem]]:
-    """``("manifest"|"folder"|"file", items)`` for an ingest folder, a folder of NIfTIs or one NIfTI file."""
+def collect_items(input: Path, out: Path, *, studies: list[str] | None = None,
+                  channels: int = 1) -> tuple[str, list[InferItem]]:
+    """``("manifest"|"folder"|"file", items)`` for an ingest folder, a folder of NIfTIs or one NIfTI file. With
+    several ``channels`` (the model's), a folder's one-file-per-channel cases (nnU-Net v2) are an item each."""
     input = Path(input)
     if input.is_dir() and (input / MANIFEST_NAME).is_file():
         return "manifest", _manifest_items(input, studies)[0]
@@ -94,7 +100,7 @@ def collect_items(input: Path, out: Path, *, studies: list[str] | None = None) -
     if input.is_file() and is_nifti(input):
         return "file", [InferItem(id=nifti_stem(input), path=input, image=input.name,
                                   name=f"{nifti_stem(input)}.nii.gz")]
-    items = _folder_items(input, out) if input.is_dir() else []
+    items = _folder_items(input, out, channels) if input.is_dir() else []
     if not items:
         raise no_images(input, exclude=out)
     return "folder", items
@@ -128,7 +134,7 @@ def predict_item(predictor: Predictor, item: InferItem, *, out: Path, probabilit
     """Predict one input; write its labels (and probability map) into ``out``; return the labels' path."""
     from pipeline.inference.predictor import save_probability_map
 
-    prediction = predictor.predict(predictor.load(item.path), probabilities=probabilities)
+    prediction = predictor.predict(predictor.load(item.channel_paths or item.path), probabilities=probabilities)
     save_nifti(prediction.labels, out / item.prediction, dtype=np.uint8)
     if prediction.probabilities is not None:
         save_probability_map(prediction.probabilities, out / item.probabilities)
@@ -204,12 +210,15 @@ def infer(
     settings = config.infer
     folders = resolve_model_dirs(model_dir, folds=settings.folds)
     model_files, validation_files, missing = model_inputs(folders, postprocess=settings.postprocess)
-    kind, items = collect_items(Path(input), out, studies=studies)
+    channels = channel_count(read_model_json(folders[0])["plans"])  # a folder of cases: grouped by channel
+    kind, items = collect_items(Path(input), out, studies=studies, channels=channels)
     inputs: dict[str, Path] = dict(model_files)
     if kind == "manifest":
         inputs["manifest"] = Path(input) / MANIFEST_NAME
     else:
-        inputs.update({f"image:{item.image}": item.path for item in items})
+        inputs.update({f"image:{item.image}": item.path for item in items if not item.channel_paths})
+        inputs.update({f"image:{item.image}#{n}": path for item in items for n, path in
+                       enumerate(item.channel_paths or ())})
     out = shard_out(out, config)
     owns = study_selector(config)
     items = [item for item in items if owns(item.id)]  # every item when unsharded; inputs stay the whole set

@@ -12,6 +12,7 @@ import numpy as np
 from pipeline.errors import GeometryError, IngestError
 from pipeline.fileio import sha256_bytes, sha256_file
 from pipeline.io import nib
+from pipeline.io.channels import stack_channels
 from pipeline.io.dicom import DicomOptions, DicomSeries, decode_series, read_series_bytes, storage_dtype
 from pipeline.io.dicom_rtstruct_label import rtstruct_label
 from pipeline.io.dicom_seg_label import seg_label
@@ -72,21 +73,7 @@ def _load(path: str, rel: str, *, channels: int | None = None, image: bool = Fal
 
 def _stacked(paths: tuple[str, ...], rels: tuple[str, ...]) -> Volume:
     """One file per channel (nnU-Net v2) as one 4D volume, channel last; the files must share one grid."""
-    volumes = [_load(path, rel) for path, rel in zip(paths, rels, strict=True)]
-    first = volumes[0]
-    for volume, rel in zip(volumes[1:], rels[1:], strict=True):
-        if not volume.same_grid(first):
-            raise GeometryError(f"{rel}: grid ({_grid(volume)}) differs from {rels[0]}'s ({_grid(first)}); the "
-                                "channels of a case must share one grid: resample them onto the first",
-                                code="channel_grid_mismatch")
-    kept = all(v.array.dtype == np.dtype(v.meta["source_dtype"]) for v in volumes)  # none rescaled to float
-    array = np.stack([v.array for v in volumes], axis=-1)
-    return Volume(array, first.affine, meta={"source_dtype": str(array.dtype) if kept else "float32"})
-
-
-def _grid(volume: Volume) -> str:
-    return (f"shape {list(volume.spatial_shape)}, spacing {[round(s, 4) for s in volume.spacing]}, origin "
-            f"{[round(float(v), 3) for v in volume.affine[:3, 3]]} mm")
+    return stack_channels([_load(path, rel) for path, rel in zip(paths, rels, strict=True)], rels)
 
 
 def _label_array(label: Volume, image: Volume, task: IngestTask) -> np.ndarray:

@@ -209,8 +209,22 @@ def test_two_channels_train_predict_and_report_and_a_one_channel_image_is_refuse
     page = json.loads((tmp_path / "report/studies" / f"{manifest.studies[0].id}.json").read_text())
     assert "image: channel FLAIR of FLAIR, CT" in json.dumps(page)
 
-    flat = tmp_path / "flat"
+    cases = tmp_path / "cases"  # nnU-Net v2's one file per channel: a case each, predicted like its 4D image
     image = load_nifti(ingested / manifest.studies[0].image, allow_4d=True)
+    for number in range(2):
+        save_nifti(image.with_array(image.array[..., number]), cases / "sub" / f"brain_{number:04d}.nii.gz")
+    save_nifti(image.with_array(image.array[..., 0]), cases / "half_0000.nii.gz")
+    result = infer(tmp_path / "train", cases, tmp_path / "infer_cases", config=config)
+    assert result["status"] == "partial"
+    index = json.loads((tmp_path / "infer_cases/predictions.json").read_text())
+    assert [(p["id"], p["image"]) for p in index["predictions"]] == [("brain", "sub/brain")]
+    assert [(f["id"], f["code"]) for f in index["failed"]] == [("half", "channel_files")]
+    assert "half_0001 missing" in index["failed"][0]["message"]
+    np.testing.assert_array_equal(
+        load_nifti(tmp_path / "infer_cases/predictions/brain.nii.gz").array,
+        load_nifti(tmp_path / "infer/predictions" / f"{manifest.studies[0].id}.nii.gz").array)
+
+    flat = tmp_path / "flat"
     save_nifti(image.with_array(image.array[..., 0]), flat / "one.nii.gz")
     result = infer(tmp_path / "train", flat, tmp_path / "infer_flat", config=config)
     assert result["status"] == "failed"
