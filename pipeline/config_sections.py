@@ -50,7 +50,12 @@ class IngestConfig(_Section):
     case-insensitive), the n-th becoming value n; where they overlap the later listed wins.
     ``rtstruct_label_pattern`` chooses among several structure sets of one series as
     ``seg_label_pattern`` does among SEGs, matched against each one's structure set label,
-    series description, file path and file name."""
+    series description, file path and file name. ``channels`` makes each DICOM study of several
+    series one image of several channels: channel name -> a glob (any case) of the series'
+    description or folder, in channel order (``{T2: "*t2*", ADC: "*adc*"}``); every channel must
+    match exactly one series of the study, all in one Frame of Reference. A channel on another
+    grid than the first is resampled onto it (trilinear), or, with ``channel_grid: refuse``, fails
+    the study."""
 
     workers: int = Field(1, ge=1)
     pseudonym_key: str = DEFAULT_PSEUDONYM_KEY
@@ -72,6 +77,16 @@ class IngestConfig(_Section):
     seg_label_pattern: str | None = Field(None, min_length=1)
     rtstruct_rois: list[str] | None = Field(None, min_length=1)
     rtstruct_label_pattern: str | None = Field(None, min_length=1)
+    channels: dict[str, str] | None = None
+    channel_grid: Literal["resample", "refuse"] = "resample"
+
+    @field_validator("channels")
+    @classmethod
+    def _two_or_more(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and (len(value) < 2 or not all(k.strip() and v.strip() for k, v in value.items())):
+            raise ValueError("name two or more channels, each with a non-empty glob of its series' description or "
+                             "folder, e.g. {T2: '*t2*', ADC: '*adc*'}")
+        return value
 
     @field_validator("rtstruct_rois")
     @classmethod

@@ -76,3 +76,21 @@ def stack_channels(volumes: Sequence[Volume], names: Sequence[str]) -> Volume:
     kept = all(v.array.dtype == np.dtype(v.meta.get("source_dtype", v.array.dtype)) for v in volumes)  # no rescale
     array = np.stack([v.array for v in volumes], axis=-1)
     return Volume(array, first.affine, meta={"source_dtype": str(array.dtype) if kept else "float32"})
+
+
+def resample_onto(volume: Volume, reference: Volume) -> np.ndarray:
+    """``volume``'s voxels (3D) trilinearly interpolated at the centres of ``reference``'s voxels, through both
+    affines (world positions, so the two must share a Frame of Reference); 0 outside ``volume``. float32."""
+    from scipy import ndimage
+
+    source = np.asarray(volume.array, dtype=np.float32)
+    to_source = np.linalg.inv(volume.affine) @ reference.affine
+    nx, ny, nz = reference.spatial_shape
+    i, j = np.meshgrid(np.arange(nx, dtype=np.float64), np.arange(ny, dtype=np.float64), indexing="ij")
+    out = np.empty((nx, ny, nz), dtype=np.float32)
+    for k in range(nz):  # a slice at a time: the coordinates of a whole CT would take gigabytes
+        points = np.stack([i.ravel(), j.ravel(), np.full(i.size, float(k)), np.ones(i.size)])
+        coords = (to_source @ points)[:3]
+        out[:, :, k] = ndimage.map_coordinates(source, coords, order=1, mode="constant", cval=0.0,
+                                               output=np.float32).reshape(nx, ny)
+    return out

@@ -22,6 +22,7 @@ from pipeline.privacy import SCRUBBED, Scrubber, scan_scrubber, scrubbed_logs
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.sharding import shard_out, study_selector
 from pipeline.stages.common import execute_stage
+from pipeline.stages.ingest_channels import combine_channels
 from pipeline.stages.ingest_headers import read_headers
 from pipeline.stages.ingest_listing import (
     LeftOut,
@@ -200,6 +201,9 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
         seg_labels = rtstruct_labels = None  # SEG segment names and the listed ROIs: not one list of values
         _label_kinds_mixed(specs)
     seg_labels = seg_labels or rtstruct_labels
+    if config.channels:
+        specs = combine_channels(specs, config.channels, grid=config.channel_grid)
+        header["channels"] = header["channels"] or list(config.channels)
     scrubber = scan_scrubber([[h.path for h in s.headers] for s in scan.series],
                              [relative(root, p) for p in files], key=config.pseudonym_key,
                              enabled=config.scrub_phi)

@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.errors import GeometryError, IngestError
 from pipeline.fileio import sha256_bytes, sha256_file
 from pipeline.io import nib
-from pipeline.io.channels import stack_channels
+from pipeline.io.channels import resample_onto, stack_channels
 from pipeline.io.dicom import DicomOptions, DicomSeries, decode_series, read_series_bytes, storage_dtype
 from pipeline.io.dicom_rtstruct_label import rtstruct_label
 from pipeline.io.dicom_seg_label import seg_label
@@ -47,7 +47,9 @@ class IngestTask:
     rtstruct_rois: tuple[str, ...] | None = None  # the label is an RT structure set: these ROIs, value 1, 2, ...
     channels: int | None = None  # a 4D NIfTI image of this many channels (dataset.json's modality), channel last
     channel_paths: tuple[str, ...] | None = None  # nnU-Net v2: one 3D file per channel, stacked in this order
-    channel_sources: tuple[str, ...] | None = None  # those files relative to the scan folder (scrubbed)
+    channel_sources: tuple[str, ...] | None = None  # those files (or series) relative to the scan folder (scrubbed)
+    channel_series: tuple[DicomSeries, ...] | None = None  # ingest.channels: the series of each channel, in order
+    channel_grid: Literal["resample", "refuse"] = "resample"  # a channel series on another grid than the first
 
 
 def _load(path: str, rel: str, *, channels: int | None = None, image: bool = False) -> Volume:
@@ -69,6 +71,27 @@ def _load(path: str, rel: str, *, channels: int | None = None, image: bool = Fal
                           "nnU-Net v2's case_0000.nii.gz, is not read: stack them into one 4D image)",
                           code="nifti_channels")
     return volume
+
+
+def _channels_onto_first(volumes: list[Volume], task: IngestTask) -> tuple[Volume, list[tuple[str, str]]]:
+    """The channel series' volumes as one image on the first one's grid (``ingest.channels``): each other channel
+    on another grid resampled onto it (a problem saying so), or refused with ``channel_grid: refuse``."""
+    rels = task.channel_sources or ()
+    first, problems = volumes[0], []
+    onto: list[Volume] = [first]
+    for volume, rel in zip(volumes[1:], rels[1:], strict=True):
+        if volume.array.ndim != 3 or first.array.ndim != 3:
+            raise IngestError(f"{rel}: a 4D series (several volumes) cannot be one channel of a study; split it "
+                              "(ingest.split_4d) or leave it out of ingest.channels", code="dicom_channels")
+        if volume.same_grid(first) or task.channel_grid == "refuse":
+            onto.append(volume)  # stack_channels refuses another grid
+            continue
+        onto.append(first.with_array(resample_onto(volume, first)))
+        problems.append(("channel_resampled", f"{rel}: resampled (trilinear) onto the grid of {rels[0]}, the "
+                                              f"first channel: spacing {[round(s, 4) for s in volume.spacing]} -> "
+                                              f"{[round(s, 4) for s in first.spacing]} mm, shape "
+                                              f"{list(volume.spatial_shape)} -> {list(first.spatial_shape)}"))
+    return stack_channels(onto, rels), problems
 
 
 def _stacked(paths: tuple[str, ...], rels: tuple[str, ...]) -> Volume:
@@ -158,7 +181,10 @@ def _write(task: IngestTask, image: Volume, dtype: Any, label: np.ndarray | None
 def process_study(task: IngestTask) -> tuple[Study, bool]:
     """Convert one study (or reuse its unchanged outputs): (manifest entry, reused)."""
     if task.series is not None:
-        digest, blobs = read_series_bytes(task.series)
+        series = task.channel_series or (task.series,)
+        read = [read_series_bytes(s) for s in series]
+        digest = read[0][0] if len(read) == 1 else sha256_bytes(
+            f"{'|'.join(d for d, _ in read)}|channels {task.channel_grid}".encode())
         options = task.dicom_options or DicomOptions()
         inputs = {"input": digest, "options": sha256_bytes(repr(options).encode()), **_discovery_digest(task)}
         if task.label_path:  # a DICOM SEG or RT structure set of this series
@@ -168,9 +194,12 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
                     f"{inputs['label_input']}|{task.seg_values or ''}|{task.rtstruct_rois or ''}".encode())
         if _reusable(task, inputs):
             return task.previous, True  # type: ignore[return-value]
-        volume = decode_series(task.series, blobs, options=options, release=True)
-        del blobs
-        problems = [*task.problems, *volume.meta["problems"]]
+        volumes = []
+        for one, (_, blobs) in zip(series, read, strict=True):
+            volumes.append(decode_series(one, blobs, options=options, release=True))
+        del read, blobs
+        volume = volumes[0]
+        problems = [*task.problems, *(p for v in volumes for p in v.meta["problems"])]
         label = None
         if task.label_path and task.rtstruct_rois:
             label, outlined = rtstruct_label(task.label_path, volume, rois=task.rtstruct_rois,
@@ -179,6 +208,9 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         elif task.label_path:
             label = seg_label(task.label_path, volume, rel=task.label_source or "")
             label = _renumbered(label, task.seg_values) if task.seg_values else label
+        if task.channel_series:
+            volume, resampled = _channels_onto_first(volumes, task)
+            problems += resampled
         return _write(task, volume, storage_dtype(volume.array), label, inputs, problems), False
     paths, rels = task.channel_paths or (task.image_path,), task.channel_sources or (task.source,)
     sums = [_checksum(path, rel) for path, rel in zip(paths, rels, strict=True)]  # type: ignore[arg-type]

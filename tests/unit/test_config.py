@@ -150,3 +150,11 @@ def test_worker_count_does_not_invalidate_ingest() -> None:
     two = load_config(None, overrides=["ingest.workers=2"])
     assert stage_config(one, "ingest") == stage_config(two, "ingest")
     assert stage_config(one, "ingest") != stage_config(load_config(None, overrides=["ingest.split_4d=true"]), "ingest")
+
+
+@pytest.mark.parametrize("value", ['{T2: "*t2*"}', '{T2: "*t2*", ADC: " "}'])
+def test_ingest_channels_need_two_named_globs(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"ingest\.channels.*two or more channels"):
+        load_config(None, overrides=[f"ingest.channels={value}"])
+    assert load_config(None, overrides=['ingest.channels={T2: "*t2*", ADC: "*adc*"}']).ingest.channels == {
+        "T2": "*t2*", "ADC": "*adc*"}
