@@ -120,3 +120,17 @@ def test_a_channel_matching_several_series_names_them(scan: Path, tmp_path: Path
     message = studies["B/other"].error.message
     assert "channel X matches 3 of them: B/adc, B/other, B/t2" in message
     assert json.dumps(message).count("Ax T2") == 0
+
+
+def test_the_dry_run_tells_the_channels_and_verdicts_of_the_real_run(scan: Path, tmp_path: Path) -> None:
+    from pipeline.stages.ingest_survey import survey
+
+    config = load_config(None, overrides=[CHANNELS])
+    planned = {s.source: s for s in survey(scan, config=config)}
+    ingest(scan, tmp_path / "out", config=config)
+    manifest = {s.source: s for s in load_manifest(tmp_path / "out").studies}
+    assert set(planned) == set(manifest)
+    assert {k: (s.id, s.channels) for k, s in planned.items() if s.status == "to_convert"} == {
+        "A/t2": (manifest["A/t2"].id, 2), "B/t2": (manifest["B/t2"].id, 2)}
+    assert {k: s.reason[0] for k, s in planned.items() if s.reason} == {
+        k: (s.error or s.problems[0]).code for k, s in manifest.items() if s.status != "ok"}
