@@ -187,8 +187,9 @@ def cross_validation_summary(out: Path, folds: Sequence[int], *, config: Pipelin
 def ensemble_json(out: Path, members: Sequence[str], **extra: Any) -> dict[str, Any]:
     """OUT/model/model.json of an ensemble whose members are OUT/<member>/model (fold or seed models)."""
     first = read_json(Path(out) / members[0] / MODEL_DIR / "model.json")
-    shared = {k: first[k] for k in ("num_classes", "classes", "input_size", "normalization", "operating_point",
-                                    "gradcam_slices", "network", "seed") if k in first}
+    shared = {k: first[k] for k in ("num_classes", "classes", "input_size", "in_channels", "channels",
+                                    "normalization", "operating_point", "gradcam_slices", "network", "seed")
+              if k in first}
     return {"schema_version": 1, "task": "classification", **shared,
             "ensemble": [f"../{member}/{MODEL_DIR}" for member in members], **extra}
 

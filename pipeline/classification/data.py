@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ManifestError
-from pipeline.io.nifti import load_nifti
+from pipeline.io.channels import channel_first, load_channels
 from pipeline.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LabelledSet:
-    """Studies as one tensor (N, 1, *input_size) with their ids and integer labels (-1: unknown)."""
+    """Studies as one tensor (N, C, *input_size), C channels, with their ids and integer labels (-1: unknown)."""
 
     ids: list[str]
     images: torch.Tensor
@@ -45,15 +45,16 @@ def normalise(array: np.ndarray, mode: str) -> np.ndarray:
 
 
 def to_input(array: np.ndarray, input_size: tuple[int, ...], normalization: str) -> torch.Tensor:
-    """One volume (X, Y, Z) -> (1, *input_size): a 2D size takes the volume's single slice (Z = 1)."""
-    if array.ndim == 4:
-        array = array[..., 0]
+    """One volume (X, Y, Z), or one of several channels (X, Y, Z, C, channel last) -> (C, *input_size), each
+    channel normalised alone (its own range or mean and std). A 2D size takes the volume's single slice (Z = 1)."""
+    channels = channel_first(array)  # (C, X, Y, Z)
     if len(input_size) == 2:
-        if array.shape[2] != 1:
+        if channels.shape[3] != 1:
             raise ManifestError(f"a 2D classifier (input_size {list(input_size)}) needs 2D images; got shape "
                                 f"{list(array.shape)}; give a 3-value classify.input_size")
-        array = array[..., 0]
-    tensor = torch.from_numpy(np.ascontiguousarray(normalise(array, normalization)))[None, None]
+        channels = channels[..., 0]
+    normalised = np.stack([normalise(channel, normalization) for channel in channels])
+    tensor = torch.from_numpy(np.ascontiguousarray(normalised))[None]
     if tuple(tensor.shape[2:]) != tuple(input_size):
         shrink = all(s >= t for s, t in zip(tensor.shape[2:], input_size, strict=True))
         mode = "area" if shrink else ("bilinear" if len(input_size) == 2 else "trilinear")
@@ -64,7 +65,8 @@ def to_input(array: np.ndarray, input_size: tuple[int, ...], normalization: str)
 
 def load_labelled(folder: str | Path, *, input_size: tuple[int, ...], normalization: str,
                   require_labels: bool = True, labelled_only: bool = False) -> tuple[LabelledSet, Manifest]:
-    """Every ok study of the manifest in ``folder`` (an ingest/import folder) as a LabelledSet.
+    """Every ok study of the manifest in ``folder`` (an ingest/import folder) as a LabelledSet: one channel per
+    volume of the manifest's ``channels`` (MR sequences of one study), a study holding others failing by name.
 
     ``require_labels``: every study must have a class label; ``labelled_only``: unlabelled
     studies are left out (and at least one labelled study is needed).
@@ -86,7 +88,10 @@ def load_labelled(folder: str | Path, *, input_size: tuple[int, ...], normalizat
             log.info("%d unlabelled stud(ies) left out of training (inference only)", len(unlabelled))
     if not studies:
         raise ManifestError(f"{folder / 'manifest.json'}: no ok studies with an image")
-    tensors = [to_input(load_nifti(folder / str(s.image)).array, input_size, normalization) for s in studies]
+    names = manifest.channels
+    by, fix = f"{folder / 'manifest.json'}'s channels", "ingest the scans again into a new folder"
+    tensors = [to_input(load_channels(folder / str(s.image), names, by=by, fix=fix).array, input_size,
+                        normalization) for s in studies]
     labels = torch.tensor([-1 if s.class_label is None else int(s.class_label) for s in studies], dtype=torch.long)
     log.info("loaded %d studies from %s at %s", len(studies), folder, list(input_size))
     return LabelledSet([s.id for s in studies], torch.stack(tensors), labels), manifest

@@ -22,7 +22,8 @@ from pipeline.config import PipelineConfig, config_dict
 from pipeline.errors import CheckpointError, StageError
 from pipeline.fileio import read_json, write_json_atomic, write_text_atomic
 from pipeline.inference.folder_inputs import folder_images, no_images
-from pipeline.io.nifti import is_nifti, load_nifti, nifti_stem
+from pipeline.io.channels import load_case
+from pipeline.io.nifti import is_nifti, nifti_stem
 from pipeline.manifest import MANIFEST_NAME, load_manifest
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.runtime import device_description, resolve_device
@@ -44,6 +45,7 @@ class _Item:
     path: Path
     label: int | None = None
     error: tuple[str, str] | None = None  # (code, message): refused unread (a shared name, a link leaving)
+    channel_paths: tuple[Path, ...] | None = None  # a case of one file per channel (nnU-Net v2), in order
 
 
 def _model_folder(model_dir: Path) -> Path:
@@ -99,7 +101,9 @@ def _held_out(members: list[Path]) -> dict[str, list[int]]:
     return held
 
 
-def _items(input: Path, out: Path, studies: list[str] | None = None) -> list[_Item]:
+def _items(input: Path, out: Path, studies: list[str] | None = None, *, channels: int = 1) -> list[_Item]:
+    """The studies to classify: an ingest folder's ok ones, one NIfTI file, or a folder's images (with several
+    ``channels``, the classifier's, its CASE_0000.nii.gz, CASE_0001.nii.gz, ... files are one case each)."""
     if input.is_dir() and (input / MANIFEST_NAME).is_file():
         manifest = load_manifest(input)
         ok = [s for s in sorted(manifest.ok_studies(), key=lambda s: s.id) if s.image]
@@ -117,9 +121,10 @@ def _items(input: Path, out: Path, studies: list[str] | None = None) -> list[_It
     if input.is_file() and is_nifti(input):
         return [_Item(nifti_stem(input), input)]
     if input.is_dir():
-        images = folder_images(input, exclude=out)
+        images = folder_images(input, exclude=out, channels=channels)
         if images:
-            return [_Item(image.id, image.path, error=image.error) for image in images]
+            return [_Item(image.id, image.path, error=image.error, channel_paths=image.channel_paths)
+                    for image in images]
     raise no_images(input, exclude=out)
 
 
@@ -163,7 +168,7 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
     model_dir, input, out = Path(model_dir), Path(input), Path(out)
     folder = _model_folder(model_dir)
     members = model_members(folder)
-    items = _items(input, out, studies)
+    items = _items(input, out, studies, channels=int(_read_meta(folder / "model.json").get("in_channels", 1)))
     inputs = {"model.json": folder / "model.json"}
     for i, member in enumerate(members):
         inputs.update({f"member{i}/model.json": member / "model.json", f"member{i}/model.pt": member / "model.pt"})
@@ -172,7 +177,9 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
     if (input / MANIFEST_NAME).is_file():
         inputs["manifest"] = input / MANIFEST_NAME
     else:
-        inputs.update({f"image:{it.id}": it.path for it in items if it.error is None})
+        inputs.update({f"image:{it.id}": it.path for it in items if it.error is None and not it.channel_paths})
+        inputs.update({f"image:{it.id}:{n}": p for it in items if it.error is None for n, p in
+                       enumerate(it.channel_paths or ())})
 
     def work(record: StageRecord) -> list[Path]:
         device = resolve_device(config.infer.device)
@@ -186,7 +193,8 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
         held = _held_out(members) if out_of_fold and len(members) > 1 else {}
 
         def classify(item: _Item) -> dict[str, Any]:
-            volume = to_input(load_nifti(item.path).array, size, meta["normalization"])
+            image = load_case(item.channel_paths or item.path, meta.get("channels"), by="the classifier's channels")
+            volume = to_input(image.array, size, meta["normalization"])
             chosen = held.get(item.id, list(range(len(loaded))))
             probs = np.zeros(len(classes))
             for i in chosen:

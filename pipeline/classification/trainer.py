@@ -261,17 +261,18 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
         kwargs = c.network_kwargs
         if c.network == ENCODER_NETWORK and "segmentation" not in kwargs:  # the architecture of the pretrained model
             kwargs = {**kwargs, "segmentation": segmentation_spec(c.pretrained)}
-        model = build_classifier(c.network, spatial_dims=len(c.input_size), in_channels=1, num_classes=k,
+        in_channels = int(data.images.shape[1])  # the manifest's channels (MR sequences), else 1
+        model = build_classifier(c.network, spatial_dims=len(c.input_size), in_channels=in_channels, num_classes=k,
                                  kwargs=kwargs)
-        check_input_size(model, network=c.network, input_size=tuple(c.input_size), in_channels=1)
+        check_input_size(model, network=c.network, input_size=tuple(c.input_size), in_channels=in_channels)
         matched: list[str] = []
         if c.pretrained is not None:
             report = load_partial(model, weights_path(c.pretrained))
             matched = report.matched
             record.extra["pretrained"] = report.as_dict()
         model.to(device)
-        log.info("train: %d training and %d validation studies, %d classes, %s on %s", len(train_set.ids),
-                 len(val_set.ids), k, c.network, device)
+        log.info("train: %d training and %d validation studies, %d classes, %d channel(s), %s on %s",
+                 len(train_set.ids), len(val_set.ids), k, in_channels, c.network, device)
         result = run_epochs(model=model, train=train_set, val=val_set, config=config, out=out, device=device, k=k,
                             matched=matched, resume=resume, resume_key=key)
         if not (checkpoints / BEST).is_file():
@@ -293,7 +294,8 @@ def train_split(input_dir: Path, out: Path, *, config: PipelineConfig, force: bo
         save_weights(model.state_dict(), model_dir / "model.pt")
         write_json_atomic(model_dir / "model.json", {
             "schema_version": 1, "task": "classification", "network": c.network,
-            "network_kwargs": kwargs, "in_channels": 1, "num_classes": k, "classes": classes,
+            "network_kwargs": kwargs, "in_channels": in_channels, "channels": manifest.channels, "num_classes": k,
+            "classes": classes,
             "input_size": list(c.input_size), "normalization": c.normalization, **calibration.as_json(),
             "operating_point": c.operating_point, "gradcam_slices": c.gradcam_slices,
             "config_hash": config_hash(config), "seed": config.seed, "fold": fold,

@@ -41,7 +41,7 @@ from pipeline.inference.model_loading import (
 )
 from pipeline.inference.postprocess import keep_largest_component
 from pipeline.io import nib
-from pipeline.io.channels import channel_names, check_channels, load_channels, stack_channels
+from pipeline.io.channels import channel_names, check_channels, load_case
 from pipeline.io.nifti import write_image
 from pipeline.io.volume import Volume
 from pipeline.layout import PREDICTIONS_DIR, PREDICTIONS_JSON, PROBABILITIES_DIR
@@ -182,10 +182,7 @@ class Predictor:
     def load(self, path: str | Path | Sequence[str | Path]) -> Volume:
         """An input image, validated by ``load_nifti`` and checked to hold the plans' channels; a sequence of
         paths: one 3D file per channel, in order (nnU-Net v2's CASE_0000.nii.gz, ...), stacked."""
-        if isinstance(path, str | Path):
-            return load_channels(path, self.channels)
-        volume = stack_channels([load_channels(p, None) for p in path], [Path(p).name for p in path])
-        return check_channels(volume, self.channels, what=f"{Path(path[0]).name} and the other channel files")
+        return load_case(path, self.channels)
 
     def preprocess(self, volume: Volume) -> MetaTensor:
         """The volume on the plans' grid and intensities, channel first, with its affine."""

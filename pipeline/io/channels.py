@@ -27,9 +27,13 @@ def channel_count(plans: Mapping[str, Any]) -> int:
     return len(plans.get("channels") or ()) or 1
 
 
-def check_channels(volume: Volume, names: Sequence[str] | None, *, what: str) -> Volume:
+_BY, _FIX = "the model's plans", "give the images the model was trained on, channels in the same order"
+
+
+def check_channels(volume: Volume, names: Sequence[str] | None, *, what: str, by: str = _BY,
+                   fix: str = _FIX) -> Volume:
     """``volume`` when it holds the channels ``names`` lists (a 3D volume when None); else a GeometryError
-    naming ``what`` (the file or study), the channels found and those expected."""
+    naming ``what`` (the file or study), the channels found and those ``by`` expects, with ``fix``."""
     found = volume.array.shape[3] if volume.array.ndim == 4 else 1
     expected = len(names) if names else 1
     if found != expected:
@@ -38,15 +42,16 @@ def check_channels(volume: Volume, names: Sequence[str] | None, *, what: str) ->
         held = f"{found} channels along the 4th axis" if volume.array.ndim == 4 else "one channel (a 3D image)"
         hint = ("; files of one channel each (nnU-Net v2's CASE_0000.nii.gz, CASE_0001.nii.gz) are stacked by "
                 "'medpipe ingest', so predict on its output folder") if found == 1 else ""
-        raise GeometryError(f"{what}: {held}, but the model's plans expect {wanted}; give the images the "
-                            f"model was trained on, channels in the same order{hint}", code="channels_mismatch")
+        raise GeometryError(f"{what}: {held}, but {by} expect {wanted}; {fix}{hint}", code="channels_mismatch")
     return volume
 
 
-def load_channels(path: str | Path, names: Sequence[str] | None, *, order: Literal["C", "K"] = "C") -> Volume:
-    """:func:`load_nifti` for an image of the channels ``names`` lists (a 3D image when None)."""
+def load_channels(path: str | Path, names: Sequence[str] | None, *, order: Literal["C", "K"] = "C", by: str = _BY,
+                  fix: str = _FIX) -> Volume:
+    """:func:`load_nifti` for an image of the channels ``names`` lists (a 3D image when None); ``by`` and ``fix``
+    as :func:`check_channels`'."""
     volume = load_nifti(path, allow_4d=bool(names), order=order)
-    return check_channels(volume, names, what=Path(path).name)
+    return check_channels(volume, names, what=Path(path).name, by=by, fix=fix)
 
 
 def channel_first(array: np.ndarray) -> np.ndarray:
@@ -94,3 +99,13 @@ def resample_onto(volume: Volume, reference: Volume) -> np.ndarray:
         out[:, :, k] = ndimage.map_coordinates(source, coords, order=1, mode="constant", cval=0.0,
                                                output=np.float32).reshape(nx, ny)
     return out
+
+
+def load_case(path: str | Path | Sequence[str | Path], names: Sequence[str] | None, *, by: str = _BY) -> Volume:
+    """An input image of the channels ``names`` lists: one file (3D, or 4D channel last), or a sequence of 3D
+    files, one per channel in order (nnU-Net v2's CASE_0000.nii.gz, CASE_0001.nii.gz, ...), stacked."""
+    if isinstance(path, str | Path):
+        return load_channels(path, names, by=by)
+    volume = stack_channels([load_channels(p, None) for p in path], [Path(p).name for p in path])
+    return check_channels(volume, names, what=f"{Path(path[0]).name} and the other channel files", by=by)
+

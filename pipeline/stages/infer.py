@@ -205,7 +205,7 @@ def infer(
     if is_classification_model(model_dir):
         from pipeline.classification.inference import infer_classifier  # torch: only for classifiers
 
-        return infer_classifier(Path(model_dir), Path(input), Path(out), config=config, force=force)
+        return infer_classifier(Path(model_dir), Path(input), Path(out), config=config, force=force, studies=studies)
     out = Path(out)
     settings = config.infer
     folders = resolve_model_dirs(model_dir, folds=settings.folds)
