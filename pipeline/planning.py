@@ -335,7 +335,8 @@ def make_plans(
                               "stride product or drop 'network' to plan it") from None
     plan = plan_patch_and_batch(shape=cropped if crop else resampled, spacing=spacing,
                                 budget_mb=config.memory_budget_mb, dataset_voxels=voxels, num_classes=num_classes,
-                                patch_size=patch, topology=topology, batch_size=ov.get("batch_size"))
+                                in_channels=len(channels) if channels else 1, patch_size=patch, topology=topology,
+                                batch_size=ov.get("batch_size"))
     if plan.topology.levels < 3:
         log.warning("planning: patch %s allows only %d network level(s); a U-Net needs 3 or more, so give "
                     "preprocess.patch_size of at least 16 voxels on some axis", plan.patch_size, plan.topology.levels)

@@ -23,7 +23,7 @@ from pipeline.export.model_export import export_model
 from pipeline.io.nifti import load_nifti, save_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import load_manifest
-from pipeline.planning import dataset_fingerprint, make_plans, study_fingerprint
+from pipeline.planning import dataset_fingerprint, estimate_training_memory_mb, make_plans, study_fingerprint
 from pipeline.plans_file import validate_plans_overrides
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.infer import infer
@@ -108,7 +108,14 @@ def _channel_fingerprints(image: np.ndarray, label: np.ndarray, affine: np.ndarr
     return [study_fingerprint("s", Volume(image[..., c], affine), Volume(label, affine)) for c in range(2)]
 
 
-def test_each_channel_is_fingerprinted_and_planned_as_if_alone(rng: np.random.Generator) -> None:
+def test_each_channel_is_fingerprinted_and_planned_as_if_alone(rng: np.random.Generator,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.planning
+
+    planned_with: list[int] = []
+    plan = pipeline.planning.plan_patch_and_batch
+    monkeypatch.setattr(pipeline.planning, "plan_patch_and_batch",
+                        lambda **kw: planned_with.append(kw["in_channels"]) or plan(**kw))
     affine = np.diag([1.0, 1.2, 2.0, 1.0])
     studies, alone = [], [[], []]
     for number in range(3):
@@ -130,6 +137,10 @@ def test_each_channel_is_fingerprinted_and_planned_as_if_alone(rng: np.random.Ge
     assert [(c["name"], c["normalization"]) for c in plans["channels"]] == [("FLAIR", "zscore"), ("CT", "ct")]
     ct_alone = dataset_fingerprint(alone[1])["intensity"]
     assert plans["channels"][1]["intensity"] == {k: ct_alone[k] for k in ("mean", "std", "p005", "p995")}
+    memory = estimate_training_memory_mb(plans["patch_size"], plans["batch_size"], plans["network"], in_channels=2,
+                                         num_classes=plans["num_classes"])
+    assert plans["fingerprint"]["estimated_memory_mb"] == round(memory, 1)
+    assert planned_with == [2]  # the memory of a batch of two-channel patches (the input, the first convolution)
     zscore = make_plans(fingerprint, config=PreprocessConfig(normalization="zscore"), channels=CHANNELS)
     assert zscore["normalization"] == "zscore" and {c["normalization"] for c in zscore["channels"]} == {"zscore"}
 
