@@ -5,6 +5,12 @@ A case is one study: its channel files are stacked into one 4D image (channel la
 layer, after checking that they share one grid. A case missing a channel file, a file named like no
 case, or a channel number beyond ``channel_names`` fails alone, with the file it concerns; a training
 case without its label is ingested unlabeled, with a problem.
+
+A ``dataset`` object in dataset.json lists the training cases' files instead (``{"CASE": {"images": [one path
+per channel], "label": path}}``, paths relative to the dataset folder, or absolute inside it): those cases
+come from it, whatever the files are named, and imagesTr files it does not list are cases by their names,
+ingested unlabeled with a problem. A listed file outside the dataset folder fails its case (``path_outside_root``:
+medpipe reads only the folder it is given); environment variables in paths are not expanded.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import IngestError
-from pipeline.stages.ingest_listing import relative
+from pipeline.stages.ingest_listing import outside, relative
 
 _FOLDERS = ("imagesTr", "imagesTs")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -34,9 +40,15 @@ def nnunet_tasks(root: Path, base: dict[str, Any], files: set[Path], *, meta: di
     consumed = {root / "dataset.json"} | {p for p in files if p.parent == root / "labelsTr"}
     specs: list[dict[str, Any]] = []
     channels = {"channels": len(names)} if len(names) > 1 else {"modality": names[0]}
+    listed = "dataset" in meta
+    if listed:
+        for case, entry in _listed(meta["dataset"]):
+            spec, used = _listed_case(root, base, case, entry, names=names, allowed=allowed, channels=channels)
+            specs.append(spec)
+            consumed |= used
     for folder in _FOLDERS:
         cases: dict[str, dict[int, Path]] = defaultdict(dict)
-        for path in sorted(p for p in files if p.parent == root / folder):
+        for path in sorted(p for p in files if p.parent == root / folder and p not in consumed):
             consumed.add(path)
             match = pattern.match(path.name)
             if match is None:
@@ -46,9 +58,82 @@ def nnunet_tasks(root: Path, base: dict[str, Any], files: set[Path], *, meta: di
                 continue
             cases[match["case"]][int(match["channel"])] = path
         for case, found in sorted(cases.items()):
-            specs.append(_case_spec(root, base, folder, case, found, names=names, ending=ending, allowed=allowed,
-                                    channels=channels, files=files))
+            spec = _case_spec(root, base, folder, case, found, names=names, ending=ending, allowed=allowed,
+                              channels=channels, files=set() if listed else files)
+            if listed and folder == "imagesTr" and not spec.get("error"):
+                spec["problems"] = (("nnunet_unlisted_case", f"{spec['source']}: in imagesTr but not in dataset.json's "
+                                                             "'dataset' list; ingested unlabeled"),)
+            specs.append(spec)
     return specs, consumed
+
+
+def _listed(raw: Any) -> list[tuple[str, Any]]:
+    if not isinstance(raw, dict) or not raw:
+        raise IngestError("dataset.json's 'dataset' must map each training case to its files, as {\"CASE\": "
+                          "{\"images\": [\"scans/CASE_t2.nii.gz\", ...], \"label\": \"masks/CASE.nii.gz\"}}",
+                          code="msd_bad_dataset_json")
+    return sorted((str(case), entry) for case, entry in raw.items())
+
+
+def _resolved(root: Path, text: str) -> tuple[Path | None, str]:
+    """(the listed file, or None when it leaves the dataset folder; its path relative to the folder)."""
+    pure = Path(text)
+    if pure.is_absolute():  # inside the folder: as its path there (the folder may be given through a link)
+        inside = [pure.relative_to(base) for base in (root.absolute(), root.resolve()) if pure.is_relative_to(base)]
+        pure = inside[0] if inside else pure
+    path = root / pure
+    if "$" in text or ".." in pure.parts or pure.is_absolute() or (
+            (path.exists() or path.is_symlink()) and outside(path, root.resolve())):
+        return None, text
+    return path, relative(root, path)
+
+
+def _listed_case(root: Path, base: dict[str, Any], case: str, entry: Any, *, names: list[str],
+                 allowed: tuple[int, ...] | None, channels: dict[str, Any]) -> tuple[dict[str, Any], set[Path]]:
+    """The spec of a case that dataset.json's ``dataset`` lists, and the files it uses."""
+    images = entry.get("images") if isinstance(entry, dict) else None
+    label = entry.get("label") if isinstance(entry, dict) else None
+    ok = isinstance(images, list) and images and all(isinstance(i, str) and i for i in images) and (
+        label is None or isinstance(label, str) and label)
+    found = [_resolved(root, i) for i in images] if ok else []
+    first = found[0][1] if found and found[0][0] is not None else None
+    source = f"dataset.json#{case}" if first is None else first if len(names) == 1 else \
+        f"{Path(first).parent.as_posix()}/{case}"
+    spec: dict[str, Any] = {**base, "source": source, "id_key": source, **channels, "allowed_labels": allowed}
+    marked = label if isinstance(label, str) and label else None
+    target = _resolved(root, marked) if marked else None
+    error = None
+    if not ok:
+        error = ("msd_bad_dataset_json", f"dataset.json's 'dataset' entry {case!r} must be {{\"images\": [one path per "
+                                         "channel], \"label\": path}}")
+    elif len(images) != len(names):
+        error = ("nnunet_channel_files", f"{source}: dataset.json's channel_names name {len(names)} channel(s) "
+                                         f"({', '.join(names)}), and its 'dataset' entry lists {len(images)} image(s)")
+    elif any(path is None for path, _ in found) or (target is not None and target[0] is None):
+        away = [f"image {n}" for n, (path, _) in enumerate(found) if path is None] + (
+            ["label"] if target is not None and target[0] is None else [])
+        error = ("path_outside_root", f"{source}: dataset.json's 'dataset' entry {case!r} lists its {away[0]} outside "
+                                      "the dataset folder (or through an environment variable); medpipe reads only "
+                                      "the folder it is given: move the file in and list it by its path there")
+    else:
+        missing = [rel for path, rel in [*found, *([target] if target else [])] if not path or not path.is_file()]
+        if missing:
+            error = ("missing_file", f"{missing[0]}: listed in dataset.json's 'dataset' (case {case!r}) but not found")
+    if error:
+        spec["error"] = error
+        return spec, set()
+    paths = [path for path, _ in found]
+    spec.update(image_path=str(paths[0]))
+    if len(names) > 1:
+        spec.update(channel_paths=tuple(str(p) for p in paths), channel_sources=tuple(rel for _, rel in found))
+    used = set(paths)
+    if target is not None and target[0] is not None:
+        spec.update(label_path=str(target[0]), label_source=target[1])
+        used.add(target[0])
+    else:
+        spec["problems"] = (("nnunet_missing_label", f"{source}: dataset.json's 'dataset' entry {case!r} names no "
+                                                     "label; ingested unlabeled"),)
+    return spec, used
 
 
 def _ending(meta: dict[str, Any]) -> str:

@@ -147,3 +147,57 @@ def test_region_based_labels_declare_every_value_they_name(tmp_path: Path) -> No
     ingest(scan, tmp_path / "narrow")  # value 2 of the phantoms' shell is named by no region
     studies = load_manifest(tmp_path / "narrow").studies
     assert [s.error.code for s in studies] == ["label_undeclared_values"] * len(cases)
+
+
+def test_a_dataset_list_names_each_cases_files_wherever_they_lie(msd: Path, tmp_path: Path) -> None:
+    """dataset.json's ``dataset`` object: cases by their listed files, checked against the MSD layout's ingest."""
+    scan = tmp_path / "Dataset005_Listed"
+    cases = _as_nnunet(msd, tmp_path / "named", channels=2)
+    listed: dict[str, dict[str, object]] = {}
+    for n, case in enumerate(cases[:3]):
+        for number, name in enumerate(CHANNELS):
+            target = scan / "scans" / case / f"{name.lower()}.nii.gz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((tmp_path / f"named/imagesTr/{case}_{number:04d}.nii.gz").read_bytes())
+        (scan / "masks").mkdir(exist_ok=True)
+        (scan / f"masks/{case}.nii.gz").write_bytes((tmp_path / f"named/labelsTr/{case}.nii.gz").read_bytes())
+        label = f"masks/{case}.nii.gz" if n != 1 else str(scan / f"masks/{case}.nii.gz")  # absolute, inside
+        listed[f"c{n}"] = {"images": [f"scans/{case}/t2.nii.gz", f"scans/{case}/adc.nii.gz"], "label": label}
+    listed["away"] = {"images": ["scans/x/t2.nii.gz", str(tmp_path / "named/imagesTr" / f"{cases[3]}_0001.nii.gz")],
+                      "label": "masks/x.nii.gz"}
+    listed["short"] = {"images": [f"scans/{cases[0]}/t2.nii.gz"], "label": f"masks/{cases[0]}.nii.gz"}
+    listed["gone"] = {"images": ["scans/gone/t2.nii.gz", "scans/gone/adc.nii.gz"], "label": "masks/gone.nii.gz"}
+    listed["env"] = {"images": ["$DATA/t2.nii.gz", "$DATA/adc.nii.gz"], "label": "$DATA/label.nii.gz"}
+    (scan / "imagesTr").mkdir()
+    for number in range(2):  # an imagesTr case the list leaves out
+        (scan / f"imagesTr/{cases[4]}_{number:04d}.nii.gz").write_bytes(
+            (tmp_path / f"named/imagesTr/{cases[4]}_{number:04d}.nii.gz").read_bytes())
+    meta = json.loads((tmp_path / "named/dataset.json").read_text())
+    (scan / "dataset.json").write_text(json.dumps({**meta, "dataset": listed, "numTraining": len(listed)}))
+
+    assert ingest(msd, tmp_path / "msd_ingest")["status"] == "complete"
+    reference = {Path(s.source).name.removesuffix(".nii.gz"): s for s in load_manifest(tmp_path / "msd_ingest").studies}
+    assert ingest(scan, tmp_path / "out")["status"] == "partial"
+    by_source = {s.source: s for s in load_manifest(tmp_path / "out").studies}
+    assert set(by_source) == {*(f"scans/{c}/c{n}" for n, c in enumerate(cases[:3])), "scans/x/away",
+                              f"scans/{cases[0]}/short", "scans/gone/gone", "dataset.json#env",
+                              f"imagesTr/{cases[4]}"}
+    for n, case in enumerate(cases[:3]):
+        study = by_source[f"scans/{case}/c{n}"]
+        assert study.status == "ok" and not study.problems
+        for ours, theirs in ((study.image, reference[case].image), (study.label, reference[case].label)):
+            np.testing.assert_array_equal(load_nifti(tmp_path / "out" / ours, allow_4d=True).array,
+                                          load_nifti(tmp_path / "msd_ingest" / theirs, allow_4d=True).array)
+    assert by_source["scans/x/away"].error.code == "path_outside_root"
+    assert "lists its image 1 outside the dataset folder" in by_source["scans/x/away"].error.message
+    assert str(tmp_path) not in json.dumps(by_source["scans/x/away"].error.message)
+    assert by_source[f"scans/{cases[0]}/short"].error.code == "nnunet_channel_files"
+    assert by_source["scans/gone/gone"].error.code == "missing_file"
+    assert by_source["dataset.json#env"].error.code == "path_outside_root"
+    unlisted = by_source[f"imagesTr/{cases[4]}"]
+    assert unlisted.status == "ok" and unlisted.label is None
+    assert [p.code for p in unlisted.problems] == ["nnunet_unlisted_case"]
+
+    (scan / "dataset.json").write_text(json.dumps({**meta, "dataset": []}))
+    with pytest.raises(IngestError, match="'dataset' must map each training case to its files"):
+        ingest(scan, tmp_path / "bad")
