@@ -26,17 +26,20 @@ NO_GEOMETRY = Problem(code="geometry_unknown",
                       message="MedMNIST stores no voxel spacing or orientation; written on a 1 mm identity grid")
 
 
-def _as_volumes(images: np.ndarray, source: str) -> np.ndarray:
-    """(N, H, W[, D]) grey or (N, H, W, 3) colour -> (N, X, Y, Z) arrays (2D images get Z = 1)."""
+COLOUR = ["red", "green", "blue"]
+
+
+def _as_volumes(images: np.ndarray, source: str) -> tuple[np.ndarray, list[str] | None]:
+    """(N, H, W[, D]) grey or (N, H, W, 3) colour -> (N, X, Y, Z[, C]) arrays (2D images get Z = 1) and the channel
+    names: colour images keep red, green and blue as three channels (a classifier's input channels)."""
     if images.ndim == 4 and images.shape[-1] == 3 and images.shape[1] != 3:
-        log.info("%s: colour 2D images averaged to grey", source)
-        images = images.mean(axis=-1).round().astype(images.dtype)
+        return images[:, :, :, None, :], COLOUR
     if images.ndim == 3:
-        return images[..., None]
+        return images[..., None], None
     if images.ndim == 4:
-        return images
-    raise IngestError(f"{source}: images of shape {images.shape} are neither 2D (N,H,W) nor 3D (N,H,W,D)",
-                      code="bad_npz")
+        return images, None
+    raise IngestError(f"{source}: images of shape {images.shape} are neither 2D (N,H,W), colour 2D (N,H,W,3) nor 3D "
+                      "(N,H,W,D)", code="bad_npz")
 
 
 def import_medmnist(npz: str | Path, out: str | Path, *, classes: dict[str, str] | None = None,
@@ -62,8 +65,9 @@ def import_medmnist(npz: str | Path, out: str | Path, *, classes: dict[str, str]
     studies: list[Study] = []
     split_ids: dict[str, list[str]] = {}
     all_labels: set[int] = set()
+    channels: list[str] | None = None
     for split in present:
-        images = _as_volumes(np.asarray(data[f"{split}_images"]), f"{npz.name}:{split}")
+        images, channels = _as_volumes(np.asarray(data[f"{split}_images"]), f"{npz.name}:{split}")
         labels = np.asarray(data[f"{split}_labels"]).reshape(len(images), -1)
         if labels.shape[1] != 1:
             raise IngestError(f"{npz}: {split}_labels has {labels.shape[1]} columns; multi-label tasks are not "
@@ -78,13 +82,13 @@ def import_medmnist(npz: str | Path, out: str | Path, *, classes: dict[str, str]
             label = int(labels[index, 0])
             all_labels.add(label)
             studies.append(Study(id=study_id, source=f"{npz.name}:{split}[{index}]", format="nifti", status="ok",
-                                 image=rel, modality="CT", shape=list(volume.array.shape),
+                                 image=rel, modality="CT", shape=list(volume.spatial_shape),
                                  spacing=[1.0, 1.0, 1.0], orientation="RAS", affine=np.eye(4).tolist(),
                                  sha256={"input": input_sha, "image": sha256_file(out / rel)},
                                  problems=[NO_GEOMETRY], class_label=label))
             split_ids[split].append(study_id)
     names = classes or {str(c): f"class_{c}" for c in sorted(all_labels)}
-    manifest = Manifest(dataset=npz.stem, studies=studies, classes=names)
+    manifest = Manifest(dataset=npz.stem, studies=studies, classes=names, channels=channels)
     save_manifest(manifest, out)
     split_doc = {"seed": 0, "train": split_ids.get("train", []), "validation": split_ids.get("val", [])}
     if "test" in split_ids:

@@ -117,3 +117,40 @@ def test_case_files_of_one_channel_each_give_the_same_probabilities(run: tuple[R
     assert failed["code"] == "channels_mismatch"
     assert failed["message"].startswith("t2_only.nii.gz: one channel (a 3D image), but the classifier's channels "
                                         "expect 2 channels (T2, ADC)")
+
+
+def test_colour_medmnist_images_keep_their_three_channels_and_the_colour_decides(tmp_path: Path) -> None:
+    """2D colour images whose classes differ only in hue (red or blue, the same grey): kept as red, green and
+    blue channels, a 2D classifier tells them apart; averaged to grey they would be one picture."""
+    from pipeline.classification.medmnist import import_medmnist
+    from pipeline.stages.train import train
+
+    rng = np.random.default_rng(2)
+
+    def pictures(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n) % 2
+        images = rng.integers(90, 110, (n, 16, 16, 3))
+        for image, label in zip(images, labels, strict=True):
+            x, y = rng.integers(3, 9, 2)
+            image[x:x + 5, y:y + 5] = (180, 30, 60) if label else (60, 30, 180)  # same sum: same grey
+        return images.astype(np.uint8), labels[:, None]
+
+    (train_images, train_labels), (val_images, val_labels) = pictures(24), pictures(12)
+    npz = tmp_path / "colour.npz"
+    np.savez(npz, train_images=train_images, train_labels=train_labels, val_images=val_images, val_labels=val_labels)
+    manifest = import_medmnist(npz, tmp_path / "imp")
+    assert manifest.channels == ["red", "green", "blue"]
+    study = manifest.by_id()["val_00004"]
+    image = load_nifti(tmp_path / "imp" / str(study.image), allow_4d=True)
+    assert study.shape == [16, 16, 1] and image.array.shape == (16, 16, 1, 3)
+    np.testing.assert_array_equal(image.array[:, :, 0, :], val_images[4])
+
+    config = validate({"task": "classification", "seed": 0, "data": {"split_file": str(tmp_path / "imp/split.json")},
+                       "classify": {"network": "resnet10", "network_kwargs": {"widen_factor": 0.25},
+                                    "input_size": [16, 16], "epochs": 3, "batch_size": 6, "learning_rate": 0.01,
+                                    "augment": False, "device": "cpu", "threads": 1}})
+    assert train(tmp_path / "imp", tmp_path / "train", config=config)["status"] == "complete"
+    meta = json.loads((tmp_path / "train/model/model.json").read_text())
+    assert meta["in_channels"] == 3 and meta["channels"] == ["red", "green", "blue"]
+    history = list(csv.DictReader((tmp_path / "train/history.csv").open()))
+    assert max(float(r["val_auc"]) for r in history) == 1.0
