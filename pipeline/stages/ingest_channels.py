@@ -11,7 +11,7 @@ that says which channel is missing or ambiguous. Series descriptions are matched
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, NamedTuple
 
 from pipeline.stages.ingest_claims import glob_matches
@@ -41,7 +41,10 @@ def _identity(path: str) -> SeriesIdentity:
 
 
 def _sources(members: list[tuple[dict[str, Any], SeriesIdentity]]) -> str:
-    return ", ".join(spec["source"] for spec, _ in members)
+    """The members' folders, a series split in several parts (by orientation, echo, image type or
+    ``ingest.split_4d``) named once with their count."""
+    counts = Counter(spec["source"] for spec, _ in members)
+    return ", ".join(source if n == 1 else f"{source} ({n} parts of one series)" for source, n in counts.items())
 
 
 def _is_image(spec: dict[str, Any]) -> bool:
@@ -77,6 +80,8 @@ def _chosen(members: list[tuple[dict[str, Any], SeriesIdentity]],
     sources = _sources(members)
     wrong = [f"channel {name} matches " + (f"{len(hits)} of them: {_sources(hits)}" if hits else "none of them")
              for name, hits in found.items() if len(hits) != 1]
+    if any(len({spec["source"] for spec, _ in hits}) < len(hits) for hits in found.values()):
+        wrong.append("a series split in parts is not one channel (leave ingest.split_4d off)")
     picked = [hits[0] for hits in found.values() if len(hits) == 1]
     if not wrong and len({id(spec) for spec, _ in picked}) < len(picked):
         wrong = ["one series matches several channels"]

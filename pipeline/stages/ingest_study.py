@@ -77,12 +77,13 @@ def _channels_onto_first(volumes: list[Volume], task: IngestTask) -> tuple[Volum
     """The channel series' volumes as one image on the first one's grid (``ingest.channels``): each other channel
     on another grid resampled onto it (a problem saying so), or refused with ``channel_grid: refuse``."""
     rels = task.channel_sources or ()
+    for volume, rel in zip(volumes, rels, strict=True):
+        if volume.array.ndim != 3:
+            raise IngestError(f"channel series {rel} holds {volume.array.shape[3]} volumes (a 4D series), and a "
+                              "channel is one volume; leave that series out of ingest.channels", code="dicom_channels")
     first, problems = volumes[0], []
     onto: list[Volume] = [first]
     for volume, rel in zip(volumes[1:], rels[1:], strict=True):
-        if volume.array.ndim != 3 or first.array.ndim != 3:
-            raise IngestError(f"{rel}: a 4D series (several volumes) cannot be one channel of a study; split it "
-                              "(ingest.split_4d) or leave it out of ingest.channels", code="dicom_channels")
         if volume.same_grid(first) or task.channel_grid == "refuse":
             onto.append(volume)  # stack_channels refuses another grid
             continue

@@ -134,3 +134,27 @@ def test_the_dry_run_tells_the_channels_and_verdicts_of_the_real_run(scan: Path,
         "A/t2": (manifest["A/t2"].id, 2), "B/t2": (manifest["B/t2"].id, 2)}
     assert {k: s.reason[0] for k, s in planned.items() if s.reason} == {
         k: (s.error or s.problems[0]).code for k, s in manifest.items() if s.status != "ok"}
+
+
+def test_a_4d_channel_series_fails_its_study_and_says_so_split_or_not(tmp_path: Path) -> None:
+    """A series of two volumes (the same positions twice) cannot be one channel, whole or split in volumes."""
+    root = tmp_path / "scan"
+    t2 = {"origin": (0.0, 0.0, 0.0), "pixel_spacing": (1.0, 1.0), "step": 2.0}
+    _series(root / "P/t2", np.ones(SHAPE, np.int16), study="1.2.9", frame="1.2.9.1", description="T2", **t2)
+    for t in range(2):
+        def edit(ds, k: int, t: int = t) -> None:
+            ds.StudyInstanceUID, ds.FrameOfReferenceUID, ds.SeriesDescription = "1.2.9", "1.2.9.1", "ADC map"
+            ds.InstanceNumber, ds.SOPInstanceUID = t * SHAPE[2] + k + 1, f"1.2.9.5.{t}.{k}"
+
+        write_series(root / "P/adc", np.full(SHAPE, t, np.int16), series_tag=str(root / "P/adc"), edit=edit,
+                     name_pattern=f"v{t}_{{index}}.dcm", **t2)  # type: ignore[arg-type]
+    ingest(root, tmp_path / "whole", config=load_config(None, overrides=[CHANNELS]))
+    (study,) = [s for s in load_manifest(tmp_path / "whole").studies if s.source == "P/t2"]
+    assert study.error.code == "dicom_channels"
+    assert study.error.message == ("P/t2: channel series P/adc holds 2 volumes (a 4D series), and a channel is one "
+                                   "volume; leave that series out of ingest.channels")
+    ingest(root, tmp_path / "split", config=load_config(None, overrides=[CHANNELS, "ingest.split_4d=true"]))
+    by_source = [s for s in load_manifest(tmp_path / "split").studies if s.source == "P/t2"]
+    assert by_source[0].error.code == "dicom_channels"
+    assert "channel ADC matches 2 of them: P/adc (2 parts of one series)" in by_source[0].error.message
+    assert "a series split in parts is not one channel" in by_source[0].error.message
