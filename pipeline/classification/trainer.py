@@ -44,6 +44,7 @@ from pipeline.training.checkpoints import (
     save_checkpoint,
     save_weights,
 )
+from pipeline.training.optim import next_epoch_fits
 from pipeline.training.split import SPLIT_NAME, check_split, write_split
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,10 @@ def run_epochs(*, model: nn.Module, train: LabelledSet, val: LabelledSet, config
         start, history, best = int(resume["epoch"]), list(resume["history"]), dict(resume["best"])
     began, stopped_by = time.monotonic(), "epochs"
     elapsed_before = float(resume.get("seconds", 0.0)) if resume else 0.0
+    recent = [float(row["seconds"]) for row in history[-2:]]  # the last two epochs' lengths: the next one's guess
     for epoch in range(start + 1, c.epochs + 1):
-        if c.max_minutes is not None and elapsed_before + time.monotonic() - began > c.max_minutes * 60:
+        used = elapsed_before + time.monotonic() - began
+        if c.max_minutes is not None and not next_epoch_fits(used, recent, c.max_minutes * 60):
             stopped_by = "max_minutes"
             break
         frozen = bool(matched) and epoch <= c.freeze_epochs
@@ -168,6 +171,7 @@ def run_epochs(*, model: nn.Module, train: LabelledSet, val: LabelledSet, config
                          "rng": rng_state(), "history": history, "best": best, "resume_key": resume_key,
                          "seconds": elapsed_before + time.monotonic() - began}, checkpoints)
         _write_history(history, out / HISTORY)
+        recent = [*recent[-1:], time.monotonic() - tick]
     return {"history": history, "best": best, "stopped_by": stopped_by, "resumed_from_epoch": start or None,
             "seconds": elapsed_before + time.monotonic() - began}
 

@@ -38,7 +38,7 @@ from pipeline.training.checkpoints import restore_rng_state, rng_state, save_che
 from pipeline.training.data import train_dataset, train_loader, validation_volumes
 from pipeline.training.deep_supervision import segmentation_loss
 from pipeline.training.history import HistoryLogger
-from pipeline.training.optim import make_optimizer, make_schedule
+from pipeline.training.optim import make_optimizer, make_schedule, next_epoch_fits
 from pipeline.transforms.augmentation import training_transforms
 
 log = logging.getLogger(__name__)
@@ -230,8 +230,8 @@ def run_training(
                                  code="training_diverged")
             train_loss = loss_sum / finite if finite else float("nan")
             elapsed = time.monotonic() - tick
-            budget_ends = bool(schedule.max_seconds and train_seconds + elapsed + max(elapsed, last_epoch_seconds)
-                               >= schedule.max_seconds)
+            budget_ends = bool(schedule.max_seconds and not next_epoch_fits(
+                train_seconds + elapsed, (elapsed, last_epoch_seconds), schedule.max_seconds))
             if ctx.is_main:
                 row: dict[str, Any] = {"epoch": epoch, "train_loss": round(train_loss, 6), "lr": stats["lr"],
                                        "samples": int(samples), "data_seconds": round(stats["data_seconds"], 3),

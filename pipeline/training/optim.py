@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -97,3 +97,11 @@ def make_schedule(cfg: TrainConfig) -> LRSchedule:
     """The schedule for ``cfg``: :func:`scheduler_name` over ``epochs`` and ``max_minutes``."""
     return LRSchedule(scheduler_name(cfg), learning_rate(cfg), cfg.epochs,
                       cfg.max_minutes * 60 if cfg.max_minutes else None)
+
+
+def next_epoch_fits(used_s: float, recent_epochs_s: Sequence[float], budget_s: float) -> bool:
+    """Whether another epoch, as long as the longest of the ``recent_epochs_s``, ends within ``budget_s`` after
+    ``used_s`` seconds of training: a time budget (``max_minutes``) stops training before the epoch that would
+    overrun it, not after."""
+    return used_s + max(recent_epochs_s, default=0.0) < budget_s
+

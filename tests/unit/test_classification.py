@@ -236,3 +236,29 @@ def test_predictions_csv_keeps_every_digit() -> None:
     rows = list(csv.DictReader(text.splitlines()))
     assert [float(r["prob_b"]) for r in rows] == [float(p[1]) for p in probs]
     assert [float(r["prob_a"]) for r in rows] == [float(p[0]) for p in probs]
+
+
+def test_a_time_budget_stops_before_the_epoch_that_would_overrun_it(blob_npz: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epochs of 60 s on a fake clock and 150 s of budget: two epochs (120 s), not a third ending at 180 s."""
+    import types
+
+    import pipeline.classification.trainer as trainer
+    from pipeline.stages.train import train
+
+    clock = {"now": 0.0}
+    predict = trainer.predict_logits
+
+    def slow_predict(*args: object, **kwargs: object) -> np.ndarray:
+        clock["now"] += 60.0  # once per epoch (its validation), once after training
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(monotonic=lambda: clock["now"]))
+    monkeypatch.setattr(trainer, "predict_logits", slow_predict)
+    import_medmnist(blob_npz, tmp_path / "imp")
+    config = validate({"task": "classification", "classify": {
+        "network": "resnet10", "network_kwargs": TINY, "input_size": [16, 16, 16], "epochs": 10, "max_minutes": 2.5,
+        "batch_size": 4, "learning_rate": 0.01, "augment": False, "device": "cpu", "threads": 1}})
+    record = train(tmp_path / "imp", tmp_path / "train", config=config)
+    assert record["stopped_by"] == "max_minutes" and record["epochs_run"] == 2
+    assert record["train_minutes"] == 2.0  # within the 2.5 minutes
