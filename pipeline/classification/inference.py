@@ -21,7 +21,7 @@ from pipeline.classification.networks import build_classifier
 from pipeline.config import PipelineConfig, config_dict
 from pipeline.errors import CheckpointError, StageError
 from pipeline.fileio import read_json, write_json_atomic, write_text_atomic
-from pipeline.inference.folder_inputs import folder_images, no_images
+from pipeline.inference.folder_inputs import folder_images, image_inputs, no_images
 from pipeline.io.channels import load_case
 from pipeline.io.nifti import is_nifti, nifti_stem
 from pipeline.manifest import MANIFEST_NAME, load_manifest
@@ -177,9 +177,7 @@ def infer_classifier(model_dir: Path, input: Path, out: Path, *, config: Pipelin
     if (input / MANIFEST_NAME).is_file():
         inputs["manifest"] = input / MANIFEST_NAME
     else:
-        inputs.update({f"image:{it.id}": it.path for it in items if it.error is None and not it.channel_paths})
-        inputs.update({f"image:{it.id}:{n}": p for it in items if it.error is None for n, p in
-                       enumerate(it.channel_paths or ())})
+        inputs.update(image_inputs((it.id, it.path, it.channel_paths) for it in items if it.error is None))
 
     def work(record: StageRecord) -> list[Path]:
         device = resolve_device(config.infer.device)

@@ -12,6 +12,7 @@ folder names is accounted for.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,3 +141,16 @@ def no_images(input: Path, *, exclude: Path | None = None) -> StageError:
     what = "no NIfTI images (.nii/.nii.gz) found" if input.is_dir() else "not a NIfTI image (.nii/.nii.gz)"
     return StageError(f"{input}: {what}; give an ingest folder, a folder of NIfTI images or a NIfTI file",
                       code="no_inputs")
+
+
+def image_inputs(images: Iterable[tuple[str, Path, Sequence[Path] | None]]) -> dict[str, Path]:
+    """A stage's inputs (what a rerun compares) for images read from a folder, given as (name, path, channel
+    files): ``image:NAME`` for a file, ``image:NAME#n`` for the n-th file of a case of one file per channel."""
+    inputs: dict[str, Path] = {}
+    for name, path, channel_paths in images:
+        if channel_paths:
+            inputs.update({f"image:{name}#{n}": channel for n, channel in enumerate(channel_paths)})
+        else:
+            inputs[f"image:{name}"] = path
+    return inputs
+

@@ -15,7 +15,7 @@ from pipeline.config import InferConfig, PipelineConfig
 from pipeline.errors import CheckpointError, StageError
 from pipeline.fileio import sha256_bytes, write_json_atomic
 from pipeline.inference import PREDICTOR_IMPORTS
-from pipeline.inference.folder_inputs import folder_images, no_images
+from pipeline.inference.folder_inputs import folder_images, image_inputs, no_images
 from pipeline.inference.model_files import (
     MODEL_JSON,
     MODEL_WEIGHTS,
@@ -216,9 +216,7 @@ def infer(
     if kind == "manifest":
         inputs["manifest"] = Path(input) / MANIFEST_NAME
     else:
-        inputs.update({f"image:{item.image}": item.path for item in items if not item.channel_paths})
-        inputs.update({f"image:{item.image}#{n}": path for item in items for n, path in
-                       enumerate(item.channel_paths or ())})
+        inputs.update(image_inputs((item.image, item.path, item.channel_paths) for item in items))
     out = shard_out(out, config)
     owns = study_selector(config)
     items = [item for item in items if owns(item.id)]  # every item when unsharded; inputs stay the whole set

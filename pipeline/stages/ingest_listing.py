@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal, NamedTuple
 
 from pipeline.errors import IngestError, os_reason
@@ -33,6 +33,18 @@ def relative(root: Path, path: Path) -> str:
     else:
         rel = path.relative_to(root).as_posix()
     return writable(rel)
+
+
+def inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` when ``rel`` is relative (no ``..``) and it, links resolved, stays inside ``root``; else None
+    (a dataset file listed outside the folder medpipe was given)."""
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts:
+        return None
+    path = root / pure
+    if (path.exists() or path.is_symlink()) and outside(path, root.resolve()):
+        return None
+    return path
 
 
 def outside(path: Path, real_root: Path) -> bool:

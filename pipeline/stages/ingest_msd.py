@@ -14,19 +14,8 @@ from typing import Any
 from pipeline.errors import IngestError
 from pipeline.fileio import read_json
 from pipeline.io.nifti import is_nifti
-from pipeline.stages.ingest_listing import outside, relative
+from pipeline.stages.ingest_listing import inside, relative
 from pipeline.stages.ingest_nnunet import is_nnunet_v2, nnunet_tasks
-
-
-def _inside(root: Path, rel: str) -> Path | None:
-    """``root / rel`` when ``rel`` is relative and it (links resolved) stays inside ``root``, else None."""
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or ".." in pure.parts:
-        return None
-    path = root / pure
-    if (path.exists() or path.is_symlink()) and outside(path, root.resolve()):
-        return None
-    return path
 
 
 def _read_msd(root: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
@@ -108,7 +97,7 @@ def msd_tasks(root: Path, base: dict[str, Any], files: set[Path]) -> tuple[list[
     for number, entry in enumerate(meta.get("training", []), start=1):
         image_rel = str(entry.get("image", "")) if isinstance(entry, dict) else ""
         label_rel = str(entry.get("label", "")) if isinstance(entry, dict) else ""
-        image, label = _inside(root, image_rel), _inside(root, label_rel)
+        image, label = inside(root, image_rel), inside(root, label_rel)
         source = PurePosixPath(image_rel).as_posix()
         spec = {**base, "source": source, "id_key": source, "modality": modality, **channels,
                 "allowed_labels": allowed, "label_source": PurePosixPath(label_rel).as_posix() if label_rel else None}

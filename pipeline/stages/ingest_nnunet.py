@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import IngestError
-from pipeline.stages.ingest_listing import outside, relative
+from pipeline.stages.ingest_listing import inside, relative
 
 _FOLDERS = ("imagesTr", "imagesTs")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -77,15 +77,12 @@ def _listed(raw: Any) -> list[tuple[str, Any]]:
 
 def _resolved(root: Path, text: str) -> tuple[Path | None, str]:
     """(the listed file, or None when it leaves the dataset folder; its path relative to the folder)."""
-    pure = Path(text)
-    if pure.is_absolute():  # inside the folder: as its path there (the folder may be given through a link)
-        inside = [pure.relative_to(base) for base in (root.absolute(), root.resolve()) if pure.is_relative_to(base)]
-        pure = inside[0] if inside else pure
-    path = root / pure
-    if "$" in text or ".." in pure.parts or pure.is_absolute() or (
-            (path.exists() or path.is_symlink()) and outside(path, root.resolve())):
-        return None, text
-    return path, relative(root, path)
+    rel = Path(text)
+    if rel.is_absolute():  # inside the folder: as its path there (the folder may be given through a link)
+        bases = [rel.relative_to(base) for base in (root.absolute(), root.resolve()) if rel.is_relative_to(base)]
+        rel = bases[0] if bases else rel
+    path = None if "$" in text else inside(root, rel.as_posix())
+    return (path, relative(root, path)) if path is not None else (None, text)
 
 
 def _listed_case(root: Path, base: dict[str, Any], case: str, entry: Any, *, names: list[str],
