@@ -61,13 +61,13 @@ def combine_channels(specs: list[dict[str, Any]], channels: dict[str, str], *,
         if _is_image(spec):
             identity = _identity(spec["series"].headers[0].path)
             studies[identity.study or f"folder {spec['source']}"].append((spec, identity))
-    used: list[dict[str, Any]] = []
+    carried: set[int] = set()  # the specs of channels after the first: carried by the first's spec
     for members in studies.values():
         chosen = _chosen(members, channels)
         if chosen is not None:
             chosen[0]["channel_grid"] = grid
-            used.extend(chosen[1:])
-    return [s for s in specs if not any(s is u for u in used)]
+            carried.update(id(spec) for spec in chosen[1:])
+    return [s for s in specs if id(s) not in carried]
 
 
 def _chosen(members: list[tuple[dict[str, Any], SeriesIdentity]],
@@ -107,8 +107,9 @@ def _chosen(members: list[tuple[dict[str, Any], SeriesIdentity]],
             first["problems"] = (*first.get("problems", ()), ("channel_label_unused", (
                 f"{spec.get('label_source')}: a label of channel series {spec['source']}, not used: a study of "
                 f"several channels takes its label from the first channel's series ({first['source']})")))
+    kept = {id(spec) for spec in chosen}
     for spec, _ in members:
-        if not any(spec is c for c in chosen):
+        if id(spec) not in kept:
             spec["skip"] = (NOT_A_CHANNEL, f"{spec['source']}: an image series of a study whose channels are "
                                            f"{', '.join(c['source'] for c in chosen)}; it matches none of "
                                            "ingest.channels, so it is not used")

@@ -58,12 +58,8 @@ def nnunet_tasks(root: Path, base: dict[str, Any], files: set[Path], *, meta: di
                 continue
             cases[match["case"]][int(match["channel"])] = path
         for case, found in sorted(cases.items()):
-            spec = _case_spec(root, base, folder, case, found, names=names, ending=ending, allowed=allowed,
-                              channels=channels, files=set() if listed else files)
-            if listed and folder == "imagesTr" and not spec.get("error"):
-                spec["problems"] = (("nnunet_unlisted_case", f"{spec['source']}: in imagesTr but not in dataset.json's "
-                                                             "'dataset' list; ingested unlabeled"),)
-            specs.append(spec)
+            specs.append(_case_spec(root, base, folder, case, found, names=names, ending=ending, allowed=allowed,
+                                    channels=channels, files=files, listed=listed))
     return specs, consumed
 
 
@@ -97,8 +93,8 @@ def _listed_case(root: Path, base: dict[str, Any], case: str, entry: Any, *, nam
     source = f"dataset.json#{case}" if first is None else first if len(names) == 1 else \
         f"{Path(first).parent.as_posix()}/{case}"
     spec: dict[str, Any] = {**base, "source": source, "id_key": source, **channels, "allowed_labels": allowed}
-    marked = label if isinstance(label, str) and label else None
-    target = _resolved(root, marked) if marked else None
+    target = _resolved(root, label) if ok and label else None
+    named = [(f"image {n}", *pair) for n, pair in enumerate(found)] + ([("label", *target)] if target else [])
     error = None
     if not ok:
         error = ("msd_bad_dataset_json", f"dataset.json's 'dataset' entry {case!r} must be {{\"images\": [one path per "
@@ -106,16 +102,12 @@ def _listed_case(root: Path, base: dict[str, Any], case: str, entry: Any, *, nam
     elif len(images) != len(names):
         error = ("nnunet_channel_files", f"{source}: dataset.json's channel_names name {len(names)} channel(s) "
                                          f"({', '.join(names)}), and its 'dataset' entry lists {len(images)} image(s)")
-    elif any(path is None for path, _ in found) or (target is not None and target[0] is None):
-        away = [f"image {n}" for n, (path, _) in enumerate(found) if path is None] + (
-            ["label"] if target is not None and target[0] is None else [])
+    elif away := [what for what, path, _ in named if path is None]:
         error = ("path_outside_root", f"{source}: dataset.json's 'dataset' entry {case!r} lists its {away[0]} outside "
                                       "the dataset folder (or through an environment variable); medpipe reads only "
                                       "the folder it is given: move the file in and list it by its path there")
-    else:
-        missing = [rel for path, rel in [*found, *([target] if target else [])] if not path or not path.is_file()]
-        if missing:
-            error = ("missing_file", f"{missing[0]}: listed in dataset.json's 'dataset' (case {case!r}) but not found")
+    elif missing := [rel for _, path, rel in named if not path.is_file()]:
+        error = ("missing_file", f"{missing[0]}: listed in dataset.json's 'dataset' (case {case!r}) but not found")
     if error:
         spec["error"] = error
         return spec, set()
@@ -124,7 +116,7 @@ def _listed_case(root: Path, base: dict[str, Any], case: str, entry: Any, *, nam
     if len(names) > 1:
         spec.update(channel_paths=tuple(str(p) for p in paths), channel_sources=tuple(rel for _, rel in found))
     used = set(paths)
-    if target is not None and target[0] is not None:
+    if target is not None:
         spec.update(label_path=str(target[0]), label_source=target[1])
         used.add(target[0])
     else:
@@ -144,7 +136,7 @@ def _ending(meta: dict[str, Any]) -> str:
 
 def _case_spec(root: Path, base: dict[str, Any], folder: str, case: str, found: dict[int, Path], *,
                names: list[str], ending: str, allowed: tuple[int, ...] | None,
-               channels: dict[str, Any], files: set[Path]) -> dict[str, Any]:
+               channels: dict[str, Any], files: set[Path], listed: bool) -> dict[str, Any]:
     rels = {number: relative(root, path) for number, path in found.items()}
     source = rels[min(rels)] if len(names) == 1 else f"{folder}/{case}"
     spec: dict[str, Any] = {**base, "source": source, "id_key": source, **channels, "allowed_labels": allowed}
@@ -163,9 +155,14 @@ def _case_spec(root: Path, base: dict[str, Any], folder: str, case: str, found: 
         spec.update(channel_paths=tuple(str(p) for p in ordered), channel_sources=tuple(rels[n] for n in
                                                                                         range(len(names))))
     label = root / "labelsTr" / f"{case}{ending}"
-    if folder == "imagesTr" and label in files:
+    if folder != "imagesTr":
+        return spec
+    if listed:  # dataset.json's 'dataset' names the training cases and their labels
+        spec["problems"] = (("nnunet_unlisted_case", f"{source}: in imagesTr but not in dataset.json's 'dataset' "
+                                                     "list; ingested unlabeled"),)
+    elif label in files:
         spec.update(label_path=str(label), label_source=relative(root, label))
-    elif folder == "imagesTr":
+    else:
         spec["problems"] = (("nnunet_missing_label", f"{source}: in imagesTr but labelsTr/{case}{ending} is missing; "
                                                      "ingested unlabeled"),)
     return spec
