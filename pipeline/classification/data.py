@@ -107,6 +107,26 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
     return rz @ ry @ rx
 
 
+def affine_grid(theta: torch.Tensor, shape: torch.Size | list[int]) -> torch.Tensor:
+    """``F.affine_grid(theta, shape, align_corners=False)`` for 2D (B, 2, 3) and 3D (B, 3, 4) ``theta``, summed
+    axis by axis over the shared 1D coordinates (equal to float rounding). torch's builds B copies of the
+    homogeneous base grid and multiplies them by theta through a batched matmul of inner size 3 or 4, which took
+    more than half of the augmentation's time on a 32^3 batch on the CPU."""
+    spatial = list(shape)[2:]
+    dims = len(spatial)
+
+    def centres(n: int) -> torch.Tensor:  # voxel centres in [-1, 1], as align_corners=False places them
+        return (torch.arange(n, dtype=theta.dtype, device=theta.device) * 2 + 1) / n - 1
+
+    view = [theta.shape[0], *([1] * dims), dims]
+    grid = theta[..., dims].view(view)
+    for column, n in enumerate(reversed(spatial)):  # the grid's last axis runs x (width), y, z
+        axis_shape = [1] * (dims + 2)
+        axis_shape[dims - column] = n
+        grid = grid + theta[..., column].view(view) * centres(n).view(axis_shape)
+    return grid
+
+
 def augment(batch: torch.Tensor, *, generator: torch.Generator | None = None, rotate_deg: float = 10.0,
             scale: float = 0.1, shift: float = 0.05, intensity: float = 0.1) -> torch.Tensor:
     """Random flips on every axis, a small rotation/scale/translation and an intensity scale/shift per sample.
@@ -131,7 +151,7 @@ def augment(batch: torch.Tensor, *, generator: torch.Generator | None = None, ro
     theta = torch.cat([matrix, uniform(b, 3, 1) * shift], dim=2)
     if dims == 2:
         theta = theta[:, :2][:, :, [0, 1, 3]]
-    grid = F.affine_grid(theta.to(out.dtype), list(out.shape), align_corners=False)
+    grid = affine_grid(theta.to(out.dtype), out.shape)
     out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     gain = 1 + uniform(b, *([1] * (dims + 1))) * intensity
     offset = uniform(b, *([1] * (dims + 1))) * intensity

@@ -23,7 +23,28 @@ def _resnet(depth: int, spatial_dims: int, in_channels: int, num_classes: int, *
 
     factory = {10: nets.resnet10, 18: nets.resnet18, 50: nets.resnet50}[depth]
     options: dict[str, Any] = {"conv1_t_size": 3, "conv1_t_stride": 1, "no_max_pool": False, **kwargs}
-    return factory(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, **options)
+    model = factory(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, **options)
+    if isinstance(model.maxpool, nn.MaxPool3d):
+        model.conv1.__class__ = _ChannelsLastConv3d  # same parameters and state-dict keys; only the layout changes
+        model.maxpool.__class__ = _ContiguousMaxPool3d
+    return model
+
+
+class _ChannelsLastConv3d(nn.Conv3d):
+    """The stem's convolution on a channels-last copy of its input, so that its output, batch norm, ReLU and max
+    pool run channels-last. torch's CPU max pool of a 3D map is about ten times faster in that layout; the
+    ResNet-10 classifier's training step (32 studies at 32^3) took 12 % less on a 2-core CPU
+    (benchmarks/RESULTS.md). The values are the same: only the memory layout differs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last_3d))
+
+
+class _ContiguousMaxPool3d(nn.MaxPool3d):
+    """The stem's max pool, handing the residual layers a contiguous map (their convolutions are faster so)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).contiguous()
 
 
 def build_resnet10(spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:

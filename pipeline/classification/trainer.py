@@ -86,9 +86,10 @@ def _optimizer(model: nn.Module, config: PipelineConfig, matched: list[str]) -> 
     if pre:
         groups.append({"params": pre, "lr": c.learning_rate * c.pretrained_lr_factor})
     if c.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=c.learning_rate, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)
+        return torch.optim.SGD(groups, lr=c.learning_rate, momentum=0.9, nesterov=True, weight_decay=c.weight_decay,
+                               fused=True)
     cls = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=c.learning_rate, weight_decay=c.weight_decay)
+    return cls(groups, lr=c.learning_rate, weight_decay=c.weight_decay, fused=True)  # one kernel, not a loop
 
 
 def _order(train: LabelledSet, config: PipelineConfig, k: int, generator: torch.Generator) -> torch.Tensor:
