@@ -49,6 +49,8 @@ class Study(BaseModel):
     problems: list[Problem] = []
     error: Problem | None = None
     class_label: int | None = None
+    volume: int | None = None  # ingest.split_4d: this study is volume ``volume`` (from 1) of its source's ``volumes``
+    volumes: int | None = None  # a 4D source: its volume count (kept whole as time last, or split per volume)
 
 
 class Manifest(BaseModel):

@@ -40,10 +40,20 @@ def check_channels(volume: Volume, names: Sequence[str] | None, *, what: str, by
         wanted = f"{expected} channels ({', '.join(names)}), one volume each along the 4th axis" if names else \
             "a 3D image (one channel)"
         held = f"{found} channels along the 4th axis" if volume.array.ndim == 4 else "one channel (a 3D image)"
-        hint = ("; files of one channel each (nnU-Net v2's CASE_0000.nii.gz, CASE_0001.nii.gz) are stacked by "
-                "'medpipe ingest', so predict on its output folder") if found == 1 else ""
-        raise GeometryError(f"{what}: {held}, but {by} expect {wanted}; {fix}{hint}", code="channels_mismatch")
+        raise GeometryError(f"{what}: {held}, but {by} expect {wanted}; {fix}{_hint(found, names)}",
+                            code="channels_mismatch")
     return volume
+
+
+def _hint(found: int, names: Sequence[str] | None) -> str:
+    """How to give images of several channels as files of one each, or a 4D series to a one-channel model."""
+    if found == 1:
+        return ("; files of one channel each are read as one case when named like nnU-Net v2's (CASE_0000.nii.gz, "
+                "CASE_0001.nii.gz, ... in one folder): give that folder")
+    if not names:
+        return ("; for one prediction per volume of a 4D series (fMRI, dynamics), ingest it with --set "
+                "ingest.split_4d=true and give the ingest folder")
+    return ""
 
 
 def load_channels(path: str | Path, names: Sequence[str] | None, *, order: Literal["C", "K"] = "C", by: str = _BY,

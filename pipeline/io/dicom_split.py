@@ -95,6 +95,12 @@ def split_series(headers: Sequence[DicomHeader], *, split_4d: bool = False) -> l
     return [apart for part in parts for apart in _segs_apart(*part)]
 
 
+def split_volume(part: str) -> int | None:
+    """The volume number (from 1) that ``split_series`` gave a part of a 4D series (``tNNNN`` last), else None."""
+    last = part.rpartition("/")[2]
+    return int(last[1:]) if len(last) == 5 and last[0] == "t" and last[1:].isdigit() else None
+
+
 def _segs_apart(label: str, members: list[DicomHeader]) -> list[tuple[str, list[DicomHeader]]]:
     if len(members) < 2 or any(h.sop_class not in _LABEL_OBJECTS for h in members):
         return [(label, members)]

@@ -32,6 +32,15 @@ def is_nifti(path: Path) -> bool:
     return any(name.endswith(s) for s in NIFTI_SUFFIXES) and not name.startswith(".")
 
 
+def declared_shape(path: str | Path) -> tuple[int, ...] | None:
+    """The data shape a NIfTI file's header declares (only the header is read), or None when it cannot be read
+    (:func:`load_nifti` then says what is wrong with the file)."""
+    try:
+        return tuple(int(n) for n in nib.load(path).shape)
+    except (OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError):
+        return None
+
+
 def nifti_stem(path: Path) -> str:
     name = path.name
     for suffix in (".nii.gz", ".nii"):

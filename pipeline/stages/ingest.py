@@ -38,6 +38,7 @@ from pipeline.stages.ingest_msd import msd_tasks
 from pipeline.stages.ingest_rtstruct import pair_structure_sets
 from pipeline.stages.ingest_seg import pair_segmentations
 from pipeline.stages.ingest_study import IngestTask, process_study
+from pipeline.stages.ingest_volumes import split_parts, volume_specs
 
 __all__ = ["IngestTask", "discover", "ingest", "list_scan_files", "process_study"]
 
@@ -176,7 +177,8 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
     for path in remaining:
         if is_nifti(path):
             rel = relative(root, path)
-            specs.append({**base, "format": "nifti", "source": rel, "id_key": rel, "image_path": str(path)})
+            spec = {**base, "format": "nifti", "source": rel, "id_key": rel, "image_path": str(path)}
+            specs += volume_specs(spec, path) if config.split_4d else [spec]
         else:
             dicom.append(path)
     scan, broken = _discover_series(root, dicom, config=config)
@@ -189,11 +191,13 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
     specs += [{**base, **spec, "id_key": spec["source"]} for spec in unread if spec["source"] not in accounted]
     specs += [{**base, **_output_spec(relative(root, folder.path), folder.stage)} for folder in outputs]
     options = DicomOptions(gantry_tilt=config.gantry_tilt, irregular_slices=config.irregular_slices)
+    volumes = split_parts(scan) if config.split_4d else {}
     for series in scan.series:
         specs.append({**base, "format": "dicom", "source": series.folder, "id_key": series.key, "series": series,
                       "modality": series.modality, "skip": skip_reason(series), "dicom_options": options,
                       "error": _too_large(series, config.max_voxels),
-                      "problems": (neighbours[series.key],) if series.key in neighbours else ()})
+                      "problems": (neighbours[series.key],) if series.key in neighbours else (),
+                      **volumes.get(series.key, {})})
     specs, seg_labels = pair_segmentations(specs, pattern=config.seg_label_pattern)
     specs, rtstruct_labels = pair_structure_sets(specs, rois=config.rtstruct_rois,
                                                  pattern=config.rtstruct_label_pattern)
@@ -268,7 +272,7 @@ def _study_for(task: IngestTask, status: Literal["failed", "skipped"], code: str
     found = [Problem(code=c, message=m) for c, m in task.problems]  # discovery's (an unreadable file beside it)
     return Study(id=task.id, source=task.source, format=task.format, status=status, label_source=task.label_source,
                  modality=task.modality, problems=[problem, *found] if status == "skipped" else found,
-                 error=problem if status == "failed" else None)
+                 error=problem if status == "failed" else None, volume=task.volume, volumes=task.volumes)
 
 
 def _previous_studies(out: Path) -> dict[str, Study]:

@@ -16,7 +16,7 @@ from pipeline.io.channels import resample_onto, stack_channels
 from pipeline.io.dicom import DicomOptions, DicomSeries, decode_series, read_series_bytes, storage_dtype
 from pipeline.io.dicom_rtstruct_label import rtstruct_label
 from pipeline.io.dicom_seg_label import seg_label
-from pipeline.io.nifti import load_nifti, save_nifti
+from pipeline.io.nifti import declared_shape, load_nifti, save_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import Problem, Study
 
@@ -50,27 +50,43 @@ class IngestTask:
     channel_sources: tuple[str, ...] | None = None  # those files (or series) relative to the scan folder (scrubbed)
     channel_series: tuple[DicomSeries, ...] | None = None  # ingest.channels: the series of each channel, in order
     channel_grid: Literal["resample", "refuse"] = "resample"  # a channel series on another grid than the first
+    volume: int | None = None  # ingest.split_4d: the volume (from 1, time last) of a 4D image or series this study is
+    volumes: int | None = None  # ... of that many
 
 
-def _load(path: str, rel: str, *, channels: int | None = None, image: bool = False) -> Volume:
+def _load(path: str, rel: str, *, channels: int | None = None, volumes: int | None = None,
+          image: bool = False) -> Volume:
     """load_nifti, with the error naming the file relative to the scan folder; ``channels``: a 4D image of
-    that many channels is expected (an MSD dataset.json naming several in 'modality')."""
+    that many channels is expected (an MSD dataset.json naming several in 'modality'); ``volumes``: a 4D image
+    of that many volumes (``ingest.split_4d``; discovery read it in the header)."""
     try:
-        volume = load_nifti(path, verify_gzip=True, order="K", allow_4d=channels is not None)
+        volume = load_nifti(path, verify_gzip=True, order="K", allow_4d=channels is not None or volumes is not None)
     except IngestError as exc:
         message = str(exc).replace(f"{Path(path).name}:", f"{rel}:", 1)
         message = message if rel in message else f"{rel}: {message}"
         if exc.code == "nifti_4d" and image:
-            message += ("; for one volume per channel (MSD's BrainTumour or Prostate), name each channel in the "
-                        "'modality' of the folder's dataset.json")
+            message += ("; for one study per volume (fMRI, dynamic or repeated acquisitions), set "
+                        "ingest.split_4d=true; for one volume per channel (MSD's BrainTumour or Prostate), name "
+                        "each channel in the 'modality' of the folder's dataset.json")
         raise type(exc)(message, code=exc.code) from exc
     held = volume.array.shape[3] if volume.array.ndim == 4 else 1
+    if volumes is not None and held != volumes:
+        raise IngestError(f"{rel}: holds {held} volume(s) along the 4th axis, but its header declared {volumes} when "
+                          "ingest listed the folder: the file changed during ingest; run ingest again",
+                          code="file_changed")
     if channels is not None and held != channels:
         raise IngestError(f"{rel}: {held} volume(s) along the 4th axis, but dataset.json names {channels} channels; "
                           "each image must hold one volume per channel, in that order (one file per channel, as "
                           "nnU-Net v2's case_0000.nii.gz, is not read: stack them into one 4D image)",
                           code="nifti_channels")
     return volume
+
+
+def _one_volume(task: IngestTask) -> Volume:
+    """Volume ``task.volume`` (from 1) of a 4D NIfTI image (``ingest.split_4d``), checked to still hold the
+    ``task.volumes`` that discovery read in its header."""
+    image = _load(task.image_path, task.source, volumes=task.volumes)  # type: ignore[arg-type]
+    return image.with_array(image.array[..., task.volume - 1].copy(order="K"))  # type: ignore[operator]
 
 
 def _channels_onto_first(volumes: list[Volume], task: IngestTask) -> tuple[Volume, list[tuple[str, str]]]:
@@ -174,9 +190,11 @@ def _write(task: IngestTask, image: Volume, dtype: Any, label: np.ndarray | None
         label_rel = f"labels/{task.id}.nii.gz"
         save_nifti(image.with_array(label), out / label_rel, dtype=label.dtype)
         hashes["label"] = sha256_file(out / label_rel)
+    held = image.meta.get("volumes", 1)  # a DICOM series kept whole as 4D (time last)
     return Study(id=task.id, source=task.source, format=task.format, status="ok", image=image_rel, label=label_rel,
                  label_source=task.label_source, modality=task.modality, **_geometry(image), sha256=hashes,
-                 problems=[Problem(code=c, message=m) for c, m in problems])
+                 problems=[Problem(code=c, message=m) for c, m in problems], volume=task.volume,
+                 volumes=task.volumes or (held if held > 1 else None))
 
 
 def process_study(task: IngestTask) -> tuple[Study, bool]:
@@ -219,6 +237,8 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
               **_discovery_digest(task)}
     if task.channels:  # the same file read as channels is another study
         inputs["input"] = sha256_bytes(f"{inputs['input']}|channels {task.channels}".encode())
+    if task.volume is not None:  # one volume of a 4D image: each is a study of its own
+        inputs["input"] = sha256_bytes(f"{inputs['input']}|volume {task.volume} of {task.volumes}".encode())
     if task.label_path:
         label_sha = _checksum(task.label_path, task.label_source or "")
         inputs["label_input"] = sha256_bytes(f"{label_sha}|{task.allowed_labels}".encode())
@@ -228,6 +248,8 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         _check_size(path, rel, task.max_voxels)  # type: ignore[arg-type]
     if task.channel_paths:
         image = _stacked(task.channel_paths, rels)  # type: ignore[arg-type]
+    elif task.volume is not None:
+        image = _one_volume(task)
     else:
         image = _load(task.image_path, task.source, channels=task.channels, image=True)  # type: ignore[arg-type]
     source_dtype = np.dtype(image.meta["source_dtype"])
@@ -254,9 +276,8 @@ def _checksum(path: str, rel: str) -> str:
 
 def _check_size(path: str, rel: str, max_voxels: int | None) -> None:
     """Refuse a NIfTI file whose header declares more voxels than allowed, before reading its data."""
-    try:
-        shape = nib.load(path).shape
-    except (OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError):
+    shape = declared_shape(path)
+    if shape is None:
         return  # load_nifti says what is wrong with the file
     voxels = math.prod(int(n) for n in shape)
     if max_voxels is not None and voxels > max_voxels:

@@ -33,6 +33,7 @@ class SurveyedStudy:
     label_source: str | None = None
     reason: tuple[str, str] | None = None
     channels: int | None = None  # an image of several channels (dataset.json names them)
+    volume: tuple[int, int] | None = None  # ingest.split_4d: (volume, of how many) of a 4D image or series
 
 
 def survey(scan_dir: Path, *, config: PipelineConfig | None = None) -> list[SurveyedStudy]:
@@ -49,10 +50,11 @@ def survey(scan_dir: Path, *, config: PipelineConfig | None = None) -> list[Surv
             logs.release(scrubber)
             studies = [SurveyedStudy(id=t.id, source=t.source, format=t.format, label_source=t.label_source,
                                      status="skipped" if t.skip else "failed" if t.error else "to_convert",
-                                     reason=t.skip or t.error, channels=t.channels) for t in tasks]
+                                     reason=t.skip or t.error, channels=t.channels,
+                                     volume=(t.volume, t.volumes) if t.volume and t.volumes else None) for t in tasks]
     if not studies:
         raise no_studies(scan_dir, listing)
-    return sorted(studies, key=lambda s: (s.source, s.id))
+    return sorted(studies, key=lambda s: (s.source, s.volume or (0, 0), s.id))
 
 
 def survey_lines(studies: list[SurveyedStudy], scan_dir: Path) -> list[str]:
@@ -69,7 +71,8 @@ def survey_lines(studies: list[SurveyedStudy], scan_dir: Path) -> list[str]:
                          + ", ".join(f"{n} {code}" for code, n in sorted(codes.items())) + ")")
     for s in studies:
         what = (f"label {s.label_source}" if s.label_source else "no label") + (
-            f"; {s.channels} channels" if s.channels else "")
+            f"; {s.channels} channels" if s.channels else "") + (
+            f"; volume {s.volume[0]} of {s.volume[1]}" if s.volume else "")
         detail = f"[{s.reason[0]}] {s.reason[1]}" if s.reason else what
         lines.append(f"  {s.id}  {s.status:<10}  {s.format:<7}  {s.source}: {detail}")
     return lines

@@ -1,0 +1,121 @@
+"""``ingest.split_4d`` (contract case 15): a study per volume of a 4D NIfTI image or DICOM series, each recorded as
+volume N of M, in acquisition order. Reference: each volume written alone as a 3D file and ingested."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import GeometryError, IngestError
+from pipeline.io.channels import check_channels
+from pipeline.io.nifti import load_nifti
+from pipeline.io.volume import Volume
+from pipeline.manifest import load_manifest
+from pipeline.stages.ingest import ingest
+from pipeline.stages.ingest_study import IngestTask, process_study
+from pipeline.stages.ingest_survey import survey
+from tests.unit.test_dicom_split import SHAPE, _time_series
+
+SPLIT = load_config(None, overrides=["ingest.split_4d=true"])
+AFFINE = np.array([[0.0, 0.0, -2.5, 40.0], [-1.2, 0.0, 0.0, 10.0], [0.0, 1.5, 0.0, -7.0], [0, 0, 0, 1]])
+
+
+def _volumes(n: int) -> np.ndarray:
+    return np.random.default_rng(5).integers(-200, 900, size=(4, 5, 6, n)).astype(np.int16)
+
+
+def _save(path: Path, data: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, AFFINE), str(path))
+    return path
+
+
+def test_a_4d_nifti_image_becomes_a_study_per_volume_equal_to_that_volume_ingested_alone(tmp_path: Path) -> None:
+    data = _volumes(3)
+    _save(tmp_path / "scan" / "bold.nii.gz", data)
+    _save(tmp_path / "scan" / "t1.nii.gz", data[..., 0] * 2)  # a 3D image beside it: one study, as before
+    for t in range(3):
+        _save(tmp_path / "alone" / f"v{t + 1}.nii.gz", data[..., t])
+    record = ingest(tmp_path / "scan", tmp_path / "out", config=SPLIT)
+    ingest(tmp_path / "alone", tmp_path / "ref")
+    assert record["counts"] == {"ok": 4, "failed": 0, "skipped": 0}
+    studies = [s for s in load_manifest(tmp_path / "out").studies if s.source == "bold.nii.gz"]
+    assert sorted((s.volume, s.volumes) for s in studies) == [(1, 3), (2, 3), (3, 3)]
+    (t1,) = [s for s in load_manifest(tmp_path / "out").studies if s.source == "t1.nii.gz"]
+    assert (t1.volume, t1.volumes) == (None, None)
+    references = {s.source: s for s in load_manifest(tmp_path / "ref").studies}
+    for study in studies:
+        reference = references[f"v{study.volume}.nii.gz"]
+        ours, theirs = (load_nifti(tmp_path / folder / s.image) for folder, s in (("out", study), ("ref", reference)))
+        np.testing.assert_array_equal(ours.array, theirs.array)
+        np.testing.assert_array_equal(ours.array, data[..., study.volume - 1])  # the file's voxel order is kept
+        np.testing.assert_allclose(ours.affine, AFFINE, atol=1e-6)
+        assert (study.shape, study.affine, study.orientation) == (reference.shape, reference.affine,
+                                                                  reference.orientation)
+    assert len({s.id for s in studies}) == 3 and len({s.sha256["input"] for s in studies}) == 3
+
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+    again = ingest(tmp_path / "scan", tmp_path / "out", config=SPLIT, force=True)
+    assert again["counts"]["ok"] == 4 and sum(1 for s in again["studies"] if s.get("reused")) == 4
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before  # a rerun reuses every volume
+
+    planned = [s for s in survey(tmp_path / "scan", config=SPLIT) if s.source == "bold.nii.gz"]
+    assert [s.volume for s in planned] == [(1, 3), (2, 3), (3, 3)]  # the dry run lists them in order
+    assert [s.id for s in planned] == [s.id for s in sorted(studies, key=lambda s: s.volume or 0)]
+
+
+def test_without_split_4d_a_4d_nifti_image_fails_naming_the_fix(tmp_path: Path) -> None:
+    _save(tmp_path / "scan" / "bold.nii.gz", _volumes(2))
+    _save(tmp_path / "scan" / "one.nii.gz", _volumes(1))  # X*Y*Z*1 is 3D: one study, split or not
+    ingest(tmp_path / "scan", tmp_path / "out")
+    ingest(tmp_path / "scan", tmp_path / "split", config=SPLIT)
+    studies = {s.source: s for s in load_manifest(tmp_path / "out").studies}
+    assert studies["bold.nii.gz"].error.code == "nifti_4d" and "ingest.split_4d=true" in studies[
+        "bold.nii.gz"].error.message
+    assert studies["one.nii.gz"].status == "ok"
+    split = load_manifest(tmp_path / "split").studies
+    assert sorted((s.source, s.volume) for s in split) == [("bold.nii.gz", 1), ("bold.nii.gz", 2),
+                                                           ("one.nii.gz", None)]
+
+
+def test_a_file_that_lost_volumes_since_discovery_fails_by_name(tmp_path: Path) -> None:
+    path = _save(tmp_path / "scan" / "bold.nii.gz", _volumes(2))
+    task = IngestTask(id="case_x", source="bold.nii.gz", format="nifti", out_dir=str(tmp_path / "out"),
+                      image_path=str(path), volume=3, volumes=3)
+    with pytest.raises(IngestError) as info:
+        process_study(task)
+    assert info.value.code == "file_changed" and str(info.value).startswith("bold.nii.gz: holds 2 volume(s)")
+
+
+def test_dicom_volumes_are_recorded_as_volume_n_of_m_in_acquisition_order(tmp_path: Path) -> None:
+    written = _time_series(tmp_path / "scan", temporal=True)  # TemporalPositionIdentifier runs backwards
+    ingest(tmp_path / "scan", tmp_path / "whole")
+    ingest(tmp_path / "scan", tmp_path / "split", config=SPLIT)
+    (whole,) = load_manifest(tmp_path / "whole").studies
+    assert (whole.volume, whole.volumes) == (None, 3)
+    whole_image = load_nifti(tmp_path / "whole" / whole.image, allow_4d=True).array
+    split = load_manifest(tmp_path / "split").studies
+    assert sorted((s.volume, s.volumes) for s in split) == [(1, 3), (2, 3), (3, 3)]
+    for study in split:
+        image = load_nifti(tmp_path / "split" / study.image).array
+        np.testing.assert_array_equal(image, whole_image[..., study.volume - 1])
+        np.testing.assert_array_equal(image, written[3 - study.volume].expected_values.astype(image.dtype))
+        assert image.shape == SHAPE
+    stored = json.loads((tmp_path / "split" / "manifest.json").read_text())
+    assert {(s["volume"], s["volumes"]) for s in stored["studies"]} == {(1, 3), (2, 3), (3, 3)}
+
+
+def test_a_one_channel_model_given_a_4d_series_is_told_to_split_it() -> None:
+    series = Volume(array=_volumes(3).astype(np.float32), affine=AFFINE)
+    with pytest.raises(GeometryError) as info:
+        check_channels(series, None, what="bold.nii.gz")
+    assert info.value.code == "channels_mismatch" and "3 channels along the 4th axis" in str(info.value)
+    assert "ingest.split_4d=true" in str(info.value)
+    with pytest.raises(GeometryError) as info:  # one channel of two: the nnU-Net v2 naming is the hint
+        check_channels(Volume(array=series.array[..., 0], affine=AFFINE), ["T2", "ADC"], what="t2.nii.gz")
+    assert "CASE_0000.nii.gz" in str(info.value) and "split_4d" not in str(info.value)
