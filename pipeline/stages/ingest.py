@@ -37,8 +37,8 @@ from pipeline.stages.ingest_listing import (
 from pipeline.stages.ingest_msd import msd_tasks
 from pipeline.stages.ingest_rtstruct import pair_structure_sets
 from pipeline.stages.ingest_seg import pair_segmentations
-from pipeline.stages.ingest_study import IngestTask, process_study
-from pipeline.stages.ingest_volumes import split_parts, volume_specs
+from pipeline.stages.ingest_study import IngestTask, process_job, process_study
+from pipeline.stages.ingest_volumes import per_study, split_parts, volume_jobs, volume_specs
 
 __all__ = ["IngestTask", "discover", "ingest", "list_scan_files", "process_study"]
 
@@ -372,10 +372,10 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
                     raise no_studies(scan_dir, listing)
                 tasks = [t for t in tasks if owns(t.id)]  # the whole scan when unsharded
                 runnable = [t for t in tasks if t.error is None and t.skip is None]
-                outcomes = {o.key: o for o in run_batch(runnable, process_study, key=lambda t: t.id,
-                                                        workers=settings.workers, desc="ingest",
-                                                        isolation=_isolation(settings),
-                                                        execution=config.execution)}
+                jobs = volume_jobs(runnable, workers=settings.workers)  # a 4D image's volumes: read once
+                outcomes = per_study(run_batch(jobs, process_job, key=lambda job: job[0].id, workers=settings.workers,
+                                               desc="ingest", isolation=_isolation(settings),
+                                               execution=config.execution))
                 studies = _studies(tasks, outcomes, scrubber, record)
                 manifest = Manifest(dataset=header["dataset"], labels=header["labels"], channels=header["channels"],
                                     studies=studies)

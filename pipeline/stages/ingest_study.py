@@ -233,15 +233,7 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         return _write(task, volume, storage_dtype(volume.array), label, inputs, problems), False
     paths, rels = task.channel_paths or (task.image_path,), task.channel_sources or (task.source,)
     sums = [_checksum(path, rel) for path, rel in zip(paths, rels, strict=True)]  # type: ignore[arg-type]
-    inputs = {"input": sums[0] if len(sums) == 1 else sha256_bytes("|".join(sums).encode()),
-              **_discovery_digest(task)}
-    if task.channels:  # the same file read as channels is another study
-        inputs["input"] = sha256_bytes(f"{inputs['input']}|channels {task.channels}".encode())
-    if task.volume is not None:  # one volume of a 4D image: each is a study of its own
-        inputs["input"] = sha256_bytes(f"{inputs['input']}|volume {task.volume} of {task.volumes}".encode())
-    if task.label_path:
-        label_sha = _checksum(task.label_path, task.label_source or "")
-        inputs["label_input"] = sha256_bytes(f"{label_sha}|{task.allowed_labels}".encode())
+    inputs = _nifti_inputs(task, sums)
     if _reusable(task, inputs):
         return task.previous, True  # type: ignore[return-value]
     for path, rel in zip(paths, rels, strict=True):
@@ -252,10 +244,9 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         image = _one_volume(task)
     else:
         image = _load(task.image_path, task.source, channels=task.channels, image=True)  # type: ignore[arg-type]
-    source_dtype = np.dtype(image.meta["source_dtype"])
-    dtype = source_dtype.newbyteorder("=") if image.array.dtype == source_dtype else np.float32
     label = _label_array(_load(task.label_path, task.label_source or ""), image, task) if task.label_path else None
-    return _write(task, image, dtype, label, inputs, list(task.problems)), False
+    return _write(task, image, _nifti_dtype(image), label, inputs, list(task.problems)), False
+
 
 
 def _renumbered(label: np.ndarray, values: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -284,3 +275,52 @@ def _check_size(path: str, rel: str, max_voxels: int | None) -> None:
         raise IngestError(f"{rel}: the header declares {list(shape)} = {voxels:,} voxels, more than ingest.max_voxels "
                           f"= {max_voxels:,}; if the image is real, raise ingest.max_voxels and ingest.memory_limit_mb",
                           code="too_large")
+
+
+def _nifti_inputs(task: IngestTask, sums: list[str]) -> dict[str, str]:
+    """The input checksums a NIfTI study is reused by: its file(s) (``sums``), how they are read, its label."""
+    inputs = {"input": sums[0] if len(sums) == 1 else sha256_bytes("|".join(sums).encode()),
+              **_discovery_digest(task)}
+    if task.channels:  # the same file read as channels is another study
+        inputs["input"] = sha256_bytes(f"{inputs['input']}|channels {task.channels}".encode())
+    if task.volume is not None:  # one volume of a 4D image: each is a study of its own
+        inputs["input"] = sha256_bytes(f"{inputs['input']}|volume {task.volume} of {task.volumes}".encode())
+    if task.label_path:
+        label_sha = _checksum(task.label_path, task.label_source or "")
+        inputs["label_input"] = sha256_bytes(f"{label_sha}|{task.allowed_labels}".encode())
+    return inputs
+
+
+def _nifti_dtype(image: Volume) -> Any:
+    """The source's own type where the voxels kept it, else float32 (scaled data)."""
+    source_dtype = np.dtype(image.meta["source_dtype"])
+    return source_dtype.newbyteorder("=") if image.array.dtype == source_dtype else np.float32
+
+
+def process_volumes(tasks: tuple[IngestTask, ...]) -> list[tuple[Study, bool]]:
+    """The studies of ``tasks``, volumes of one 4D NIfTI image without a label (``ingest.split_4d``), each as
+    :func:`process_study` gives it; the file is checksummed and read once for all of them, not once a volume
+    (which made splitting a 4D image of N volumes cost N reads of the whole file)."""
+    first = tasks[0]
+    if any(t.volume is None or t.label_path or t.image_path != first.image_path for t in tasks):
+        raise ValueError("process_volumes takes volume studies of one 4D NIfTI image without a label")
+    source = _checksum(first.image_path, first.source)  # type: ignore[arg-type]
+    inputs = [_nifti_inputs(task, [source]) for task in tasks]
+    done: list[tuple[Study, bool] | None] = [(task.previous, True) if _reusable(task, digests) else None
+                                             for task, digests in zip(tasks, inputs, strict=True)]
+    if all(one is not None for one in done):
+        return done  # type: ignore[return-value]
+    _check_size(first.image_path, first.source, first.max_voxels)  # type: ignore[arg-type]
+    image = _load(first.image_path, first.source, volumes=first.volumes)  # type: ignore[arg-type]
+    dtype = _nifti_dtype(image)
+    for k, (task, digests) in enumerate(zip(tasks, inputs, strict=True)):
+        if done[k] is None:
+            one = image.with_array(image.array[..., task.volume - 1].copy(order="K"))  # type: ignore[operator]
+            done[k] = (_write(task, one, dtype, None, digests, list(task.problems)), False)
+    return done  # type: ignore[return-value]
+
+
+def process_job(job: tuple[IngestTask, ...]) -> list[tuple[Study, bool]]:
+    """A worker job of ingest: one study (:func:`process_study`), or the volumes of one 4D NIfTI image
+    (:func:`process_volumes`; see ``ingest_volumes.volume_jobs``)."""
+    return [process_study(job[0])] if len(job) == 1 else process_volumes(job)
