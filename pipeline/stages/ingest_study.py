@@ -176,6 +176,16 @@ def _reusable(task: IngestTask, inputs: dict[str, str]) -> bool:
     return True
 
 
+
+def _reused(task: IngestTask) -> tuple[Study, bool]:
+    """The previous study, reused: a volume of a split series says which (a manifest written before medpipe
+    recorded volumes did not, and its unchanged studies are reused, not converted again)."""
+    study: Study = task.previous  # type: ignore[assignment]
+    if task.volume is not None and (study.volume, study.volumes) != (task.volume, task.volumes):
+        study = study.model_copy(update={"volume": task.volume, "volumes": task.volumes})
+    return study, True
+
+
 def _write(task: IngestTask, image: Volume, dtype: Any, label: np.ndarray | None, inputs: dict[str, str],
            problems: list[tuple[str, str]]) -> Study:
     out = Path(task.out_dir)
@@ -212,7 +222,7 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
                 inputs["label_input"] = sha256_bytes(
                     f"{inputs['label_input']}|{task.seg_values or ''}|{task.rtstruct_rois or ''}".encode())
         if _reusable(task, inputs):
-            return task.previous, True  # type: ignore[return-value]
+            return _reused(task)
         volumes = []
         for one, (_, blobs) in zip(series, read, strict=True):
             volumes.append(decode_series(one, blobs, options=options, release=True))
@@ -235,7 +245,7 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
     sums = [_checksum(path, rel) for path, rel in zip(paths, rels, strict=True)]  # type: ignore[arg-type]
     inputs = _nifti_inputs(task, sums)
     if _reusable(task, inputs):
-        return task.previous, True  # type: ignore[return-value]
+        return _reused(task)
     for path, rel in zip(paths, rels, strict=True):
         _check_size(path, rel, task.max_voxels)  # type: ignore[arg-type]
     if task.channel_paths:
@@ -306,7 +316,7 @@ def process_volumes(tasks: tuple[IngestTask, ...]) -> list[tuple[Study, bool]]:
         raise ValueError("process_volumes takes volume studies of one 4D NIfTI image without a label")
     source = _checksum(first.image_path, first.source)  # type: ignore[arg-type]
     inputs = [_nifti_inputs(task, [source]) for task in tasks]
-    done: list[tuple[Study, bool] | None] = [(task.previous, True) if _reusable(task, digests) else None
+    done: list[tuple[Study, bool] | None] = [_reused(task) if _reusable(task, digests) else None
                                              for task, digests in zip(tasks, inputs, strict=True)]
     if all(one is not None for one in done):
         return done  # type: ignore[return-value]

@@ -171,6 +171,14 @@ def test_dicom_volumes_are_recorded_as_volume_n_of_m_in_acquisition_order(tmp_pa
     stored = json.loads((tmp_path / "split" / "manifest.json").read_text())
     assert {(s["volume"], s["volumes"]) for s in stored["studies"]} == {(1, 3), (2, 3), (3, 3)}
 
+    before = (tmp_path / "split" / "manifest.json").read_bytes()
+    for study in stored["studies"]:  # a manifest written before medpipe recorded volumes
+        del study["volume"], study["volumes"]
+    (tmp_path / "split" / "manifest.json").write_text(json.dumps(stored))
+    again = ingest(tmp_path / "scan", tmp_path / "split", config=SPLIT, force=True)
+    assert sum(1 for s in again["studies"] if s.get("reused")) == 3  # reused, and now say which volume they are
+    assert (tmp_path / "split" / "manifest.json").read_bytes() == before
+
 
 def test_a_one_channel_model_given_a_4d_series_is_told_to_split_it() -> None:
     series = Volume(array=_volumes(3).astype(np.float32), affine=AFFINE)
