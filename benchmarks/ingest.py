@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/ingest.py FOLDER ... --repeats 7 --workers 2
     .venv/bin/python benchmarks/ingest.py --synthetic-ct 300 --repeats 3   # a generated 512 x 512 x 300 CT
     .venv/bin/python benchmarks/ingest.py --synthetic-patients 300 --repeats 3   # 24,000 small files, 600 series
+    .venv/bin/python benchmarks/ingest.py --synthetic-enhanced 100 --repeats 3 [--split-4d]
+        # one enhanced MR file of 64 x 64 x 36 x 100 frames (with --split-4d, medpipe writes 100 studies)
 
 Each repetition runs, interleaved so that they share the machine's load: dcm2niix writing
 uncompressed .nii (``-z n``, its default), dcm2niix writing .nii.gz (``-z y``, like medpipe,
@@ -87,7 +89,8 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def bench_folder(folder: Path, *, repeats: int, workers: int, dcm2niix: str, scratch: Path) -> dict:
+def bench_folder(folder: Path, *, repeats: int, workers: int, dcm2niix: str, scratch: Path,
+                 settings: tuple[str, ...] = ()) -> dict:
     runs: dict[str, list[dict]] = {"dcm2niix -z n": [], "dcm2niix -z y": [], "medpipe": []}
     for r in range(repeats):
         for name, compress in (("dcm2niix -z n", "n"), ("dcm2niix -z y", "y")):
@@ -96,7 +99,7 @@ def bench_folder(folder: Path, *, repeats: int, workers: int, dcm2niix: str, scr
             runs[name].append(_measure([dcm2niix, "-z", compress, "-o", str(out), str(folder)]))
         out = scratch / f"medpipe_{r}"
         runs["medpipe"].append(_measure([*_medpipe(), "ingest", str(folder), "--out", str(out),
-                                         "--workers", str(workers)]))
+                                         "--workers", str(workers), *settings]))
     # os._exit, as medpipe's entry point ends: a normal exit tears down every module (0.05-0.2 s here)
     imports = [_measure([sys.executable, "-c", "import os, pipeline.cli, pipeline.stages.ingest; os._exit(0)"])["wall"]
                for _ in range(repeats)]
@@ -134,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time a generated folder of N patients, each with two 32 x 32 x 40 MR series in a "
                              "folder named after the patient (a PACS export: many small files, thousands of PHI "
                              "values; 300 patients are 24,000 files)")
+    parser.add_argument("--synthetic-enhanced", type=int, metavar="VOLUMES",
+                        help="also time a generated enhanced MR file of 64 x 64 x 36 x VOLUMES frames (one file, "
+                             "per-frame functional groups, as Philips and Siemens XA export fMRI)")
+    parser.add_argument("--split-4d", action="store_true",
+                        help="run medpipe with ingest.split_4d=true (a study per volume; dcm2niix writes one 4D file)")
     parser.add_argument("--cold-bytecode", action="store_true",
                         help="do not precompile medpipe's modules (with PYTHONDONTWRITEBYTECODE set, every command "
                              "then compiles them again)")
@@ -146,11 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     print(bytecode)
     results = []
     with tempfile.TemporaryDirectory(prefix="medpipe_bench_ct_") as generated:
-        folders = list(args.folders) or ([] if args.synthetic_ct or args.synthetic_patients else [DEFAULT])
+        generate = args.synthetic_ct or args.synthetic_patients or args.synthetic_enhanced
+        folders = list(args.folders) or ([] if generate else [DEFAULT])
         if args.synthetic_ct:
             folders.append(_synthetic_ct(Path(generated) / "ct", args.synthetic_ct))
         if args.synthetic_patients:
             folders.append(_synthetic_patients(Path(generated) / "patients", args.synthetic_patients))
+        if args.synthetic_enhanced:
+            folders.append(_synthetic_enhanced(Path(generated) / "enhanced", args.synthetic_enhanced))
         results = _run(folders, args=args, exe=exe, bytecode=bytecode)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -166,6 +177,18 @@ def _synthetic_ct(root: Path, slices: int) -> Path:
 
     write_series(root, ct_like((512, 512, slices)), modality="CT", pixel_spacing=(0.8, 0.8), step=1.5,
                  intercept=-1024.0)
+    return root
+
+
+def _synthetic_enhanced(root: Path, volumes: int) -> Path:
+    """One enhanced MR file of 64 x 64 x 36 x ``volumes`` int16 frames (the tests' writer), frames in order."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from tests.fixtures.dicom_kinds import write_enhanced
+
+    stored = np.random.default_rng(0).integers(0, 1000, size=(64, 64, 36, volumes)).astype(np.int16)
+    write_enhanced(root / "bold.dcm", stored, shuffle_seed=None)
     return root
 
 
@@ -206,8 +229,9 @@ def _run(folders: list[Path], *, args: argparse.Namespace, exe: str, bytecode: s
     results = []
     for folder in folders:
         with tempfile.TemporaryDirectory(prefix="medpipe_bench_") as tmp:
+            settings = ("--set", "ingest.split_4d=true") if args.split_4d else ()
             result = bench_folder(folder, repeats=args.repeats, workers=args.workers, dcm2niix=exe,
-                                  scratch=Path(tmp))
+                                  scratch=Path(tmp), settings=settings)
             result["memory"] = memory_check(folder, workers=args.workers, scratch=Path(tmp))
         result["bytecode"] = bytecode
         results.append(result)
@@ -216,7 +240,8 @@ def _run(folders: list[Path], *, args: argparse.Namespace, exe: str, bytecode: s
         print(f"  dcm2niix -z n (.nii)     {m['dcm2niix -z n']:.3f} s")
         print(f"  dcm2niix -z y (.nii.gz)  {m['dcm2niix -z y']:.3f} s   peak RSS "
               f"{result['dcm2niix_peak_rss_mb']:.0f} MB")
-        print(f"  medpipe ingest -w {args.workers}     {m['medpipe']:.3f} s   peak RSS "
+        split = " split_4d" if args.split_4d else ""
+        print(f"  medpipe ingest -w {args.workers}{split}     {m['medpipe']:.3f} s   peak RSS "
               f"{result['medpipe_peak_rss_mb']:.0f} MB (largest process)")
         print(f"  python + imports alone   {result['import_floor_s']:.3f} s")
         print(f"  ratio medpipe / dcm2niix: {result['ratio_vs_gz']:.2f}x (both .nii.gz), "

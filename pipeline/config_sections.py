@@ -34,10 +34,10 @@ class IngestConfig(_Section):
     """DICOM geometry policies: ``resample`` onto an orthogonal, regular grid (recorded as a problem)
     or ``refuse`` (the study fails with a code). ``split_4d`` writes each volume of a 4D DICOM series
     or 4D NIfTI image (fMRI, dynamics, repeats) as its own study, recorded as ``volume`` N of
-    ``volumes`` in the manifest; a 4D NIfTI image is read once for all its volumes, by one worker job
-    (halved over idle workers for a long run) whose ``timeout_s`` covers them all. Without it a 4D
-    DICOM series is one 4D image with time last, and a 4D NIfTI image that no dataset.json declares
-    as channels fails (``nifti_4d``).
+    ``volumes`` in the manifest; a 4D NIfTI image (or enhanced multi-frame DICOM file) is read once for
+    all its volumes, by one worker job (halved over idle workers for a long run) whose ``timeout_s``
+    covers them all. Without it a 4D DICOM series is one 4D image with time last, and a 4D NIfTI
+    image that no dataset.json declares as channels fails (``nifti_4d``).
 
     Each study is converted in a worker process that may map ``memory_limit_mb`` more address
     space than it starts with and take ``timeout_s`` seconds (``null``: no limit); a study

@@ -1,8 +1,8 @@
 """``ingest.split_4d``: a study per volume of a 4D source (fMRI, dynamic or repeated acquisitions), each recorded
 as volume N of M in the manifest. DICOM series are split by ``pipeline.io.dicom_split`` (parts ``tNNNN``, in
 acquisition order); a 4D NIfTI image by the 4th axis of its data, whose header is read at discovery. The volumes
-of one 4D NIfTI image are converted by one worker job (:func:`volume_jobs`), which reads the file once for all of
-them; its outcome is each volume's (:func:`per_study`)."""
+of one 4D NIfTI image (or of one enhanced multi-frame DICOM file) are converted by one worker job
+(:func:`volume_jobs`), which reads the file once for all of them; its outcome is each volume's (:func:`per_study`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pipeline.io.dicom import DicomScan
 from pipeline.io.dicom_split import split_volume
 from pipeline.io.nifti import declared_shape
 from pipeline.manifest import Study
-from pipeline.stages.ingest_study import IngestTask
+from pipeline.stages.ingest_study import IngestTask, shared_source
 
 
 def volume_specs(spec: dict[str, Any], path: Path) -> list[dict[str, Any]]:
@@ -44,22 +44,24 @@ MIN_VOLUMES_PER_JOB = 8  # a 4D image is split over idle workers in parts of at 
 
 
 def volume_jobs(tasks: Sequence[IngestTask], *, workers: int = 1) -> list[tuple[IngestTask, ...]]:
-    """``tasks`` as worker jobs (``ingest_study.process_job``), in order: the volumes of one 4D NIfTI image
-    together, at the place of the first; every other study alone. A job's time limit covers all its volumes.
+    """``tasks`` as worker jobs (``ingest_study.process_job``), in order: the volumes of one source (a 4D NIfTI
+    image, an enhanced multi-frame DICOM file: ``shared_source``) together, at the place of the first; every
+    other study alone. A job's time limit covers all its volumes.
 
     With fewer jobs than ``workers``, the largest volume job is halved (parts of consecutive volumes, each
     of at least MIN_VOLUMES_PER_JOB) until every worker has a job: each part reads the file again, but a
     single long fMRI run is then written by all the workers, not one."""
     jobs: list[list[IngestTask]] = []
-    by_file: dict[str, list[IngestTask]] = {}
+    by_source: dict[tuple[str, ...], list[IngestTask]] = {}
     for task in tasks:
-        if task.format == "nifti" and task.volume is not None and not task.label_path and task.image_path:
-            if task.image_path not in by_file:
-                by_file[task.image_path] = []
-                jobs.append(by_file[task.image_path])
-            by_file[task.image_path].append(task)
-        else:
+        source = shared_source(task)
+        if source is None:
             jobs.append([task])
+            continue
+        if source not in by_source:
+            by_source[source] = []
+            jobs.append(by_source[source])
+        by_source[source].append(task)
     while len(jobs) < workers:
         largest = max(range(len(jobs)), key=lambda i: (len(jobs[i]), -i), default=None)
         if largest is None or len(jobs[largest]) < 2 * MIN_VOLUMES_PER_JOB:

@@ -14,6 +14,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import GeometryError, IngestError
 from pipeline.io.channels import check_channels
+from pipeline.io.dicom import discover_series
 from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import load_manifest
@@ -22,6 +23,7 @@ from pipeline.stages.ingest import ingest
 from pipeline.stages.ingest_study import IngestTask, process_study, process_volumes
 from pipeline.stages.ingest_survey import survey
 from pipeline.stages.ingest_volumes import MIN_VOLUMES_PER_JOB, volume_jobs
+from tests.fixtures.dicom_kinds import write_enhanced
 from tests.unit.test_dicom_split import SHAPE, _time_series
 
 SPLIT = load_config(None, overrides=["ingest.split_4d=true"])
@@ -119,6 +121,33 @@ def test_volume_jobs_keep_the_order_group_each_file_and_split_a_long_one_over_id
     assert volume_jobs(tasks, workers=16) == four  # no part smaller than that
     assert volume_jobs([alone, alone], workers=4) == [(alone,), (alone,)]
 
+
+
+def _dicom_volume_tasks(scan: Path, out: Path) -> tuple[IngestTask, ...]:
+    parts = discover_series(sorted(p for p in scan.rglob("*") if p.is_file()), root=scan, split_4d=True).series
+    return tuple(IngestTask(id=f"p{k}", source=part.folder, format="dicom", out_dir=str(out), series=part, volume=k,
+                            volumes=len(parts)) for k, part in enumerate(parts, start=1))
+
+
+def test_the_volumes_of_an_enhanced_dicom_file_are_one_job_that_reads_it_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stored = np.random.default_rng(2).integers(0, 900, size=(6, 4, 3, 4)).astype(np.int16)
+    write_enhanced(tmp_path / "scan" / "e.dcm", stored, shuffle_seed=3)
+    tasks = _dicom_volume_tasks(tmp_path / "scan", tmp_path / "out")
+    assert len(tasks) == 4 and volume_jobs(list(tasks)) == [tasks]
+    reads: list[str] = []
+    real_read = ingest_study.read_series_bytes
+    monkeypatch.setattr(ingest_study, "read_series_bytes", lambda one: reads.append(one.part) or real_read(one))
+    results = process_volumes(tasks)
+    assert len(reads) == 1
+    for (study, reused), task in zip(results, tasks, strict=True):  # the reference: each volume a study of its own
+        reference, _ = process_study(replace(task, out_dir=str(tmp_path / "alone")))
+        assert not reused and study == reference and study.volume == task.volume
+        assert (tmp_path / "out" / study.image).read_bytes() == (tmp_path / "alone" / study.image).read_bytes()
+
+    _time_series(tmp_path / "slices")  # one file per slice: each volume reads files of its own, a job each
+    singles = _dicom_volume_tasks(tmp_path / "slices", tmp_path / "out2")
+    assert len(singles) == 3 and volume_jobs(list(singles)) == [(task,) for task in singles]
 
 def test_a_truncated_4d_image_fails_every_volume_by_name_and_the_rest_goes_on(tmp_path: Path) -> None:
     path = _save(tmp_path / "scan" / "bold.nii.gz", np.repeat(_volumes(2), 20, axis=3))  # 40 volumes: 2 jobs
