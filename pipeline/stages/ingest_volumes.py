@@ -77,8 +77,11 @@ def per_study(outcomes: Iterable[Outcome[tuple[IngestTask, ...], list[tuple[Stud
     (a crash, a time-out or an unreadable file fails every volume of that file, with the same code)."""
     studies: dict[str, Outcome[IngestTask, tuple[Study, bool]]] = {}
     for outcome in outcomes:
-        results = outcome.result if outcome.ok else [None] * len(outcome.item)
-        for task, result in zip(outcome.item, results, strict=True):  # type: ignore[arg-type]
-            studies[task.id] = Outcome(item=task, key=task.id, result=result, code=outcome.code,
-                                       message=outcome.message)
+        job, message = outcome.item, outcome.message
+        if not outcome.ok and len(job) > 1:  # a time-out, say, is the whole job's: say which volumes shared it
+            message = (f"{message or ''} (volumes {job[0].volume}-{job[-1].volume} of {job[0].volumes} of this "
+                       "source were converted together, reading it once)")
+        results = outcome.result if outcome.ok else [None] * len(job)
+        for task, result in zip(job, results, strict=True):  # type: ignore[arg-type]
+            studies[task.id] = Outcome(item=task, key=task.id, result=result, code=outcome.code, message=message)
     return studies

@@ -150,15 +150,18 @@ def test_the_volumes_of_an_enhanced_dicom_file_are_one_job_that_reads_it_once(
     assert len(singles) == 3 and volume_jobs(list(singles)) == [(task,) for task in singles]
 
 def test_a_truncated_4d_image_fails_every_volume_by_name_and_the_rest_goes_on(tmp_path: Path) -> None:
-    path = _save(tmp_path / "scan" / "bold.nii.gz", np.repeat(_volumes(2), 20, axis=3))  # 40 volumes: 2 jobs
+    path = _save(tmp_path / "scan" / "bold.nii.gz", np.repeat(_volumes(2), 20, axis=3))  # 40 volumes: 2 halves
     path.write_bytes(path.read_bytes()[:-200])
     _save(tmp_path / "scan" / "t1.nii.gz", _volumes(1))
-    config = load_config(None, overrides=["ingest.split_4d=true", "ingest.workers=2"])
+    config = load_config(None, overrides=["ingest.split_4d=true", "ingest.workers=3"])  # 3 jobs for 3 workers
     record = ingest(tmp_path / "scan", tmp_path / "out", config=config)
     assert record["counts"] == {"ok": 1, "failed": 40, "skipped": 0}
     failed = [s for s in load_manifest(tmp_path / "out").studies if s.status == "failed"]
     assert sorted(s.volume for s in failed) == list(range(1, 41))
     assert {(s.error.code, s.error.message.split(":")[0]) for s in failed} == {("nifti_corrupt", "bold.nii.gz")}
+    assert {s.error.message.rpartition("(")[2] for s in failed if s.volume in (1, 21)} == {
+        "volumes 1-20 of 40 of this source were converted together, reading it once)",
+        "volumes 21-40 of 40 of this source were converted together, reading it once)"}
 
 def test_without_split_4d_a_4d_nifti_image_fails_naming_the_fix(tmp_path: Path) -> None:
     _save(tmp_path / "scan" / "bold.nii.gz", _volumes(2))
