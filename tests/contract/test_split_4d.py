@@ -149,6 +149,7 @@ def test_the_volumes_of_an_enhanced_dicom_file_are_one_job_that_reads_it_once(
     singles = _dicom_volume_tasks(tmp_path / "slices", tmp_path / "out2")
     assert len(singles) == 3 and volume_jobs(list(singles)) == [(task,) for task in singles]
 
+
 def test_a_truncated_4d_image_fails_every_volume_by_name_and_the_rest_goes_on(tmp_path: Path) -> None:
     path = _save(tmp_path / "scan" / "bold.nii.gz", np.repeat(_volumes(2), 20, axis=3))  # 40 volumes: 2 halves
     path.write_bytes(path.read_bytes()[:-200])
