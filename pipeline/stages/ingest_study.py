@@ -85,8 +85,12 @@ def _load(path: str, rel: str, *, channels: int | None = None, volumes: int | No
 def _one_volume(task: IngestTask) -> Volume:
     """Volume ``task.volume`` (from 1) of a 4D NIfTI image (``ingest.split_4d``), checked to still hold the
     ``task.volumes`` that discovery read in its header."""
-    image = _load(task.image_path, task.source, volumes=task.volumes)  # type: ignore[arg-type]
-    return image.with_array(image.array[..., task.volume - 1].copy(order="K"))  # type: ignore[operator]
+    return _volume_of(_load(task.image_path, task.source, volumes=task.volumes), task.volume)  # type: ignore[arg-type]
+
+
+def _volume_of(image: Volume, volume: int) -> Volume:
+    """Volume ``volume`` (from 1) of a 4D image, a 3D image on the same grid, in the file's voxel order."""
+    return image.with_array(image.array[..., volume - 1].copy(order="K"))
 
 
 def _channels_onto_first(volumes: list[Volume], task: IngestTask) -> tuple[Volume, list[tuple[str, str]]]:
@@ -176,7 +180,6 @@ def _reusable(task: IngestTask, inputs: dict[str, str]) -> bool:
     return True
 
 
-
 def _reused(task: IngestTask) -> tuple[Study, bool]:
     """The previous study, reused: a volume of a split series says which (a manifest written before medpipe
     recorded volumes did not, and its unchanged studies are reused, not converted again)."""
@@ -226,7 +229,6 @@ def process_study(task: IngestTask) -> tuple[Study, bool]:
         image = _load(task.image_path, task.source, channels=task.channels, image=True)  # type: ignore[arg-type]
     label = _label_array(_load(task.label_path, task.label_source or ""), image, task) if task.label_path else None
     return _write(task, image, _nifti_dtype(image), label, inputs, list(task.problems)), False
-
 
 
 def _renumbered(label: np.ndarray, values: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -311,6 +313,7 @@ def _nifti_dtype(image: Volume) -> Any:
 
 
 def _nifti_volumes(tasks: tuple[IngestTask, ...]) -> list[tuple[Study, bool]]:
+    """The volume studies of one 4D NIfTI image: the file checksummed once and, unless all are reused, read once."""
     first = tasks[0]
     source = _checksum(first.image_path, first.source)  # type: ignore[arg-type]
     inputs = [_nifti_inputs(task, [source]) for task in tasks]
@@ -323,7 +326,7 @@ def _nifti_volumes(tasks: tuple[IngestTask, ...]) -> list[tuple[Study, bool]]:
     dtype = _nifti_dtype(image)
     for k, (task, digests) in enumerate(zip(tasks, inputs, strict=True)):
         if done[k] is None:
-            one = image.with_array(image.array[..., task.volume - 1].copy(order="K"))  # type: ignore[operator]
+            one = _volume_of(image, task.volume)  # type: ignore[arg-type]
             done[k] = (_write(task, one, dtype, None, digests, list(task.problems)), False)
     return done  # type: ignore[return-value]
 
