@@ -39,9 +39,14 @@ def _summarise(stage: str, record: dict[str, Any], out: Path) -> None:
     state = "up to date, skipped" if record.get("skipped") else record.get("status")
     print(f"{stage}: {state} ({counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, "
           f"{counts.get('skipped', 0)} skipped) -> {out}")
+    failures: dict[tuple[Any, Any], list[str]] = {}  # one line per reason: a 4D file's 300 volumes fail alike
     for study in record.get("studies", []):
         if study.get("status") == "failed":
-            print(f"  failed {study['id']}: [{study.get('code')}] {study.get('message')}")
+            failures.setdefault((study.get("code"), study.get("message")), []).append(study["id"])
+    for (code, message), ids in failures.items():
+        names = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        who = ids[0] if len(ids) == 1 else f"{len(ids)} studies ({names})"
+        print(f"  failed {who}: [{code}] {message}")
     skipped = Counter(s.get("code") or "no_code" for s in record.get("studies", []) if s.get("status") == "skipped")
     if skipped:  # by reason: an archive or a link left out is easy to miss among localizers
         print("  skipped: " + ", ".join(f"{n} {code}" for code, n in sorted(skipped.items())))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import EXIT_USAGE, build_parser, main
+from pipeline.cli import EXIT_USAGE, _summarise, build_parser, main
 
 SUBCOMMANDS = ("ingest", "preprocess", "train", "infer", "evaluate", "report", "run", "demo")
 
@@ -96,3 +96,15 @@ def test_the_console_entry_exits_quickly_with_main_s_code_and_flushed_logs(tmp_p
 def test_the_forkserver_exit_hook_does_nothing_outside_the_forkserver() -> None:
     code = "import sys, pipeline.forkserver_exit; sys.exit(7)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 7
+
+
+def test_studies_that_failed_alike_are_one_line_naming_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    alike = {"status": "failed", "code": "nifti_corrupt", "message": "bold.nii.gz: the gzip stream ends early"}
+    studies = [{"id": f"case_{n}", **alike} for n in range(5)]
+    studies.insert(2, {"id": "case_x", "status": "failed", "code": "too_large", "message": "ct.nii.gz: too large"})
+    studies.append({"id": "case_ok", "status": "ok"})
+    _summarise("ingest", {"status": "partial", "counts": {"ok": 1, "failed": 6}, "studies": studies}, tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == [
+        "  failed 5 studies (case_0, case_1, case_2, ...): [nifti_corrupt] bold.nii.gz: the gzip stream ends early",
+        "  failed case_x: [too_large] ct.nii.gz: too large"]
