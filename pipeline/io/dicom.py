@@ -306,7 +306,7 @@ class _Target:
 
 
 def decode_series(series: DicomSeries, blobs: Sequence[bytes | None], *, options: DicomOptions | None = None,
-                  release: bool = False) -> Volume:
+                  release: bool = False, decoded: dict[str, np.ndarray] | None = None) -> Volume:
     """Decode one stack into a RAS Volume (voxel order: column, row, slice[, volume]), int16 when every rescaled
     value is a whole number in int16's range (as ``storage_dtype`` would store it), else float32.
 
@@ -314,6 +314,8 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes | None], *, options
     ``modality``, ``problems`` (a list of (code, message) oddities accepted) and ``volumes``.
     ``release`` (``blobs`` a list): each entry is set to None once its file is decoded, so that the series'
     bytes and its voxels are not all held at once (where the caller holds no other reference to them).
+    ``decoded``: each file's decoded frames by path, kept for the next call on the same bytes (the volumes that
+    ``split_4d`` makes of one enhanced multi-frame file: a compressed file is then decoded once, not once a volume).
     """
     options = options or DicomOptions()
     check_supported(series)
@@ -343,7 +345,11 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes | None], *, options
     released = 0
     for f_index, ref_indices in by_file.items():
         item = files[f_index]
-        stored = _frames_of(item)
+        stored = decoded.get(item.header.path) if decoded is not None else None
+        if stored is None:
+            stored = _frames_of(item)
+            if decoded is not None:
+                decoded[item.header.path] = stored
         for ref_index in ref_indices:
             frame = refs[ref_index][1]
             target.place(place[ref_index], stored[frame.index], frame.slope, frame.intercept)

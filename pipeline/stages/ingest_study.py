@@ -259,9 +259,11 @@ def _check_size(path: str, rel: str, max_voxels: int | None) -> None:
                           code="too_large")
 
 
-def _dicom_study(task: IngestTask, read: list[tuple[str, list[bytes]]], *, release: bool) -> tuple[Study, bool]:
+def _dicom_study(task: IngestTask, read: list[tuple[str, list[bytes]]], *, release: bool,
+                 decoded: dict[str, np.ndarray] | None = None) -> tuple[Study, bool]:
     """A DICOM study from its series' bytes, ``read`` (digest, file bytes) per series (the channel series of
-    ``ingest.channels`` in order); ``release``: each file's bytes let go once decoded (none shares them)."""
+    ``ingest.channels`` in order); ``release``: each file's bytes let go once decoded (none shares them);
+    ``decoded``: the files' decoded frames, shared with the other volumes of the same files (``decode_series``)."""
     series = task.channel_series or (task.series,)
     digest = read[0][0] if len(read) == 1 else sha256_bytes(
         f"{'|'.join(d for d, _ in read)}|channels {task.channel_grid}".encode())
@@ -274,7 +276,7 @@ def _dicom_study(task: IngestTask, read: list[tuple[str, list[bytes]]], *, relea
                 f"{inputs['label_input']}|{task.seg_values or ''}|{task.rtstruct_rois or ''}".encode())
     if _reusable(task, inputs):
         return _reused(task)
-    volumes = [decode_series(one, blobs, options=options, release=release)  # type: ignore[arg-type]
+    volumes = [decode_series(one, blobs, options=options, release=release, decoded=decoded)  # type: ignore[arg-type]
                for one, (_, blobs) in zip(series, read, strict=True)]
     volume = volumes[0]
     problems = [*task.problems, *(p for v in volumes for p in v.meta["problems"])]
@@ -351,8 +353,8 @@ def process_volumes(tasks: tuple[IngestTask, ...]) -> list[tuple[Study, bool]]:
         raise ValueError("process_volumes takes volume studies of one source (see shared_source)")
     if key[0] == "nifti":
         return _nifti_volumes(tasks)
-    read = [read_series_bytes(tasks[0].series)]  # type: ignore[arg-type]
-    return [_dicom_study(task, read, release=False) for task in tasks]
+    read, decoded = [read_series_bytes(tasks[0].series)], {}  # type: ignore[arg-type]
+    return [_dicom_study(task, read, release=False, decoded=decoded) for task in tasks]
 
 
 def process_job(job: tuple[IngestTask, ...]) -> list[tuple[Study, bool]]:

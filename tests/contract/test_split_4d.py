@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import GeometryError, IngestError
+from pipeline.io import dicom as dicom_module
 from pipeline.io.channels import check_channels
 from pipeline.io.dicom import discover_series
 from pipeline.io.nifti import load_nifti
@@ -138,8 +139,12 @@ def test_the_volumes_of_an_enhanced_dicom_file_are_one_job_that_reads_it_once(
     reads: list[str] = []
     real_read = ingest_study.read_series_bytes
     monkeypatch.setattr(ingest_study, "read_series_bytes", lambda one: reads.append(one.part) or real_read(one))
+    decodes: list[str] = []
+    real_decode = dicom_module.decode_stored
+    monkeypatch.setattr(dicom_module, "decode_stored", lambda blob, header, *a: decodes.append(header.path)
+                        or real_decode(blob, header, *a))
     results = process_volumes(tasks)
-    assert len(reads) == 1
+    assert len(reads) == 1 and len(decodes) == 1  # read once, and its frames decoded once (a JPEG file, say)
     for (study, reused), task in zip(results, tasks, strict=True):  # the reference: each volume a study of its own
         reference, _ = process_study(replace(task, out_dir=str(tmp_path / "alone")))
         assert not reused and study == reference and study.volume == task.volume
