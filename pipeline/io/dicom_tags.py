@@ -67,7 +67,7 @@ class RawHeader:
     has_meta: bool
     implicit: bool
     values: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # tag -> (VR, value bytes)
-    sequences: set[int] = field(default_factory=set)
+    sequences: set[int] = field(default_factory=set)  # top-level ones, of the groups walked (see _walk)
     pixel_offset: int | None = None
     pixel_length: int | None = None  # None: encapsulated (undefined length)
     pixel_available: int = 0  # bytes of the pixel value present in the buffer walked
@@ -99,20 +99,51 @@ def _skip_undefined(data: bytes, pos: int, *, implicit: bool, depth: int) -> int
 _EXPLICIT_HEADER = struct.Struct("<HH2sH").unpack_from
 _IMPLICIT_HEADER = struct.Struct("<HHI").unpack_from
 _U32 = struct.Struct("<I").unpack_from
+_TAG = struct.Struct("<HH").unpack_from
 _TOP_SEQUENCES = frozenset({PER_FRAME_GROUPS, SHARED_GROUPS, 0x00283000})
+
+
+def _last_read() -> dict[int, int]:
+    """{group: its last element that the top-level walk reads} (values, sequences it looks for, pixel data)."""
+    last: dict[int, int] = {}
+    for tag in (*WANTED, *_TOP_SEQUENCES, PIXEL_DATA, *FLOAT_PIXEL_DATA):
+        last[tag >> 16] = max(last.get(tag >> 16, -1), tag & 0xFFFF)
+    return last
+
+
+_LAST_READ = _last_read()
+
+
+def _group_end(data: bytes, pos: int, group: int, *, implicit: bool) -> int:
+    """Where a group ends by its group length element (gggg,0000), whose 4-byte value lies at ``pos``; -1 when
+    that cannot be trusted. The retired element is often stale (an anonymiser that shortened a name), so the
+    end counts only where it lands on the group length element of a later group, as in files that carry
+    them throughout (GE's): 8 bytes that a wrong length meets by chance almost never."""
+    end = pos + 4 + _U32(data, pos)[0]
+    if end + 8 > len(data):
+        return -1
+    next_group, elem = _TAG(data, end)
+    if elem != 0 or not group < next_group < 0xFFFE:
+        return -1
+    if implicit:
+        return end if _U32(data, end + 4)[0] == 4 else -1
+    return end if data[end + 4:end + 8] == b"UL\x04\x00" else -1
 
 
 def _walk(data: bytes, pos: int, *, implicit: bool, depth: int, raw: RawHeader | None) -> int:
     """Walk elements from ``pos``; top level (``raw`` given) records values and stops at pixel data.
 
     Nested (``raw`` None) it returns after the item delimitation item. This loop is the
-    discovery hot spot (hundreds of elements per file), hence the local names.
+    discovery hot spot (hundreds of elements per file), hence the local names. At top level, a
+    group that declares its length (see _group_end) is left at its last element read here: GE
+    writes 340 elements a file, 150-190 of them in private and patient groups read by nobody here.
     """
     size = len(data)
     last = size - 8
     long_vrs, all_vrs, vr_of = _LONG_VRS, _ALL_VRS, VR_OF
     explicit_header, implicit_header, u32 = _EXPLICIT_HEADER, _IMPLICIT_HEADER, _U32
     wanted = WANTED if raw is not None else frozenset()
+    last_read, group_end = _LAST_READ, -1
     while pos < size:
         if pos > last:
             raise NeedMoreData
@@ -156,8 +187,14 @@ def _walk(data: bytes, pos: int, *, implicit: bool, depth: int, raw: RawHeader |
             raise NeedMoreData
         if tag in wanted:
             raw.values[tag] = (vr, data[pos:end])  # type: ignore[union-attr]
-        elif raw is not None and (vr == b"SQ" or (implicit and tag in _TOP_SEQUENCES)):
-            raw.sequences.add(tag)
+        elif raw is not None:
+            if vr == b"SQ" or (implicit and tag in _TOP_SEQUENCES):
+                raw.sequences.add(tag)
+            if elem == 0 and length == 4:
+                group_end = _group_end(data, pos, group, implicit=implicit)
+            if end < group_end and elem > last_read.get(group, -1):
+                pos = group_end  # the rest of this group: nothing read here
+                continue
         pos = end
     if raw is None:
         raise NeedMoreData

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from pipeline.errors import FileUnreadable
@@ -90,6 +93,80 @@ def test_implicit_vr_files_read_like_pydicom(tmp_path: Path) -> None:
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     ds.save_as(str(path), enforce_file_format=True)
     _assert_same(path.read_bytes())
+
+
+def _with_group_lengths(ds: Dataset, *, implicit: bool = False) -> bytes:
+    """``ds`` as a file with a correct group length element (gggg,0000) heading each group, as GE writes (pydicom
+    writes none: they are retired)."""
+    uid = pydicom.uid
+    ds.file_meta.TransferSyntaxUID = uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian
+    whole = io.BytesIO()
+    ds.save_as(whole, enforce_file_format=True)
+    meta_end = 132 + 12 + struct.unpack_from("<I", whole.getvalue(), 140)[0]
+    body = b""
+    for group in sorted({tag.group for tag in ds.keys()}):
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
+        write_dataset(buffer, Dataset({tag: ds[tag] for tag in ds.keys() if tag.group == group}))
+        members = buffer.getvalue()
+        head = struct.pack("<HHI", group, 0, 4) if implicit else struct.pack("<HH2sH", group, 0, b"UL", 4)
+        body += head + struct.pack("<I", len(members)) + members
+    return whole.getvalue()[:meta_end] + body
+
+
+def _ge_like(tmp_path: Path) -> Dataset:
+    """A slice with patient and private groups that the walker reads nothing of, and a private group it reads."""
+    def groups(ds: Dataset, _: int) -> None:
+        for group, count in ((0x0009, 9), (0x0043, 40)):
+            ds.add_new((group, 0x0010), "LO", "GEMS_PARM_01")
+            for element in range(count):
+                ds.add_new((group, 0x1001 + element), "DS", f"{element}.5")
+        ds.add_new(0x00190010, "LO", "SIEMENS MR HEADER")
+        ds.add_new(0x0019100A, "US", 1)
+        ds.add_new(0x00191020, "DS", "7")
+
+    return pydicom.dcmread(str(_series_file(tmp_path, edit=groups)))
+
+
+def _length_at(data: bytes, group: int) -> int:
+    """Where the value of ``group``'s group length element (explicit VR) lies in ``data``."""
+    return data.index(struct.pack("<HH", group, 0) + b"UL\x04\x00") + 8
+
+
+def _with_length(data: bytes, group: int, change: int) -> bytes:
+    """``data`` with ``group``'s group length element (explicit VR) off by ``change`` bytes: stale."""
+    at = _length_at(data, group)
+    return data[:at] + struct.pack("<I", struct.unpack_from("<I", data, at)[0] + change) + data[at + 4:]
+
+
+def _garbled_in_group(data: bytes, group: int, *, implicit: bool = False) -> bytes:
+    """``data`` with an element inside private ``group`` made unreadable: its VR replaced by bytes that are no VR
+    (explicit VR), or its length by one past the end of the file (implicit VR)."""
+    at = data.index(struct.pack("<HH", group, 0x1010)) + 4
+    return data[:at] + (struct.pack("<I", len(data)) if implicit else b"\x01\x02") + data[at + (4 if implicit else 2):]
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_group_lengths_skip_groups_the_walker_reads_nothing_of(tmp_path: Path, implicit: bool) -> None:
+    data = _with_group_lengths(_ge_like(tmp_path), implicit=implicit)
+    _assert_same(data)
+    raw = parse_header(data)
+    assert raw.values[0x0019100A] == (b"US", b"\x01\x00")  # a group read up to its last wanted element
+    assert data[raw.pixel_offset:] == pydicom.dcmread(io.BytesIO(data)).PixelData
+    garbled = _garbled_in_group(data, 0x0043, implicit=implicit)  # a walk through group 0043 stops there
+    assert parse_header(garbled).values == raw.values and parse_header(garbled).pixel_offset == raw.pixel_offset
+
+
+@pytest.mark.parametrize("change", [-8, -2, 2, 8, 10_000])
+def test_a_stale_group_length_is_not_trusted(tmp_path: Path, change: int) -> None:
+    data = _with_group_lengths(_ge_like(tmp_path))
+    reference = parse_header(data)
+    for group in (0x0043, 0x0010, 0x0018, 0x0019):  # groups skipped whole, or after their last element read
+        raw = parse_header(_with_length(data, group, change))
+        assert (raw.values, raw.pixel_offset, raw.pixel_length) == (reference.values, reference.pixel_offset,
+                                                                    reference.pixel_length)
+    with pytest.raises(FastParseError):  # not trusted, so walked through: garbage inside the group is met
+        parse_header(_with_length(_garbled_in_group(data, 0x0043), 0x0043, change))
 
 
 def test_mosaic_private_tags_and_csa_are_read_by_both(tmp_path: Path) -> None:
