@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.errors import FileUnreadable, PackedFile, os_reason
 from pipeline.io.dicom_geometry import SliceGeometry
@@ -26,6 +26,9 @@ from pipeline.io.dicom_tags import (
     parse_header,
     parse_prefix,
 )
+
+if TYPE_CHECKING:
+    from pipeline.io.dicom_enhanced import FunctionalGroups
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +166,11 @@ def _uid(tags: Tags, tag: int) -> str | None:
 
 
 def header_from_tags(tags: Tags, *, path: str, rel: str, transfer_syntax: str | None, has_meta: bool,
-                     pixels: bool, float_pixels: bool = False, dataset: Any = None,
+                     pixels: bool, float_pixels: bool = False, groups: FunctionalGroups | None = None,
                      extra: dict[str, Any] | None = None) -> DicomHeader | None:
     """A DicomHeader (with the fields in ``extra`` set too), or None for files that are not DICOM objects of
-    a series (junk, DICOMDIR). Built once: a frozen dataclass of 27 fields is slow to copy."""
+    a series (junk, DICOMDIR). ``groups``: an enhanced multi-frame file's functional groups, whence its frames.
+    Built once: a frozen dataclass of 27 fields is slow to copy."""
     sop_class = _uid(tags, SOP_CLASS) or _uid(tags, MEDIA_SOP_CLASS)
     series_uid = _uid(tags, SERIES_UID)
     modality = (tags.text(MODALITY) or "").strip().upper()
@@ -199,16 +203,16 @@ def header_from_tags(tags: Tags, *, path: str, rel: str, transfer_syntax: str | 
         pixel_representation=tags.number(PIXEL_REPRESENTATION) or 0, float_pixels=float_pixels,
         modality_lut=tags.has(MODALITY_LUT) and not tags.has(SLOPE),
     )
-    return _with_frames(fields, tags, dataset)
+    return _with_frames(fields, tags, groups)
 
 
-def _with_frames(fields: dict[str, Any], tags: Tags, dataset: Any) -> DicomHeader:
+def _with_frames(fields: dict[str, Any], tags: Tags, groups: FunctionalGroups | None) -> DicomHeader:
     """The header of ``fields`` with its layout and frames."""
-    if dataset is not None and (PER_FRAME_GROUPS in dataset or SHARED_GROUPS in dataset):
+    if groups is not None:
         from pipeline.io.dicom_enhanced import enhanced_frames
 
         header = DicomHeader(**fields, layout="multiframe")
-        return replace(header, frames=enhanced_frames(dataset, header))
+        return replace(header, frames=enhanced_frames(groups, tags, header))
     rel, image_type = fields["rel"], fields["image_type"]
     geometry, geometry_error = slice_geometry(tags, rel, rows=fields["rows"], columns=fields["columns"])
     slope, intercept, rescale_error = rescale(tags, rel)
@@ -240,8 +244,14 @@ def _dataset_header(ds: Any, *, path: str, rel: str, pixels: bool, float_pixels:
                     extra: dict[str, Any] | None = None) -> DicomHeader | None:
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    groups = None
+    if PER_FRAME_GROUPS in ds or SHARED_GROUPS in ds:
+        from pipeline.io.dicom_enhanced import groups_from_dataset
+
+        groups = groups_from_dataset(ds)
     return header_from_tags(Tags(dataset=ds), path=path, rel=rel, transfer_syntax=str(syntax) if syntax else None,
-                            has_meta=bool(syntax), pixels=pixels, float_pixels=float_pixels, dataset=ds, extra=extra)
+                            has_meta=bool(syntax), pixels=pixels, float_pixels=float_pixels, groups=groups,
+                            extra=extra)
 
 
 def _pydicom_header(source: Any, *, path: str, rel: str, full: bool) -> tuple[DicomHeader | None, Any]:
@@ -257,14 +267,25 @@ def _pydicom_header(source: Any, *, path: str, rel: str, full: bool) -> tuple[Di
 
 
 def _walked_header(raw: RawHeader, data: bytes, *, path: str, rel: str) -> DicomHeader | None:
-    """The header of a file the walker read to its pixel data but cannot describe alone (an enhanced multi-frame
-    file's functional groups): pydicom parses those same bytes, and the header keeps their digest, so that the
-    worker decoding the file trusts it (``_unchanged``) instead of parsing every frame's groups again. That second
-    parse took 4-9 s for a 3,600-frame file, and was repeated for each volume that ``split_4d`` made of it."""
-    import pydicom
+    """The header of a file the walker read to its pixel data but cannot describe alone: an enhanced multi-frame
+    file, whose functional groups are read from the same bytes (dicom_items), or by pydicom where that reader
+    cannot (implicit VR, an odd item). The header keeps the bytes' digest, so that the worker decoding the file
+    trusts it (``_unchanged``) instead of parsing every frame's groups again (4-9 s with pydicom for a 3,600-frame
+    file, repeated for each volume that ``split_4d`` made of it)."""
+    from pipeline.io.dicom_enhanced import groups_from_bytes
 
     extra = {"pixel_offset": raw.pixel_offset, "pixel_length": raw.pixel_length,
              "header_sha256": hashlib.sha256(data[:raw.pixel_offset]).hexdigest()}
+    try:
+        groups = groups_from_bytes(data, raw)
+    except FastParseError as exc:
+        log.debug("%s: functional groups left to pydicom (%s)", rel, exc)
+    else:
+        return header_from_tags(Tags(raw=raw), path=path, rel=rel, transfer_syntax=raw.transfer_syntax,
+                                has_meta=raw.has_meta, pixels=True, float_pixels=raw.float_pixels, groups=groups,
+                                extra=extra)
+    import pydicom
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)

@@ -72,6 +72,7 @@ class RawHeader:
     pixel_length: int | None = None  # None: encapsulated (undefined length)
     pixel_available: int = 0  # bytes of the pixel value present in the buffer walked
     float_pixels: bool = False
+    spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # functional groups: where each value lies
 
 
 def _skip_undefined(data: bytes, pos: int, *, implicit: bool, depth: int) -> int:
@@ -101,6 +102,7 @@ _IMPLICIT_HEADER = struct.Struct("<HHI").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 _TAG = struct.Struct("<HH").unpack_from
 _TOP_SEQUENCES = frozenset({PER_FRAME_GROUPS, SHARED_GROUPS, 0x00283000})
+_FUNCTIONAL_GROUPS = frozenset({PER_FRAME_GROUPS, SHARED_GROUPS})
 
 
 def _last_read() -> dict[int, int]:
@@ -178,9 +180,11 @@ def _walk(data: bytes, pos: int, *, implicit: bool, depth: int, raw: RawHeader |
             raw.pixel_available = max(0, min(size - pos, length))
             return pos
         if length == _UNDEFINED:
+            start, pos = pos, _skip_undefined(data, pos, implicit=implicit or vr == b"UN", depth=depth)
             if raw is not None:
                 raw.sequences.add(tag)
-            pos = _skip_undefined(data, pos, implicit=implicit or vr == b"UN", depth=depth)
+                if tag in _FUNCTIONAL_GROUPS:
+                    raw.spans[tag] = (start, pos)
             continue
         end = pos + length
         if end > size:
@@ -190,6 +194,8 @@ def _walk(data: bytes, pos: int, *, implicit: bool, depth: int, raw: RawHeader |
         elif raw is not None:
             if vr == b"SQ" or (implicit and tag in _TOP_SEQUENCES):
                 raw.sequences.add(tag)
+                if tag in _FUNCTIONAL_GROUPS:
+                    raw.spans[tag] = (pos, end)
             if elem == 0 and length == 4:
                 group_end = _group_end(data, pos, group, implicit=implicit)
             if end < group_end and elem > last_read.get(group, -1):
@@ -321,6 +327,10 @@ class Tags:
             return tag in self._raw.values or tag in self._raw.sequences
         return tag in self._ds
 
+    def element(self, tag: int) -> tuple[bytes, Any] | None:
+        """(VR, value) of an element: its bytes (walked) or pydicom's value; None when absent or empty (pydicom)."""
+        return self._element(tag)
+
     def _element(self, tag: int) -> tuple[bytes, Any] | None:
         if self._raw is not None:
             return self._raw_element(tag)
@@ -380,3 +390,9 @@ class Tags:
             return None
         value = found[1]
         return value if isinstance(value, bytes) else None
+
+
+def value_tags(values: dict[int, Any]) -> Tags:
+    """Typed access to elements gathered from elsewhere, ``{tag: (VR, value)}`` with explicit VRs (a frame's
+    functional group elements): values as the walker reads them (bytes) or as pydicom does."""
+    return Tags(raw=RawHeader(transfer_syntax=None, has_meta=False, implicit=False, values=values))

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 
 from pipeline.errors import PipelineError
 from pipeline.io.dicom import decode_series, discover_series, read_series_bytes
+from pipeline.io.dicom_enhanced import groups_from_bytes
+from pipeline.io.dicom_header import DicomHeader, _pydicom_header, read_header
+from pipeline.io.dicom_tags import FastParseError, parse_header
 from tests.fixtures.dicom_kinds import write_enhanced
 
 
@@ -101,3 +108,82 @@ def test_the_header_read_at_discovery_is_trusted_when_decoding_and_a_changed_fil
         for part in parts:
             decode_series(part, read_series_bytes(part)[1])
     assert parsed and info.value.code == "dicom_changed" and "e.dcm" in str(info.value)
+
+
+def _philips_like(path: Path) -> None:
+    """The fixture's file made like a Philips export: undefined-length sequences and items, private per-frame
+    sequences (nested, one of them with an element whose bytes look like an ImagePositionPatient), an MR frame
+    type and echo per frame, and the echo time that splits the frames into two stacks."""
+    ds = pydicom.dcmread(str(path))
+    for index, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        frame_type, echo = Dataset(), Dataset()
+        frame_type.FrameType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+        echo.EffectiveEchoTime = 12.5 if index % 2 else 30.0
+        item.MRImageFrameTypeSequence = DicomSequence([frame_type])
+        item.MREchoSequence = DicomSequence([echo])
+        private, inner = Dataset(), Dataset()
+        inner.add_new(0x2005100E, "FL", 2.5)
+        inner.add_new(0x20051011, "OB", b"\x20\x00\x32\x00DS\x06\x009\\9\\9 ")  # an IPP look-alike
+        private.add_new(0x20050010, "LO", "Philips MR Imaging DD 005")
+        private.add_new(0x2005140E, "SQ", DicomSequence([inner, inner]))
+        item.add_new(0x20050010, "LO", "Philips MR Imaging DD 005")
+        item.add_new(0x2005140F, "SQ", DicomSequence([private]))
+        item.is_undefined_length_sequence_item = True
+        for element in item:
+            if element.VR == "SQ":
+                element.is_undefined_length = True
+    ds["PerFrameFunctionalGroupsSequence"].is_undefined_length = True
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def _pydicom_route(path: Path) -> DicomHeader:
+    header, _ = _pydicom_header(str(path), path=str(path), rel=path.name, full=False)
+    return dataclasses.replace(header, pixel_offset=None, pixel_length=None, header_sha256=None)
+
+
+@pytest.mark.parametrize("philips", [False, True])
+def test_functional_groups_are_read_from_the_walkers_bytes_as_pydicom_reads_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, philips: bool) -> None:
+    """pydicom's parse of the groups took 2.4 s of the 2.9 s that a 3,600-frame file's header cost."""
+    path = tmp_path / "e.dcm"
+    stored = _stored((6, 4, 3, 2), seed=4)
+    write_enhanced(path, stored, slopes=[1 + f / 10 for f in range(6)], intercepts=[-f for f in range(6)])
+    if philips:
+        _philips_like(path)
+        assert b"\xff\xff\xff\xff" in path.read_bytes()
+    want = _pydicom_route(path)
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **kw: pytest.fail("pydicom read the file"))
+    got = read_header(path, root=tmp_path, rel=path.name)
+    assert got.header_sha256 and got.layout == "multiframe" and len(got.frames) == 6
+    assert dataclasses.replace(got, pixel_offset=None, pixel_length=None, header_sha256=None) == want
+    if philips:  # the frame type and echo time were read: they are the frames' split keys
+        assert {frame.split for frame in got.frames} == {(("ORIGINAL", "PRIMARY", "M", "NONE"), 12.5),
+                                                        (("ORIGINAL", "PRIMARY", "M", "NONE"), 30.0)}
+    assert sorted(f.slope for f in got.frames) == [1 + f / 10 for f in range(6)]
+
+
+def test_functional_groups_the_byte_reader_refuses_are_left_to_pydicom(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An element written with VR UN (pydicom's dictionary knows its VR) and an implicit VR file."""
+    path = tmp_path / "e.dcm"
+    write_enhanced(path, _stored((6, 4, 3, 1), seed=5))
+    ds = pydicom.dcmread(str(path))
+    position = ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0]
+    with monkeypatch.context() as patch:
+        patch.setattr(pydicom.config, "replace_un_with_known_vr", False)  # else pydicom writes it as DS
+        value = "\\".join(map(str, position.ImagePositionPatient)).encode() + b" "
+        position[0x00200032] = DataElement(0x00200032, "UN", value)
+        ds.save_as(str(path), enforce_file_format=True)
+    assert path.read_bytes().count(b"\x20\x00\x32\x00UN") == 1
+    implicit = tmp_path / "i.dcm"
+    ds = pydicom.dcmread(str(path))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(str(implicit), enforce_file_format=True)
+    for file in (path, implicit):
+        raw = parse_header(file.read_bytes())
+        with pytest.raises(FastParseError):
+            groups_from_bytes(file.read_bytes(), raw)
+        got = read_header(file, root=tmp_path, rel=file.name)
+        assert got.header_sha256 and len(got.frames) == 3 and not any(f.geometry_error for f in got.frames)
+        assert dataclasses.replace(got, pixel_offset=None, pixel_length=None, header_sha256=None) == \
+            _pydicom_route(file)
