@@ -45,8 +45,8 @@ class FunctionalGroups:
 def groups_from_bytes(data: bytes, raw: RawHeader) -> FunctionalGroups:
     """The functional groups of a file the walker read (``data`` from its start): FastParseError when they are
     beyond its reader (implicit VR, a malformed or UN-encoded item), and pydicom must read them."""
-    if raw.implicit:
-        raise FastParseError("implicit VR functional groups")
+    if raw.implicit or any(tag in raw.sequences and tag not in raw.spans for tag in (PER_FRAME_GROUPS, SHARED_GROUPS)):
+        raise FastParseError("functional groups written with implicit VR")
     per_frame = [] if PER_FRAME_GROUPS not in raw.spans else read_items(data, *raw.spans[PER_FRAME_GROUPS],
                                                                         keep=_KEPT)
     shared = [] if SHARED_GROUPS not in raw.spans else read_items(data, *raw.spans[SHARED_GROUPS], keep=_KEPT)

@@ -87,6 +87,8 @@ def _read_item(data: bytes, pos: int, stop: int, *, keep: Collection[int], depth
             pos += 8
         else:
             raise FastParseError(f"invalid VR bytes at element {tag:08X} in an item")
+        if vr == b"UN" and tag in keep:  # written without its VR (a sequence's items then implicit VR)
+            raise FastParseError(f"element {tag:08X} has VR UN; pydicom's dictionary knows its VR")
         if length == _UNDEFINED:
             if vr == b"SQ" and tag in keep:
                 item[tag], after = _items(data, pos, stop, keep=keep, depth=depth + 1)
@@ -102,8 +104,6 @@ def _read_item(data: bytes, pos: int, stop: int, *, keep: Collection[int], depth
         if end > stop:
             raise FastParseError(f"element {tag:08X} runs past its item")
         if tag in keep:
-            if vr == b"UN":  # a known element written without its VR: pydicom's dictionary knows it
-                raise FastParseError(f"element {tag:08X} has VR UN")
             item[tag] = _items(data, pos, end, keep=keep, depth=depth + 1)[0] if vr == b"SQ" else (vr, data[pos:end])
         pos = end
     if delimited:

@@ -72,7 +72,7 @@ class RawHeader:
     pixel_length: int | None = None  # None: encapsulated (undefined length)
     pixel_available: int = 0  # bytes of the pixel value present in the buffer walked
     float_pixels: bool = False
-    spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # functional groups: where each value lies
+    spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # functional groups (explicit SQ): their values
 
 
 def _skip_undefined(data: bytes, pos: int, *, implicit: bool, depth: int) -> int:
@@ -183,7 +183,7 @@ def _walk(data: bytes, pos: int, *, implicit: bool, depth: int, raw: RawHeader |
             start, pos = pos, _skip_undefined(data, pos, implicit=implicit or vr == b"UN", depth=depth)
             if raw is not None:
                 raw.sequences.add(tag)
-                if tag in _FUNCTIONAL_GROUPS:
+                if tag in _FUNCTIONAL_GROUPS and vr == b"SQ":  # as UN, its items are implicit VR
                     raw.spans[tag] = (start, pos)
             continue
         end = pos + length
@@ -194,7 +194,7 @@ def _walk(data: bytes, pos: int, *, implicit: bool, depth: int, raw: RawHeader |
         elif raw is not None:
             if vr == b"SQ" or (implicit and tag in _TOP_SEQUENCES):
                 raw.sequences.add(tag)
-                if tag in _FUNCTIONAL_GROUPS:
+                if tag in _FUNCTIONAL_GROUPS and vr == b"SQ":
                     raw.spans[tag] = (pos, end)
             if elem == 0 and length == 4:
                 group_end = _group_end(data, pos, group, implicit=implicit)

@@ -187,3 +187,18 @@ def test_functional_groups_the_byte_reader_refuses_are_left_to_pydicom(
         assert got.header_sha256 and len(got.frames) == 3 and not any(f.geometry_error for f in got.frames)
         assert dataclasses.replace(got, pixel_offset=None, pixel_length=None, header_sha256=None) == \
             _pydicom_route(file)
+
+
+@pytest.mark.parametrize("where", ["macro", "groups"])
+def test_sequences_written_as_un_are_refused_by_the_byte_reader(tmp_path: Path, where: str) -> None:
+    """A sequence with VR UN holds implicit VR items: read as explicit VR, a macro would be lost unnoticed."""
+    path = tmp_path / "e.dcm"
+    write_enhanced(path, _stored((6, 4, 3, 1), seed=6))
+    _philips_like(path)  # undefined lengths: the VR can change without changing any length
+    data = path.read_bytes()
+    tag = b"\x20\x00\x13\x91" if where == "macro" else b"\x00\x52\x30\x92"  # PlanePosition, PerFrameFunctionalGroups
+    at = data.index(tag + b"SQ\x00\x00\xff\xff\xff\xff") + 4
+    patched = data[:at] + b"UN" + data[at + 2:]
+    assert groups_from_bytes(data, parse_header(data)).per_frame  # read before the change
+    with pytest.raises(FastParseError):
+        groups_from_bytes(patched, parse_header(patched))
