@@ -59,7 +59,10 @@ class IngestConfig(_Section):
     description or folder, in channel order (``{T2: "*t2*", ADC: "*adc*"}``); every channel must
     match exactly one series of the study, all in one Frame of Reference. A channel on another
     grid than the first is resampled onto it (trilinear), or, with ``channel_grid: refuse``, fails
-    the study."""
+    the study. ``philips_scaling: precise`` writes Philips MR series as Philips' floating-point values
+    (FP = display value / (RescaleSlope x MR Scale Slope), the private (2005,100E) of each frame), as
+    dcm2niix does by default, where a frame carries that slope; ``display`` (the default) keeps the
+    DICOM rescale, as every other manufacturer's series."""
 
     workers: int = Field(1, ge=1)
     pseudonym_key: str = DEFAULT_PSEUDONYM_KEY
@@ -73,6 +76,7 @@ class IngestConfig(_Section):
         return value
     gantry_tilt: Literal["resample", "refuse"] = "resample"
     irregular_slices: Literal["resample", "refuse"] = "refuse"
+    philips_scaling: Literal["display", "precise"] = "display"
     split_4d: bool = False
     memory_limit_mb: int | None = Field(4096, ge=256)
     timeout_s: float | None = Field(600.0, gt=0)

@@ -9,7 +9,7 @@ import mmap
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +59,13 @@ class DicomOptions:
 
     gantry_tilt: Literal["resample", "refuse"] = "resample"
     irregular_slices: Literal["resample", "refuse"] = "refuse"
+    philips_scaling: Literal["display", "precise"] = "display"
+
+    def __repr__(self) -> str:
+        """What a study's options digest covers (ingest_study): ``philips_scaling`` joins it only when set, so
+        that the digests of studies converted before that option existed stay as they were, and are reused."""
+        extra = "" if self.philips_scaling == "display" else f", philips_scaling={self.philips_scaling!r}"
+        return f"DicomOptions(gantry_tilt={self.gantry_tilt!r}, irregular_slices={self.irregular_slices!r}{extra})"
 
 
 @dataclass(frozen=True)
@@ -234,6 +241,24 @@ def _files(series: DicomSeries, blobs: Sequence[bytes | None], problems: list[tu
     return files
 
 
+def _philips_precise(refs: list[tuple[int, FrameInfo]], folder: str,
+                     problems: list[tuple[str, str]]) -> list[tuple[int, FrameInfo]]:
+    """Each frame with Philips' MR Scale Slope SS rescaled to Philips' floating-point value: FP = (stored x RS + RI)
+    / (RS x SS), RS and RI its DICOM rescale (Chenevert et al.; dcm2niix's default for Philips)."""
+    scaled = []
+    for f_index, frame in refs:
+        scale = frame.philips_scale
+        if scale is not None and frame.slope:
+            frame = replace(frame, slope=1.0 / scale, intercept=frame.intercept / (frame.slope * scale))
+        scaled.append((f_index, frame))
+    count = sum(1 for _, frame in refs if frame.philips_scale is not None and frame.slope)
+    if count:
+        problems.append(("dicom_philips_precise", f"{folder}: Philips floating-point values (display value / "
+                                                  f"(RescaleSlope x MR Scale Slope)) in {count} of {len(refs)} "
+                                                  "frames, as ingest.philips_scaling=precise asks"))
+    return scaled
+
+
 def _frames_of(item: _File) -> np.ndarray:
     stored = decode_stored(item.blob, item.header, item.dataset)
     if item.header.layout == "mosaic":
@@ -322,6 +347,8 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes | None], *, options
     problems: list[tuple[str, str]] = []
     files = _files(series, blobs, problems)
     refs = [(f_index, frame) for f_index, item in enumerate(files) for frame in item.frames]
+    if options.philips_scaling == "precise":
+        refs = _philips_precise(refs, series.folder, problems)
     slices = [frame.geometry for _, frame in refs]
     volumes = group_volumes(slices, [frame.order for _, frame in refs])
     stack = analyse_stack([slices[i] for i in volumes[0]])

@@ -11,7 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.io.dicom_header import DicomHeader, FrameInfo, order_key, rescale, slice_geometry
+from pipeline.io.dicom_header import (
+    PHILIPS_CREATOR,
+    PHILIPS_SCALE,
+    DicomHeader,
+    FrameInfo,
+    order_key,
+    philips_scale,
+    rescale,
+    slice_geometry,
+)
 from pipeline.io.dicom_items import Item, read_items
 from pipeline.io.dicom_tags import PER_FRAME_GROUPS, SHARED_GROUPS, FastParseError, RawHeader, Tags, value_tags
 
@@ -30,8 +39,12 @@ _CONTENT, _ECHO = 0x00209111, 0x00189114  # FrameContentSequence, MREchoSequence
 _FRAME_TYPE, _TEMPORAL, _ECHO_TIME = 0x00089007, 0x00209128, 0x00189082  # ... TemporalPositionIndex,
 # EffectiveEchoTime
 _ECHO_NUMBERS = 0x00180086
+# Philips: each frame's private item (2005,140F), in block (2005,14xx) of creator "... DD 005", holds the MR Scale
+# Slope (2005,100E) in its own block (2005,10xx) of creator "... DD 001"
+_PHILIPS_FRAME_CREATOR, _PHILIPS_FRAME = 0x20050014, 0x2005140F
 _KEPT = frozenset({*_MACROS, *(t for tags in _MACROS.values() for t in tags), *_FRAME_TYPE_MACROS, _CONTENT, _ECHO,
-                   _FRAME_TYPE, _TEMPORAL, _ECHO_TIME})
+                   _FRAME_TYPE, _TEMPORAL, _ECHO_TIME, _PHILIPS_FRAME_CREATOR, _PHILIPS_FRAME, PHILIPS_CREATOR,
+                   PHILIPS_SCALE})
 
 
 @dataclass(frozen=True)
@@ -102,11 +115,16 @@ def _frame_values(top: dict[int, Any], per: Item | None, shared: dict[int, Item 
             frame_type = tuple(v.upper() for v in value_tags(item).strings(_FRAME_TYPE) or ())
             break
     content, echo = _first(per, _CONTENT), macro(_ECHO)
+    private = _first(per, _PHILIPS_FRAME)
+    if private is not None and (value_tags(per).text(_PHILIPS_FRAME_CREATOR) or "").strip() != \
+            "Philips MR Imaging DD 005":  # per: not None where private is not
+        private = None
     echo_times = value_tags(echo).floats(_ECHO_TIME)[0] if echo is not None else None
     extras = {
         "temporal": value_tags(content).number(_TEMPORAL) if content is not None else None,
         "echo_time": echo_times[0] if echo_times else None,
         "frame_type": frame_type,
+        "philips_scale": philips_scale(value_tags(private)) if private is not None else None,
     }
     return flat, extras
 
@@ -117,6 +135,7 @@ def enhanced_frames(groups: FunctionalGroups, top: Tags, header: DicomHeader) ->
     per_frame = groups.per_frame
     shared = {tag: _first(groups.shared, tag) for tag in (*_MACROS, *_FRAME_TYPE_MACROS, _ECHO)}
     fallbacks = {tag: found for tag in _TOP_FALLBACKS if (found := top.element(tag)) is not None}
+    top_scale = philips_scale(top)  # where a writer kept it at top level, as in single-frame files
     if per_frame and len(per_frame) != header.n_frames:
         geometry, _ = slice_geometry(value_tags({}), header.rel, rows=header.rows, columns=header.columns)
         message = (f"{header.rel}: {len(per_frame)} per-frame functional group items for "
@@ -134,5 +153,5 @@ def enhanced_frames(groups: FunctionalGroups, top: Tags, header: DicomHeader) ->
             index=index, geometry=geometry, slope=slope, intercept=intercept,
             order=order_key(top, frame=index, temporal=extras["temporal"]),
             split=(extras["frame_type"] or header.image_type, echo), rescale_error=rescale_error,
-            geometry_error=geometry_error))
+            geometry_error=geometry_error, philips_scale=extras["philips_scale"] or top_scale))
     return tuple(frames)

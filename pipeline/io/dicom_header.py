@@ -44,6 +44,7 @@ IPP, IOP, PIXEL_SPACING, SLICE_THICKNESS, SLICE_SPACING = 0x00200032, 0x00200037
 SLOPE, INTERCEPT, MODALITY_LUT, BURNED_IN = 0x00281053, 0x00281052, 0x00283000, 0x00280301
 ECHO, ACQUISITION, INSTANCE, TEMPORAL = 0x00180086, 0x00200012, 0x00200013, 0x00200100
 MEDIA_SOP_CLASS, MEDIA_SOP_UID, FRAME_OF_REFERENCE, SERIES_NUMBER = 0x00020002, 0x00020003, 0x00200052, 0x00200011
+PHILIPS_CREATOR, PHILIPS_SCALE = 0x20050010, 0x2005100E  # private block (2005,10xx) and its MR Scale Slope
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class FrameInfo:
     rescale_error: str | None = None
     geometry_error: str | None = None
     error_code: str = "dicom_bad_geometry_value"
+    philips_scale: float | None = None  # Philips' private MR Scale Slope: see philips_scale()
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,15 @@ def rescale(tags: Tags, rel: str) -> tuple[float, float, str | None]:
     return float(slope), float(intercept), None
 
 
+def philips_scale(tags: Tags) -> float | None:
+    """Philips' MR Scale Slope (2005,100E), where the private block's creator (2005,0010) is Philips' own: with
+    the DICOM rescale it gives Philips' floating-point values (``ingest.philips_scaling``). None elsewhere."""
+    if (tags.text(PHILIPS_CREATOR) or "").strip() != "Philips MR Imaging DD 001":
+        return None
+    values, _ = tags.floats(PHILIPS_SCALE)
+    return values[0] if values and math.isfinite(values[0]) and values[0] > 0 else None
+
+
 def order_key(tags: Tags, *, frame: int = 0, temporal: int | None = None) -> tuple[float, ...]:
     """Acquisition order of frames at one position: temporal index, acquisition, instance, frame."""
     values = (temporal if temporal is not None else tags.number(TEMPORAL), tags.number(ACQUISITION),
@@ -218,7 +229,7 @@ def _with_frames(fields: dict[str, Any], tags: Tags, groups: FunctionalGroups | 
     slope, intercept, rescale_error = rescale(tags, rel)
     frame = FrameInfo(index=0, geometry=geometry, slope=slope, intercept=intercept, order=order_key(tags),
                       split=(image_type, tags.number(ECHO)), rescale_error=rescale_error,
-                      geometry_error=geometry_error)
+                      geometry_error=geometry_error, philips_scale=philips_scale(tags))
     if "MOSAIC" in image_type and fields["n_frames"] == 1:
         from pipeline.io.dicom_mosaic import mosaic_frames
 

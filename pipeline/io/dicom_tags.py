@@ -40,7 +40,7 @@ VR_OF: dict[int, bytes] = {
     0x00280100: b"US", 0x00280101: b"US", 0x00280102: b"US", 0x00280103: b"US", 0x00281052: b"DS",
     0x00281053: b"DS", 0x00280301: b"CS", 0x00190010: b"LO", 0x0019100A: b"US", 0x00290010: b"LO",
     0x00291010: b"OB", 0x00020010: b"UI", 0x00020002: b"UI", 0x00020003: b"UI", 0x00200052: b"UI",
-    0x00200011: b"IS",
+    0x00200011: b"IS", 0x20050010: b"LO", 0x2005100E: b"FL",
 }
 WANTED = frozenset(VR_OF) | {0x00283000}  # plus Modality LUT Sequence (presence only)
 _META_KEPT = (0x00020002, 0x00020003)  # media storage SOP class / instance: fallbacks for empty UIDs

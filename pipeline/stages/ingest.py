@@ -190,7 +190,8 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
     accounted = {spec["id_key"] for spec in specs}  # a link that dataset.json lists: its entry is refused already
     specs += [{**base, **spec, "id_key": spec["source"]} for spec in unread if spec["source"] not in accounted]
     specs += [{**base, **_output_spec(relative(root, folder.path), folder.stage)} for folder in outputs]
-    options = DicomOptions(gantry_tilt=config.gantry_tilt, irregular_slices=config.irregular_slices)
+    options = DicomOptions(gantry_tilt=config.gantry_tilt, irregular_slices=config.irregular_slices,
+                           philips_scaling=config.philips_scaling)
     volumes = split_parts(scan) if config.split_4d else {}
     for series in scan.series:
         specs.append({**base, "format": "dicom", "source": series.folder, "id_key": series.key, "series": series,

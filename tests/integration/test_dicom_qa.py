@@ -79,6 +79,27 @@ def test_dcm_qa_enh_siemens_matches_dcm2niix(tmp_path: Path) -> None:
         _assert_matches(studies[source], _reference(root / "Ref" / f"{name}.nii"), source)
 
 
+def test_dcm_qa_enh_philips_matches_dcm2niix_with_philips_precise_scaling(tmp_path: Path) -> None:
+    """One Philips enhanced file, a magnitude image and a B0 field map. dcm2niix writes Philips magnitude frames as
+    Philips' floating-point values by default; with ``ingest.philips_scaling: precise`` ours equal them (float32
+    against dcm2niix's int16 times its float32 slope: 1e-6). The field map is within 2e-5 of dcm2niix's: dcm2niix
+    scales it by its Real World Value Mapping's slope, 0.2442, where its RescaleSlope is 0.24420024."""
+    root = shared_data("dicom_qa", "dcm_qa_enh")
+    config = PipelineConfig.model_validate({"ingest": {"philips_scaling": "precise", "scrub_phi": False}})
+    ingest(root / "In" / "Philips", tmp_path / "out", config=config)
+    studies = [(*_canonical(np.asanyarray(nib.load(str(tmp_path / "out" / s.image)).dataobj),
+                            nib.load(str(tmp_path / "out" / s.image)).affine), s)
+               for s in load_manifest(tmp_path / "out").studies]
+    assert len(studies) == 2 and all("dicom_philips_precise" in [p.code for p in s.problems] for *_, s in studies)
+    for name, rtol in (("Philips_WIP_B0_NS_801_e1", 1e-6), ("Philips_WIP_B0_NS_801_e2_fieldmaphz", 2e-5)):
+        ref_data, ref_affine = _reference(root / "Ref" / f"{name}.nii")
+        scale = float(np.abs(ref_data).max())
+        close = [s for data, affine, s in studies if data.shape == ref_data.shape
+                 and np.allclose(affine, ref_affine, atol=1e-3)
+                 and np.allclose(data, ref_data, rtol=0, atol=rtol * scale)]
+        assert len(close) == 1, name
+
+
 def _dcm2niix() -> str | None:
     local = Path(sys.executable).parent / "dcm2niix"
     return str(local) if local.is_file() else shutil.which("dcm2niix")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -13,11 +14,12 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from pipeline.errors import PipelineError
-from pipeline.io.dicom import decode_series, discover_series, read_series_bytes
+from pipeline.io.dicom import DicomOptions, decode_series, discover_series, read_series_bytes
 from pipeline.io.dicom_enhanced import groups_from_bytes
 from pipeline.io.dicom_header import DicomHeader, _pydicom_header, read_header
 from pipeline.io.dicom_tags import FastParseError, parse_header
 from tests.fixtures.dicom_kinds import write_enhanced
+from tests.fixtures.dicom_writer import write_series
 
 
 def _scan(root: Path):
@@ -110,10 +112,14 @@ def test_the_header_read_at_discovery_is_trusted_when_decoding_and_a_changed_fil
     assert parsed and info.value.code == "dicom_changed" and "e.dcm" in str(info.value)
 
 
+PHILIPS_SCALES = (2.5, 0.125)  # MR Scale Slope of even and odd frames
+
+
 def _philips_like(path: Path) -> None:
-    """The fixture's file made like a Philips export: undefined-length sequences and items, private per-frame
-    sequences (nested, one of them with an element whose bytes look like an ImagePositionPatient), an MR frame
-    type and echo per frame, and the echo time that splits the frames into two stacks."""
+    """The fixture's file made like a Philips export: undefined-length sequences and items, an MR frame type and
+    echo per frame (the echo time splits the frames into two stacks), and Philips' private item per frame, as
+    Philips writes it: its MR Scale Slope, and a nested private sequence holding bytes that look like an
+    ImagePositionPatient."""
     ds = pydicom.dcmread(str(path))
     for index, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
         frame_type, echo = Dataset(), Dataset()
@@ -122,11 +128,12 @@ def _philips_like(path: Path) -> None:
         item.MRImageFrameTypeSequence = DicomSequence([frame_type])
         item.MREchoSequence = DicomSequence([echo])
         private, inner = Dataset(), Dataset()
-        inner.add_new(0x2005100E, "FL", 2.5)
         inner.add_new(0x20051011, "OB", b"\x20\x00\x32\x00DS\x06\x009\\9\\9 ")  # an IPP look-alike
-        private.add_new(0x20050010, "LO", "Philips MR Imaging DD 005")
+        private.add_new(0x20050010, "LO", "Philips MR Imaging DD 001")
+        private.add_new(0x20050014, "LO", "Philips MR Imaging DD 005")
+        private.add_new(0x2005100E, "FL", PHILIPS_SCALES[index % 2])
         private.add_new(0x2005140E, "SQ", DicomSequence([inner, inner]))
-        item.add_new(0x20050010, "LO", "Philips MR Imaging DD 005")
+        item.add_new(0x20050014, "LO", "Philips MR Imaging DD 005")
         item.add_new(0x2005140F, "SQ", DicomSequence([private]))
         item.is_undefined_length_sequence_item = True
         for element in item:
@@ -156,9 +163,12 @@ def test_functional_groups_are_read_from_the_walkers_bytes_as_pydicom_reads_them
     got = read_header(path, root=tmp_path, rel=path.name)
     assert got.header_sha256 and got.layout == "multiframe" and len(got.frames) == 6
     assert dataclasses.replace(got, pixel_offset=None, pixel_length=None, header_sha256=None) == want
-    if philips:  # the frame type and echo time were read: they are the frames' split keys
+    if philips:  # the frame type, echo time and Philips' scale slope were read
         assert {frame.split for frame in got.frames} == {(("ORIGINAL", "PRIMARY", "M", "NONE"), 12.5),
                                                         (("ORIGINAL", "PRIMARY", "M", "NONE"), 30.0)}
+        assert {frame.philips_scale for frame in got.frames} == set(PHILIPS_SCALES)
+    else:
+        assert {frame.philips_scale for frame in got.frames} == {None}
     assert sorted(f.slope for f in got.frames) == [1 + f / 10 for f in range(6)]
 
 
@@ -202,3 +212,46 @@ def test_sequences_written_as_un_are_refused_by_the_byte_reader(tmp_path: Path, 
     assert groups_from_bytes(data, parse_header(data)).per_frame  # read before the change
     with pytest.raises(FastParseError):
         groups_from_bytes(patched, parse_header(patched))
+
+
+def _decoded(root: Path, scaling: str) -> dict[float, Any]:
+    """Each stack of the folder decoded with ``ingest.philips_scaling`` = ``scaling``, by its echo time."""
+    series = discover_series(sorted(p for p in root.rglob("*.dcm")), root=root).series
+    options = DicomOptions(philips_scaling=scaling)  # type: ignore[arg-type]
+    return {s.headers[0].frames[0].split[1] if len(s.headers) == 1 else 0.0: decode_series(
+        s, read_series_bytes(s)[1], options=options) for s in series}
+
+
+def test_philips_precise_scaling_divides_each_frame_by_its_rescale_and_scale_slopes(tmp_path: Path) -> None:
+    """FP = (stored x RS + RI) / (RS x SS), RS/RI each frame's rescale and SS its private MR Scale Slope."""
+    path = tmp_path / "e.dcm"
+    slopes, intercepts = [0.5, 1.5, 2.0, 0.25, 3.0, 1.0], [-10.0, 4.0, 0.0, 7.5, -1.0, 2.0]
+    write_enhanced(path, _stored((5, 4, 6, 1), seed=7), slopes=slopes, intercepts=intercepts, shuffle_seed=None)
+    _philips_like(path)  # frame k (slice k): SS = PHILIPS_SCALES[k % 2], echo time 12.5 for odd k, else 30
+    display, precise = _decoded(tmp_path, "display"), _decoded(tmp_path, "precise")
+    for echo, first in ((30.0, 0), (12.5, 1)):
+        slices = range(first, 6, 2)
+        scale = PHILIPS_SCALES[first]
+        want = np.stack([display[echo].array[:, :, j].astype(np.float64) / (slopes[k] * scale)
+                         for j, k in enumerate(slices)], axis=2)
+        np.testing.assert_allclose(precise[echo].array, want, rtol=1e-6)
+        np.testing.assert_array_equal(precise[echo].affine, display[echo].affine)
+        assert [code for code, _ in precise[echo].meta["problems"]].count("dicom_philips_precise") == 1
+        assert "dicom_philips_precise" not in [code for code, _ in display[echo].meta["problems"]]
+    assert repr(DicomOptions()) == "DicomOptions(gantry_tilt='resample', irregular_slices='refuse')"  # old digests
+
+
+@pytest.mark.parametrize("creator", ["Philips MR Imaging DD 001", "Another Vendor 1"])
+def test_philips_scale_slope_of_single_frame_files_counts_under_philips_creator_only(
+        tmp_path: Path, creator: str) -> None:
+    def private(ds: Dataset, _: int) -> None:
+        ds.add_new(0x20050010, "LO", creator)
+        ds.add_new(0x2005100E, "FL", 0.125)
+
+    write_series(tmp_path / "s", _stored((4, 3, 5)), slope=2.0, intercept=-3.0, edit=private)
+    display, precise = _decoded(tmp_path, "display")[0.0], _decoded(tmp_path, "precise")[0.0]
+    if creator.startswith("Philips"):
+        np.testing.assert_allclose(precise.array, display.array.astype(np.float64) / (2.0 * 0.125), rtol=1e-6)
+    else:  # another vendor's private block: its element (2005,100E) is not Philips' scale slope
+        np.testing.assert_array_equal(precise.array, display.array)
+        assert "dicom_philips_precise" not in [code for code, _ in precise.meta["problems"]]
