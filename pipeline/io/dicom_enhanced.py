@@ -24,21 +24,22 @@ from pipeline.io.dicom_header import (
 from pipeline.io.dicom_items import Item, read_items
 from pipeline.io.dicom_tags import PER_FRAME_GROUPS, SHARED_GROUPS, FastParseError, RawHeader, Tags, value_tags
 
-# functional group macro -> the attributes it contributes to a frame (tags: keywords in the comments)
+# Tags as ints, their keywords in the comments (tests/unit/test_dicom_enhanced.py checks them against pydicom's
+# dictionary). Functional group macro -> the attributes it contributes to a frame:
 _MACROS: dict[int, tuple[int, ...]] = {
     0x00209113: (0x00200032,),  # PlanePositionSequence: ImagePositionPatient
     0x00209116: (0x00200037,),  # PlaneOrientationSequence: ImageOrientationPatient
-    0x00289110: (0x00280030, 0x00180050, 0x00180088),  # PixelMeasuresSequence: PixelSpacing, SliceThickness,
-    # SpacingBetweenSlices
+    0x00289110: (0x00280030, 0x00180050, 0x00180088),  # PixelMeasuresSequence: PixelSpacing, SliceThickness, ...
     0x00289145: (0x00281053, 0x00281052),  # PixelValueTransformationSequence: RescaleSlope, RescaleIntercept
 }
 # MRImageFrameTypeSequence, CTImageFrameTypeSequence, PETFrameTypeSequence, XAXRFFrameCharacteristicsSequence
 _FRAME_TYPE_MACROS = (0x00189226, 0x00189329, 0x00189751, 0x00189412)
 _TOP_FALLBACKS = (0x00281053, 0x00281052, 0x00180050, 0x00180088)  # rescale and thickness at top level
 _CONTENT, _ECHO = 0x00209111, 0x00189114  # FrameContentSequence, MREchoSequence
-_FRAME_TYPE, _TEMPORAL, _ECHO_TIME = 0x00089007, 0x00209128, 0x00189082  # ... TemporalPositionIndex,
-# EffectiveEchoTime
-_ECHO_NUMBERS = 0x00180086
+_FRAME_TYPE = 0x00089007  # FrameType
+_TEMPORAL = 0x00209128  # TemporalPositionIndex
+_ECHO_TIME = 0x00189082  # EffectiveEchoTime
+_ECHO_NUMBERS = 0x00180086  # EchoNumbers
 # Philips: each frame's private item (2005,140F), in block (2005,14xx) of creator "... DD 005", holds the MR Scale
 # Slope (2005,100E) in its own block (2005,10xx) of creator "... DD 001"
 _PHILIPS_FRAME_CREATOR, _PHILIPS_FRAME = 0x20050014, 0x2005140F
@@ -115,18 +116,22 @@ def _frame_values(top: dict[int, Any], per: Item | None, shared: dict[int, Item 
             frame_type = tuple(v.upper() for v in value_tags(item).strings(_FRAME_TYPE) or ())
             break
     content, echo = _first(per, _CONTENT), macro(_ECHO)
-    private = _first(per, _PHILIPS_FRAME)
-    if private is not None and (value_tags(per).text(_PHILIPS_FRAME_CREATOR) or "").strip() != \
-            "Philips MR Imaging DD 005":  # per: not None where private is not
-        private = None
     echo_times = value_tags(echo).floats(_ECHO_TIME)[0] if echo is not None else None
     extras = {
         "temporal": value_tags(content).number(_TEMPORAL) if content is not None else None,
         "echo_time": echo_times[0] if echo_times else None,
         "frame_type": frame_type,
-        "philips_scale": philips_scale(value_tags(private)) if private is not None else None,
+        "philips_scale": _philips_frame_scale(per),
     }
     return flat, extras
+
+
+def _philips_frame_scale(per: Item | None) -> float | None:
+    """The MR Scale Slope in a frame's Philips private item, where both private blocks are Philips'."""
+    private = _first(per, _PHILIPS_FRAME)
+    if private is None or (value_tags(per).text(_PHILIPS_FRAME_CREATOR) or "").strip() != "Philips MR Imaging DD 005":
+        return None
+    return philips_scale(value_tags(private))
 
 
 def enhanced_frames(groups: FunctionalGroups, top: Tags, header: DicomHeader) -> tuple[FrameInfo, ...]:

@@ -255,3 +255,26 @@ def test_philips_scale_slope_of_single_frame_files_counts_under_philips_creator_
     else:  # another vendor's private block: its element (2005,100E) is not Philips' scale slope
         np.testing.assert_array_equal(precise.array, display.array)
         assert "dicom_philips_precise" not in [code for code, _ in precise.meta["problems"]]
+
+
+def test_the_tags_written_as_numbers_are_those_their_keywords_name() -> None:
+    """dicom_enhanced writes tags as numbers, to read items without pydicom: each against pydicom's dictionary."""
+    from pydicom.datadict import tag_for_keyword as tag
+
+    from pipeline.io import dicom_enhanced as enhanced
+
+    assert enhanced._MACROS == {
+        tag("PlanePositionSequence"): (tag("ImagePositionPatient"),),
+        tag("PlaneOrientationSequence"): (tag("ImageOrientationPatient"),),
+        tag("PixelMeasuresSequence"): (tag("PixelSpacing"), tag("SliceThickness"), tag("SpacingBetweenSlices")),
+        tag("PixelValueTransformationSequence"): (tag("RescaleSlope"), tag("RescaleIntercept")),
+    }
+    assert enhanced._FRAME_TYPE_MACROS == tuple(tag(k) for k in (
+        "MRImageFrameTypeSequence", "CTImageFrameTypeSequence", "PETFrameTypeSequence",
+        "XAXRFFrameCharacteristicsSequence"))
+    assert enhanced._TOP_FALLBACKS == tuple(tag(k) for k in ("RescaleSlope", "RescaleIntercept", "SliceThickness",
+                                                             "SpacingBetweenSlices"))
+    assert (enhanced._CONTENT, enhanced._ECHO, enhanced._FRAME_TYPE, enhanced._TEMPORAL, enhanced._ECHO_TIME,
+            enhanced._ECHO_NUMBERS) == tuple(tag(k) for k in (
+                "FrameContentSequence", "MREchoSequence", "FrameType", "TemporalPositionIndex", "EffectiveEchoTime",
+                "EchoNumbers"))
