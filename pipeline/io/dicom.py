@@ -245,13 +245,13 @@ def _philips_precise(refs: list[tuple[int, FrameInfo]], folder: str,
                      problems: list[tuple[str, str]]) -> list[tuple[int, FrameInfo]]:
     """Each frame with Philips' MR Scale Slope SS rescaled to Philips' floating-point value: FP = (stored x RS + RI)
     / (RS x SS), RS and RI its DICOM rescale (Chenevert et al.; dcm2niix's default for Philips)."""
-    scaled = []
+    scaled, count = [], 0
     for f_index, frame in refs:
         scale = frame.philips_scale
         if scale is not None and frame.slope:
             frame = replace(frame, slope=1.0 / scale, intercept=frame.intercept / (frame.slope * scale))
+            count += 1
         scaled.append((f_index, frame))
-    count = sum(1 for _, frame in refs if frame.philips_scale is not None and frame.slope)
     if count:
         problems.append(("dicom_philips_precise", f"{folder}: Philips floating-point values (display value / "
                                                   f"(RescaleSlope x MR Scale Slope)) in {count} of {len(refs)} "
