@@ -30,7 +30,7 @@ from pipeline.io.dicom_tags import (
 )
 
 Item = dict[int, Any]  # tag -> (VR, value bytes) or, for a sequence, a list of Items
-_MAX_DEPTH = 8  # functional groups nest two deep (group, macro); private sequences are skipped, not descended
+_MAX_DEPTH = 8  # functional groups nest three deep (group, macro or Philips' private item, its values)
 _SEQ_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
 
 

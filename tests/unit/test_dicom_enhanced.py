@@ -16,8 +16,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pipeline.errors import PipelineError
 from pipeline.io.dicom import DicomOptions, decode_series, discover_series, read_series_bytes
 from pipeline.io.dicom_enhanced import groups_from_bytes
-from pipeline.io.dicom_header import DicomHeader, _pydicom_header, read_header
-from pipeline.io.dicom_tags import FastParseError, parse_header
+from pipeline.io.dicom_header import DicomHeader, _pydicom_header, header_from_tags, read_header
+from pipeline.io.dicom_tags import FastParseError, Tags, parse_header
 from tests.fixtures.dicom_kinds import write_enhanced
 from tests.fixtures.dicom_writer import write_series
 
@@ -278,3 +278,28 @@ def test_the_tags_written_as_numbers_are_those_their_keywords_name() -> None:
             enhanced._ECHO_NUMBERS) == tuple(tag(k) for k in (
                 "FrameContentSequence", "MREchoSequence", "FrameType", "TemporalPositionIndex", "EffectiveEchoTime",
                 "EchoNumbers"))
+
+
+def test_the_byte_reader_refuses_damaged_functional_groups_and_never_fails_otherwise(tmp_path: Path) -> None:
+    """Every byte of the groups' encoding damaged in turn (a seeded sample): the reader reads the file or raises
+    FastParseError (pydicom then reads it, or the file is refused); no other exception escapes it."""
+    path = tmp_path / "e.dcm"
+    write_enhanced(path, _stored((4, 3, 3, 2), seed=8))
+    _philips_like(path)
+    data = path.read_bytes()
+    start, stop = parse_header(data).spans[0x52009230]
+    rng = np.random.default_rng(0)
+    outcomes = {"read": 0, "refused": 0}
+    for at in rng.choice(np.arange(start, stop), size=400, replace=False):
+        damaged = data[:at] + bytes([data[at] ^ int(rng.integers(1, 256))]) + data[at + 1:]
+        try:
+            raw = parse_header(damaged)
+            groups = groups_from_bytes(damaged, raw)
+        except FastParseError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["read"] += 1  # and the frames are gathered from what was read, whatever the values
+        header = header_from_tags(Tags(raw=raw), path=str(path), rel="e.dcm", transfer_syntax=raw.transfer_syntax,
+                                  has_meta=raw.has_meta, pixels=True, groups=groups)
+        assert header is None or header.frames
+    assert outcomes["read"] and outcomes["refused"]  # value bytes read as they are; structure refused
