@@ -77,6 +77,11 @@ class Manifest(BaseModel):
         return {s.id: s for s in self.studies}
 
 
+def manifest_order(study: Study) -> tuple[str, int, str]:
+    """Where a study is listed in a manifest: by source, then (the volumes of one 4D source) by volume, then id."""
+    return study.source, study.volume or 0, study.id
+
+
 def pseudonym(source: str, *, key: str, prefix: str = "case") -> str:
     """Stable pseudonymous id: a keyed hash (HMAC-SHA256) of the study's relative source path."""
     digest = hmac.new(key.encode(), source.encode(), hashlib.sha256).hexdigest()

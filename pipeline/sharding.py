@@ -165,7 +165,7 @@ def merge_shards(out: str | Path) -> dict[str, Any]:
 
 
 def _merge_ingest(out: Path, shards: list[tuple[Shard, Path]]) -> list[Path]:
-    from pipeline.manifest import Manifest, load_manifest, save_manifest
+    from pipeline.manifest import Manifest, load_manifest, manifest_order, save_manifest
 
     manifests = [load_manifest(folder) for _, folder in shards]
     headers = {(m.dataset, repr(m.labels), repr(m.channels)) for m in manifests}
@@ -179,7 +179,7 @@ def _merge_ingest(out: Path, shards: list[tuple[Shard, Path]]) -> list[Path]:
             for rel in (study.image, study.label):
                 if rel and study.status == "ok":
                     outputs.append(_place(folder / rel, out / rel))
-    studies.sort(key=lambda s: (s.source, s.id))
+    studies.sort(key=manifest_order)
     merged = Manifest(dataset=manifests[0].dataset, labels=manifests[0].labels, channels=manifests[0].channels,
                       classes=manifests[0].classes, studies=studies)
     return [save_manifest(merged, out), *outputs]

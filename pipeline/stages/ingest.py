@@ -17,7 +17,7 @@ from pipeline.errors import FileUnreadable, PackedFile, PipelineError
 from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, group_series, skip_reason
 from pipeline.io.nifti import is_nifti
 from pipeline.isolation import Isolation
-from pipeline.manifest import Manifest, Problem, Study, load_manifest, pseudonym, save_manifest
+from pipeline.manifest import Manifest, Problem, Study, load_manifest, manifest_order, pseudonym, save_manifest
 from pipeline.privacy import SCRUBBED, Scrubber, scan_scrubber, scrubbed_logs
 from pipeline.provenance import StageRecord, StudyStatus
 from pipeline.sharding import shard_out, study_selector
@@ -341,7 +341,7 @@ def _studies(tasks: list[IngestTask], outcomes: dict[str, Any], scrubber: Scrubb
         problem = study.error or (study.problems[0] if study.status == "skipped" else None)
         record.add(StudyStatus(id=study.id, status=study.status, code=problem.code if problem else None,
                                message=problem.message if problem else None, reused=reused))
-    return sorted(studies, key=lambda s: (s.source, s.id))
+    return sorted(studies, key=manifest_order)
 
 
 def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, force: bool = False) -> dict:

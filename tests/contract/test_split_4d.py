@@ -19,6 +19,7 @@ from pipeline.io.dicom import discover_series
 from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
 from pipeline.manifest import load_manifest
+from pipeline.sharding import merge_shards
 from pipeline.stages import ingest_study
 from pipeline.stages.ingest import ingest
 from pipeline.stages.ingest_study import IngestTask, process_study, process_volumes
@@ -51,7 +52,7 @@ def test_a_4d_nifti_image_becomes_a_study_per_volume_equal_to_that_volume_ingest
     ingest(tmp_path / "alone", tmp_path / "ref")
     assert record["counts"] == {"ok": 4, "failed": 0, "skipped": 0}
     studies = [s for s in load_manifest(tmp_path / "out").studies if s.source == "bold.nii.gz"]
-    assert sorted((s.volume, s.volumes) for s in studies) == [(1, 3), (2, 3), (3, 3)]
+    assert [(s.volume, s.volumes) for s in studies] == [(1, 3), (2, 3), (3, 3)]  # listed in volume order
     (t1,) = [s for s in load_manifest(tmp_path / "out").studies if s.source == "t1.nii.gz"]
     assert (t1.volume, t1.volumes) == (None, None)
     references = {s.source: s for s in load_manifest(tmp_path / "ref").studies}
@@ -74,6 +75,20 @@ def test_a_4d_nifti_image_becomes_a_study_per_volume_equal_to_that_volume_ingest
     assert [s.volume for s in planned] == [(1, 3), (2, 3), (3, 3)]  # the dry run lists them in order
     assert [s.id for s in planned] == [s.id for s in sorted(studies, key=lambda s: s.volume or 0)]
 
+
+
+def test_the_manifest_lists_the_volumes_of_a_source_in_volume_order_and_a_shard_merge_too(tmp_path: Path) -> None:
+    """Listed by (source, id) before, a file's volumes came in the order of their hashed ids."""
+    _save(tmp_path / "scan" / "bold.nii.gz", _volumes(8))
+    _save(tmp_path / "scan" / "a.nii.gz", _volumes(1)[..., 0])
+    ingest(tmp_path / "scan", tmp_path / "out", config=SPLIT)
+    listed = [(s.source, s.volume) for s in load_manifest(tmp_path / "out").studies]
+    assert listed == [("a.nii.gz", None), *(("bold.nii.gz", t) for t in range(1, 9))]
+    for index in (0, 1):  # two shards, merged: the same list
+        sharded = load_config(None, overrides=["ingest.split_4d=true", f"execution.shard={index}/2"])
+        ingest(tmp_path / "scan", tmp_path / "sharded", config=sharded)
+    merge_shards(tmp_path / "sharded")
+    assert [(s.source, s.volume) for s in load_manifest(tmp_path / "sharded").studies] == listed
 
 
 def _volume_tasks(path: Path, out: Path, n: int, *, source: str = "bold.nii.gz") -> tuple[IngestTask, ...]:
@@ -200,7 +215,7 @@ def test_dicom_volumes_are_recorded_as_volume_n_of_m_in_acquisition_order(tmp_pa
     assert (whole.volume, whole.volumes) == (None, 3)
     whole_image = load_nifti(tmp_path / "whole" / whole.image, allow_4d=True).array
     split = load_manifest(tmp_path / "split").studies
-    assert sorted((s.volume, s.volumes) for s in split) == [(1, 3), (2, 3), (3, 3)]
+    assert [(s.volume, s.volumes) for s in split] == [(1, 3), (2, 3), (3, 3)]  # listed in volume order
     for study in split:
         image = load_nifti(tmp_path / "split" / study.image).array
         np.testing.assert_array_equal(image, whole_image[..., study.volume - 1])
