@@ -31,7 +31,6 @@ from pipeline.io.dicom_tags import (
 
 Item = dict[int, Any]  # tag -> (VR, value bytes) or, for a sequence, a list of Items
 _MAX_DEPTH = 8  # functional groups nest three deep (group, macro or Philips' private item, its values)
-_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
 
 
 def read_items(data: bytes, start: int, stop: int, *, keep: Collection[int]) -> list[Item]:
@@ -40,8 +39,9 @@ def read_items(data: bytes, start: int, stop: int, *, keep: Collection[int]) -> 
     return _items(data, start, stop, keep=keep, depth=0)[0]
 
 
-def _items(data: bytes, pos: int, stop: int, *, keep: Collection[int], depth: int) -> tuple[list[Item], int]:
-    """(the items from ``pos``, where the sequence ends: after its delimiter, or ``stop``)."""
+def _items(data: bytes, pos: int, stop: int, *, keep: Collection[int],
+           depth: int) -> tuple[list[Item], int, bool]:
+    """(the items from ``pos``, where the sequence ends, whether a delimiter ended it rather than ``stop``)."""
     if depth > _MAX_DEPTH:
         raise FastParseError("sequences nested too deep")
     items: list[Item] = []
@@ -52,7 +52,7 @@ def _items(data: bytes, pos: int, stop: int, *, keep: Collection[int], depth: in
         tag = group << 16 | elem
         pos += 8
         if tag == _SEQ_END:
-            return items, pos
+            return items, pos, True
         if tag != _ITEM:
             raise FastParseError(f"expected an item tag, found {tag:08X}")
         end = None if length == _UNDEFINED else pos + length
@@ -61,7 +61,7 @@ def _items(data: bytes, pos: int, stop: int, *, keep: Collection[int], depth: in
         item, pos = _read_item(data, pos, stop if end is None else end, keep=keep, depth=depth,
                                delimited=end is None)
         items.append(item)
-    return items, pos
+    return items, pos, False
 
 
 def _read_item(data: bytes, pos: int, stop: int, *, keep: Collection[int], depth: int,
@@ -91,8 +91,8 @@ def _read_item(data: bytes, pos: int, stop: int, *, keep: Collection[int], depth
             raise FastParseError(f"element {tag:08X} has VR UN; pydicom's dictionary knows its VR")
         if length == _UNDEFINED:
             if vr == b"SQ" and tag in keep:
-                item[tag], after = _items(data, pos, stop, keep=keep, depth=depth + 1)
-                if not data.startswith(_SEQ_DELIMITER, after - 8):  # not the end of ``stop``
+                item[tag], after, delimited_sequence = _items(data, pos, stop, keep=keep, depth=depth + 1)
+                if not delimited_sequence:
                     raise FastParseError(f"sequence {tag:08X} ends without its delimiter")
             else:
                 after = _skip_undefined(data, pos, implicit=vr == b"UN", depth=depth + 1)
