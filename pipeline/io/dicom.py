@@ -8,7 +8,7 @@ import math
 import mmap
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -183,6 +183,7 @@ class _File:
     dataset: Any
     blob: bytes
     position: int = 0  # index of the file's bytes in the series' list
+    trusted: bool = False  # its bytes before the pixel data are those discovery read: ``header`` is discovery's
 
 
 def _unchanged(h: DicomHeader, blob: bytes) -> bool:
@@ -200,10 +201,12 @@ def _check_frames(frames: Sequence[FrameInfo]) -> None:
             raise IngestError(frame.rescale_error, code="dicom_bad_rescale")
 
 
-def _reparse(h: DicomHeader, blob: bytes, series: DicomSeries) -> _File:
-    if _unchanged(h, blob):
+def _reparse(h: DicomHeader, blob: bytes, series: DicomSeries, *, checked: bool = False) -> _File:
+    """The file ``h`` as decoding takes it: discovery's header where the bytes before the pixel data are those it
+    read (or ``checked``: found so by an earlier decode of these same bytes), else parsed again."""
+    if checked or _unchanged(h, blob):
         _check_frames(h.frames)
-        return _File(header=h, frames=list(h.frames), dataset=None, blob=blob)
+        return _File(header=h, frames=list(h.frames), dataset=None, blob=blob, trusted=True)
     try:
         fresh, _, ds = header_from_bytes(blob, path=h.path, rel=h.rel)
     except Exception as exc:  # a corrupt file fails its series, with the reason
@@ -216,13 +219,14 @@ def _reparse(h: DicomHeader, blob: bytes, series: DicomSeries) -> _File:
     return _File(header=fresh, frames=frames, dataset=ds, blob=blob)
 
 
-def _files(series: DicomSeries, blobs: Sequence[bytes | None], problems: list[tuple[str, str]]) -> list[_File]:
+def _files(series: DicomSeries, blobs: Sequence[bytes | None], problems: list[tuple[str, str]], *,
+           checked: Collection[str] = ()) -> list[_File]:
     seen: dict[str, tuple[str, bytes]] = {}
     files = []
     for position, (h, blob) in enumerate(zip(series.headers, blobs, strict=True)):
         if blob is None:
             raise ValueError(f"{h.rel}: its bytes were released by an earlier decode_series(release=True)")
-        item = _reparse(h, blob, series)
+        item = _reparse(h, blob, series, checked=h.path in checked)
         item.position = position
         sop = item.header.sop_uid
         if sop and sop in seen:
@@ -340,12 +344,14 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes | None], *, options
     ``release`` (``blobs`` a list): each entry is set to None once its file is decoded, so that the series'
     bytes and its voxels are not all held at once (where the caller holds no other reference to them).
     ``decoded``: each file's decoded frames by path, kept for the next call on the same bytes (the volumes that
-    ``split_4d`` makes of one enhanced multi-frame file: a compressed file is then decoded once, not once a volume).
+    ``split_4d`` makes of one enhanced multi-frame file: a compressed file is then decoded once, and its header
+    bytes checked against discovery's digest once, not once a volume). Only files whose bytes matched that digest
+    are kept; a file changed since discovery is parsed again by each call, as without it.
     """
     options = options or DicomOptions()
     check_supported(series)
     problems: list[tuple[str, str]] = []
-    files = _files(series, blobs, problems)
+    files = _files(series, blobs, problems, checked=decoded or ())  # decoded: these bytes were checked then
     refs = [(f_index, frame) for f_index, item in enumerate(files) for frame in item.frames]
     if options.philips_scaling == "precise":
         refs = _philips_precise(refs, series.folder, problems)
@@ -375,7 +381,7 @@ def decode_series(series: DicomSeries, blobs: Sequence[bytes | None], *, options
         stored = decoded.get(item.header.path) if decoded is not None else None
         if stored is None:
             stored = _frames_of(item)
-            if decoded is not None:
+            if decoded is not None and item.trusted:  # so a later call may skip the check (``checked``)
                 decoded[item.header.path] = stored
         for ref_index in ref_indices:
             frame = refs[ref_index][1]
