@@ -13,19 +13,23 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cli_parser import build_parser, execution_overrides
-from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.layout import STAGES
 from pipeline.logs import configure_logging
+
+if TYPE_CHECKING:  # the config (pydantic, numpy) is imported by each command, after ingest's prefetch started
+    from pipeline.config import PipelineConfig
 
 log = logging.getLogger("medpipe")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 def _config(args: argparse.Namespace, path: Path | None = None, extra: Sequence[str] = ()) -> PipelineConfig:
+    from pipeline.config import load_config
+
     return load_config(path if path is not None else getattr(args, "config", None),
                        overrides=[*extra, *execution_overrides(args), *args.overrides])
 
@@ -67,19 +71,27 @@ def _prestart(config: PipelineConfig, modules: Sequence[str], *, actors: bool) -
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    extra = [f"ingest.workers={args.workers}"] if args.workers else []
-    config = _config(args, extra=extra)
     if args.dry_run:
         from pipeline.stages.ingest_survey import survey, survey_lines
 
+        config = _config(args, extra=[f"ingest.workers={args.workers}"] if args.workers else [])
         print("\n".join(survey_lines(survey(args.scan_dir, config=config), args.scan_dir)))
         return EXIT_OK
     if args.out is None:
         raise ConfigError("medpipe ingest needs --out OUT (the output folder), or --dry-run to only list the studies")
-    _prestart(config, ["pipeline.stages.ingest_study"], actors=False)
-    from pipeline.stages.ingest import ingest
+    from pipeline.stages.ingest_prefetch import start_prefetch
 
-    record = ingest(args.scan_dir, args.out, config=config, force=args.force)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's idle BLAS threads would spin beside the helper
+    prefetch = start_prefetch(args.scan_dir, out=args.out)  # before the imports below: their time is its time
+    try:
+        config = _config(args, extra=[f"ingest.workers={args.workers}"] if args.workers else [])
+        _prestart(config, ["pipeline.stages.ingest_study"], actors=False)
+        from pipeline.stages.ingest import ingest
+
+        record = ingest(args.scan_dir, args.out, config=config, force=args.force, prefetch=prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     _summarise("ingest", record, args.out / "manifest.json")
     return _exit_code(record)
 

@@ -27,7 +27,7 @@ from pipeline.config_sections import (
 )
 from pipeline.errors import ConfigError
 from pipeline.fileio import canonical_json, sha256_bytes, write_text_atomic
-from pipeline.provenance import CONFIG_HEADER, CONFIG_NAME
+from pipeline.layout import CONFIG_HEADER, CONFIG_NAME
 from pipeline.registry import did_you_mean
 
 __all__ = [

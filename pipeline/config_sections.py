@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from pipeline.fileio import sha256_bytes
+from pipeline.limits import INGEST_MEMORY_LIMIT_MB
 from pipeline.registry import CLASSIFICATION_NETWORKS, SEGMENTATION_NETWORKS
 
 
@@ -78,7 +79,7 @@ class IngestConfig(_Section):
     irregular_slices: Literal["resample", "refuse"] = "refuse"
     philips_scaling: Literal["display", "precise"] = "display"
     split_4d: bool = False
-    memory_limit_mb: int | None = Field(4096, ge=256)
+    memory_limit_mb: int | None = Field(INGEST_MEMORY_LIMIT_MB, ge=256)
     timeout_s: float | None = Field(600.0, gt=0)
     max_voxels: int = Field(1 << 29, ge=1)
     scrub_phi: bool = True

@@ -127,7 +127,7 @@ def _mapped_bytes() -> int:
         return 0
 
 
-def _limit_memory(megabytes: int | None) -> None:
+def limit_memory(megabytes: int | None) -> None:
     """Allow ``megabytes`` of address space on top of what the worker has mapped at its start.
 
     On top, because a forked worker starts with its parent's whole address space (shared,
@@ -187,7 +187,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None, log_level: int, 
         root.removeHandler(handler)
     root.addHandler(logging.handlers.QueueHandler(_PipeQueue(conn)))  # type: ignore[arg-type]
     root.setLevel(log_level)
-    _limit_memory(memory_limit_mb)
+    limit_memory(memory_limit_mb)
     conn.send(("ready",))
     while True:
         try:

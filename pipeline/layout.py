@@ -7,6 +7,12 @@ from pathlib import Path
 
 STAGES: tuple[str, ...] = ("ingest", "preprocess", "train", "infer", "evaluate", "report")
 
+# What every stage folder holds: its record (written last) and its resolved config (written first).
+RECORD_NAME = "record.json"
+CONFIG_NAME = "config.yaml"
+CONFIG_HEADER = "# resolved medpipe config, hash "
+"""The first line of the ``config.yaml`` a stage writes before it starts (then its hash)."""
+
 # What an infer output folder holds: the index, the label images, the probability maps.
 PREDICTIONS_JSON = "predictions.json"
 PREDICTIONS_DIR = "predictions"

@@ -11,14 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.fileio import read_json, sha256_file, write_json_atomic
+from pipeline.layout import RECORD_NAME
 from pipeline.runtime import code_version, package_versions
 
 log = logging.getLogger(__name__)
 
-RECORD_NAME = "record.json"
-CONFIG_NAME = "config.yaml"
-CONFIG_HEADER = "# resolved medpipe config, hash "
-"""The first line of the ``config.yaml`` a stage writes before it starts (then its hash)."""
 StageStatus = Literal["complete", "partial", "failed"]
 
 

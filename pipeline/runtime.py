@@ -11,8 +11,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import pipeline
 
 log = logging.getLogger(__name__)
@@ -82,6 +80,7 @@ def device_description(device: str) -> dict[str, Any]:
 
 def seed_everything(seed: int, *, deterministic: bool = True) -> None:
     """Seed Python, NumPy, torch and MONAI; deterministic algorithms where they exist."""
+    import numpy as np
     import torch
     from monai.utils import set_determinism
 

@@ -10,6 +10,11 @@ for what those leave to it (implicit VR PHI values, enhanced multi-frame, compre
 big endian). A NIfTI DICOM extension stays opaque bytes (``Nifti1Extension``), which medpipe
 never reads or copies. Modules take nibabel from here (``from pipeline.io import nib``) so that
 the first import of nibabel is this one.
+
+It is imported on first use, not with this package: the DICOM header readers
+(``pipeline.io.dicom_header`` and what it imports) need neither nibabel nor numpy, so that
+ingest can start reading headers while the rest of the command is still importing
+(``pipeline.stages.ingest_prefetch``).
 """
 
 from __future__ import annotations
@@ -27,8 +32,14 @@ def _import_nibabel_without_pydicom() -> None:
         del sys.modules["pydicom"]  # a later `import pydicom` imports it as usual
 
 
-_import_nibabel_without_pydicom()
+def __getattr__(name: str) -> object:
+    if name == "nib":
+        _import_nibabel_without_pydicom()
+        import nibabel
 
-import nibabel as nib  # noqa: E402
+        globals()["nib"] = nibabel  # later lookups find it without this function
+        return nibabel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["nib"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.errors import GeometryError
+from pipeline.io.dicom_slice import SliceGeometry
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _UNIT_TOL = 1e-3  # |norm - 1| accepted for a direction cosine (then normalised)
@@ -16,20 +17,6 @@ _SAME_TOL = 1e-4  # orientation / pixel spacing equality across slices
 _POS_ABS_TOL_MM = 1e-2  # slice position residual accepted, plus a fraction of the step
 _POS_REL_TOL = 1e-2
 _SAME_POSITION_MM = 1e-2  # frames closer than this along the normal share a position (4D)
-
-
-@dataclass(frozen=True)
-class SliceGeometry:
-    """Geometry tags of one single-frame image, already parsed into numbers (None when absent)."""
-
-    name: str
-    rows: int
-    columns: int
-    position: tuple[float, float, float] | None
-    orientation: tuple[float, float, float, float, float, float] | None
-    pixel_spacing: tuple[float, float] | None
-    slice_thickness: float | None = None
-    spacing_between_slices: float | None = None
 
 
 def direction_cosines(orientation: Sequence[float], *, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.errors import FileUnreadable, PackedFile, os_reason
-from pipeline.io.dicom_geometry import SliceGeometry
+from pipeline.io.dicom_slice import SliceGeometry
 from pipeline.io.dicom_tags import (
     PER_FRAME_GROUPS,
     PIXEL_DATA,

@@ -17,6 +17,7 @@ from pipeline.errors import FileUnreadable, PackedFile, PipelineError
 from pipeline.io.dicom import DicomOptions, DicomScan, DicomSeries, group_series, skip_reason
 from pipeline.io.nifti import is_nifti
 from pipeline.isolation import Isolation
+from pipeline.limits import inflate_limit
 from pipeline.manifest import Manifest, Problem, Study, load_manifest, manifest_order, pseudonym, save_manifest
 from pipeline.privacy import SCRUBBED, Scrubber, scan_scrubber, scrubbed_logs
 from pipeline.provenance import StageRecord, StudyStatus
@@ -35,6 +36,7 @@ from pipeline.stages.ingest_listing import (
     relative,
 )
 from pipeline.stages.ingest_msd import msd_tasks
+from pipeline.stages.ingest_prefetch import HeaderPrefetch
 from pipeline.stages.ingest_rtstruct import pair_structure_sets
 from pipeline.stages.ingest_seg import pair_segmentations
 from pipeline.stages.ingest_study import IngestTask, process_job, process_study
@@ -48,9 +50,7 @@ log = logging.getLogger(__name__)
 
 
 def _inflate_limit(cfg: IngestConfig) -> int:
-    """Deflated DICOM files that would inflate past this many bytes (a quarter of a worker's memory limit) are
-    refused unread: every DICOM reader, pydicom too (in this process, reading headers), inflates the whole set."""
-    return (cfg.memory_limit_mb or 4096) * (1 << 20) // 4
+    return inflate_limit(cfg.memory_limit_mb)
 
 
 def _too_large(series: DicomSeries, max_voxels: int) -> tuple[str, str] | None:
@@ -64,11 +64,14 @@ def _too_large(series: DicomSeries, max_voxels: int) -> tuple[str, str] | None:
                          f"{max_voxels:,}; if the series is real, raise ingest.max_voxels and ingest.memory_limit_mb")
 
 
-def _discover_series(root: Path, files: list[Path], *,
-                     config: IngestConfig) -> tuple[DicomScan, dict[Path, tuple[str, str]]]:
+def _discover_series(root: Path, files: list[Path], *, config: IngestConfig,
+                     prefetch: HeaderPrefetch | None = None) -> tuple[DicomScan, dict[Path, tuple[str, str]]]:
     """The series of ``files``, and the files set apart because reading their header failed."""
-    headers, broken = read_headers(root, files, workers=config.workers, limits=_isolation(config),
-                                   inflate_limit=_inflate_limit(config))
+    limits, limit = _isolation(config), _inflate_limit(config)
+    prefetched = None if prefetch is None else prefetch.take(root, memory_limit_mb=limits.memory_limit_mb,
+                                                             inflate_limit_bytes=limit)
+    headers, broken = read_headers(root, files, workers=config.workers, limits=limits, inflate_limit=limit,
+                                   prefetched=prefetched)
     if broken:  # (hashing every Path costs more than reading a header's worth of bytes)
         headers = [h for path, h in zip(files, headers, strict=True) if path not in broken]
     scan = group_series(headers, split_4d=config.split_4d)
@@ -159,12 +162,14 @@ def _known_folders(scan: DicomScan, nifti: Sequence[str]) -> set[str]:
 
 def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConfig, previous: dict[str, Study],
              unreadable: Sequence[Unreadable] = (), links: Sequence[LeftOut] = (),
-             outputs: Sequence[StageFolder] = ()) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
+             outputs: Sequence[StageFolder] = (),
+             prefetch: HeaderPrefetch | None = None) -> tuple[list[IngestTask], dict[str, Any], Scrubber]:
     """All tasks under ``root``, the manifest header (dataset name, labels, ignored file count) and the
     scrubber that keeps this scan's PHI out of sources and messages (task sources are already scrubbed).
     ``files``: the scan's listing, sorted (as :func:`list_scan_files` gives it); ``unreadable``: what
     that listing could not read (:func:`checked_listing`): a failed entry each; ``links``: the links it did
-    not follow, ``outputs``: the medpipe output folders it left out: a skipped entry each."""
+    not follow, ``outputs``: the medpipe output folders it left out: a skipped entry each; ``prefetch``: the
+    helper reading headers since the command started (:mod:`pipeline.stages.ingest_prefetch`), if any."""
     base: dict[str, Any] = {"out_dir": str(out_dir)}
     specs: list[dict[str, Any]] = []
     header: dict[str, Any] = {"dataset": None, "labels": None, "channels": None}
@@ -181,7 +186,7 @@ def discover(root: Path, files: list[Path], *, out_dir: Path, config: IngestConf
             specs += volume_specs(spec, path) if config.split_4d else [spec]
         else:
             dicom.append(path)
-    scan, broken = _discover_series(root, dicom, config=config)
+    scan, broken = _discover_series(root, dicom, config=config, prefetch=prefetch)
     unread, neighbours = _left_out_specs(root, scan, broken, unreadable, links)
     for path, error in sorted(broken.items()):
         if error[0] not in (FileUnreadable.code, PackedFile.code):  # not read: _left_out_specs's entries
@@ -344,7 +349,8 @@ def _studies(tasks: list[IngestTask], outcomes: dict[str, Any], scrubber: Scrubb
     return sorted(studies, key=manifest_order)
 
 
-def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, force: bool = False) -> dict:
+def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, force: bool = False,
+           prefetch: HeaderPrefetch | None = None) -> dict:
     """Convert every study under ``scan_dir`` into ``out`` (images/, labels/, manifest.json, record.json).
 
     Accepts NIfTI files, an MSD-style dataset folder and DICOM series, mixed. Each study is
@@ -365,7 +371,8 @@ def ingest(scan_dir: Path, out: Path, *, config: PipelineConfig | None = None, f
             previous = _previous_studies(out)
             # many objects (a header per file), no cycles, alive to the end: kept out of collections
             find = partial(discover, scan_dir, files, out_dir=out, config=settings, previous=previous,
-                           unreadable=listing.unreadable, links=listing.links, outputs=listing.outputs)
+                           unreadable=listing.unreadable, links=listing.links, outputs=listing.outputs,
+                           prefetch=prefetch)
             with long_lived(find) as (tasks, header, scrubber):
                 logs.release(scrubber)
                 _warn_default_key(settings, tasks, record)

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from pipeline.errors import FileUnreadable, PackedFile
-from pipeline.io.dicom import DicomHeader, read_header
 from pipeline.io.dicom_deflate import deflated_size_over
+from pipeline.io.dicom_header import DicomHeader, read_header
 from pipeline.isolation import Isolation, Reply, run_isolated, start_method
 from pipeline.stages.ingest_listing import relative
 
@@ -127,17 +127,10 @@ def _set_apart(files: Sequence[Path], read: list[DicomHeader | Refused | None],
     return headers, broken
 
 
-def read_headers(root: Path, files: Sequence[Path], *, workers: int, limits: Isolation,
-                 inflate_limit: int) -> tuple[list[DicomHeader | None], Broken]:
-    """The header of each of ``files``, in their order (None: not a DICOM object of a series, or broken),
-    and the files set apart as broken or refused, each with (code, message).
-
-    Worker processes read them only where they fork cheaply (``fork`` start method): under the
-    forkserver each worker would import the readers again, which costs more than it saves.
-    """
-    files = list(files)
+def _read_any(root: Path, files: list[Path], *, workers: int, limits: Isolation,
+              inflate_limit: int) -> tuple[list[DicomHeader | Refused | None], Broken]:
     if workers <= 1 or len(files) < MIN_PARALLEL_FILES or start_method(limits.start_method) != "fork":
-        return _set_apart(files, *_read_in_process(root, files, inflate_limit))
+        return _read_in_process(root, files, inflate_limit)
     chunks = [files[i:i + CHUNK_FILES] for i in range(0, len(files), CHUNK_FILES)]
     done, failed = _read_in_workers(root, chunks, workers=workers, limits=limits, inflate_limit=inflate_limit)
     broken: Broken = {}
@@ -151,4 +144,25 @@ def read_headers(root: Path, files: Sequence[Path], *, workers: int, limits: Iso
         by_path = {singles[index][0]: headers[0] for index, headers in alone.items()}
         for index in failed:
             done[index] = [by_path.get(path) for path in chunks[index]]
-    return _set_apart(files, [header for index in range(len(chunks)) for header in done[index]], broken)
+    return [header for index in range(len(chunks)) for header in done[index]], broken
+
+
+def read_headers(root: Path, files: Sequence[Path], *, workers: int, limits: Isolation, inflate_limit: int,
+                 prefetched: Mapping[str, DicomHeader | Refused | None] | None = None,
+                 ) -> tuple[list[DicomHeader | None], Broken]:
+    """The header of each of ``files``, in their order (None: not a DICOM object of a series, or broken),
+    and the files set apart as broken or refused, each with (code, message).
+
+    Worker processes read them only where they fork cheaply (``fork`` start method): under the
+    forkserver each worker would import the readers again, which costs more than it saves.
+    ``prefetched``: what :mod:`pipeline.stages.ingest_prefetch` read already, by path (``str``), under
+    the same limits; only the other files are read here.
+    """
+    files = list(files)
+    known = prefetched or {}
+    rest = [path for path in files if str(path) not in known] if known else files
+    read, broken = _read_any(root, rest, workers=workers, limits=limits, inflate_limit=inflate_limit)
+    if known:
+        fresh = iter(read)
+        read = [known[text] if (text := str(path)) in known else next(fresh) for path in files]
+    return _set_apart(files, read, broken)

@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 
 from pipeline.errors import IngestError, os_reason
 from pipeline.fileio import sha256_bytes, writable
-from pipeline.provenance import CONFIG_HEADER, CONFIG_NAME, RECORD_NAME
+from pipeline.layout import CONFIG_HEADER, CONFIG_NAME, RECORD_NAME
 
 
 def relative(root: Path, path: Path) -> str:

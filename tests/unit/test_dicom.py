@@ -13,7 +13,8 @@ from pydicom.uid import JPEGBaseline8Bit
 
 from pipeline.errors import GeometryError, PipelineError
 from pipeline.io.dicom import DicomSeries, decode_series, discover_series, read_series_bytes, skip_reason
-from pipeline.io.dicom_geometry import SliceGeometry, series_affine
+from pipeline.io.dicom_geometry import series_affine
+from pipeline.io.dicom_slice import SliceGeometry
 from tests.fixtures.dicom_writer import oblique_cosines, write_junk, write_series
 
 SHAPE = (6, 5, 4)  # columns, rows, slices
