@@ -71,20 +71,21 @@ def _prestart(config: PipelineConfig, modules: Sequence[str], *, actors: bool) -
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    if args.dry_run:
-        from pipeline.stages.ingest_survey import survey, survey_lines
-
-        config = _config(args, extra=[f"ingest.workers={args.workers}"] if args.workers else [])
-        print("\n".join(survey_lines(survey(args.scan_dir, config=config), args.scan_dir)))
-        return EXIT_OK
-    if args.out is None:
+    if args.out is None and not args.dry_run:
         raise ConfigError("medpipe ingest needs --out OUT (the output folder), or --dry-run to only list the studies")
     from pipeline.stages.ingest_prefetch import start_prefetch
 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's idle BLAS threads would spin beside the helper
-    prefetch = start_prefetch(args.scan_dir, out=args.out)  # before the imports below: their time is its time
+    # before the imports below: their time is the helper's time
+    prefetch = start_prefetch(args.scan_dir, out=None if args.dry_run else args.out)
     try:
         config = _config(args, extra=[f"ingest.workers={args.workers}"] if args.workers else [])
+        if args.dry_run:
+            from pipeline.stages.ingest_survey import survey, survey_lines
+
+            studies = survey(args.scan_dir, config=config, prefetch=prefetch)
+            print("\n".join(survey_lines(studies, args.scan_dir)))
+            return EXIT_OK
         _prestart(config, ["pipeline.stages.ingest_study"], actors=False)
         from pipeline.stages.ingest import ingest
 

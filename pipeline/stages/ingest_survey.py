@@ -20,6 +20,7 @@ from pipeline.config import PipelineConfig
 from pipeline.privacy import scrubbed_logs
 from pipeline.stages.ingest import discover
 from pipeline.stages.ingest_listing import checked_listing, no_studies
+from pipeline.stages.ingest_prefetch import HeaderPrefetch
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,19 @@ class SurveyedStudy:
     volume: tuple[int, int] | None = None  # ingest.split_4d: (volume, of how many) of a 4D image or series
 
 
-def survey(scan_dir: Path, *, config: PipelineConfig | None = None) -> list[SurveyedStudy]:
+def survey(scan_dir: Path, *, config: PipelineConfig | None = None,
+           prefetch: HeaderPrefetch | None = None) -> list[SurveyedStudy]:
     """Every study under ``scan_dir`` with what ingest would do with it, in the manifest's order; nothing is
-    written. Errors as ingest's for a folder that is missing, unreadable, empty or holds no study."""
+    written. Errors as ingest's for a folder that is missing, unreadable, empty or holds no study.
+    ``prefetch``: as :func:`pipeline.stages.ingest.ingest`'s."""
     config = config or PipelineConfig()
     settings = config.ingest
     scan_dir = Path(scan_dir)
     with scrubbed_logs(key=settings.pseudonym_key) as logs:
         listing = checked_listing(scan_dir)
         find = partial(discover, scan_dir, listing.files, out_dir=Path(os.devnull), config=settings, previous={},
-                       unreadable=listing.unreadable, links=listing.links, outputs=listing.outputs)
+                       unreadable=listing.unreadable, links=listing.links, outputs=listing.outputs,
+                       prefetch=prefetch)
         with long_lived(find) as (tasks, _, scrubber):  # tasks name an output folder; nothing is written to it
             logs.release(scrubber)
             studies = [SurveyedStudy(id=t.id, source=t.source, format=t.format, label_source=t.label_source,

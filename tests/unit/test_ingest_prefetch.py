@@ -158,7 +158,8 @@ def test_replayed_log_records_reach_this_process(scan: tuple[Path, list[Path]],
 
 
 def test_the_command_line_reads_headers_while_it_imports(scan: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    """`medpipe ingest` forks the helper before importing numpy or pydantic, and ingest uses what it read."""
+    """`medpipe ingest` (and its --dry-run) forks the helper before importing numpy or pydantic, and uses what
+    it read."""
     root, files = scan
     code = ("import sys; import pipeline.cli, pipeline.stages.ingest_prefetch, pipeline.io.dicom_header, "
             "pipeline.stages.ingest_headers; print(sorted(m for m in ('numpy', 'pydantic', 'nibabel', 'yaml', "
@@ -171,3 +172,7 @@ def test_the_command_line_reads_headers_while_it_imports(scan: tuple[Path, list[
     taken = re.search(r"header prefetch: (\d+) file\(s\) read while the command started", done.stderr)
     assert taken is not None and int(taken.group(1)) <= len(files)  # all of them, unless this machine is loaded
     assert "ingest: complete (2 ok" in done.stdout
+    listed = subprocess.run([sys.executable, "-m", "pipeline", "ingest", str(root), "--dry-run", "-vv"],
+                            capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "header prefetch:" in listed.stderr and "to convert: 2 (2 dicom" in listed.stdout  # --dry-run too
