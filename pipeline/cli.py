@@ -75,7 +75,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         raise ConfigError("medpipe ingest needs --out OUT (the output folder), or --dry-run to only list the studies")
     from pipeline.stages.ingest_prefetch import start_prefetch
 
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's idle BLAS threads would spin beside the helper
+    if "numpy" not in sys.modules:  # numpy's idle BLAS threads would spin beside the helper (read at its import)
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # before the imports below: their time is the helper's time
     prefetch = start_prefetch(args.scan_dir, out=None if args.dry_run else args.out)
     try:
