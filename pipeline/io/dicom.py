@@ -168,7 +168,8 @@ def read_series_bytes(series: DicomSeries) -> tuple[str, list[bytes]]:
     blobs = []
     for h in series.headers:
         try:
-            data = Path(h.path).read_bytes()
+            with open(h.path, "rb") as handle:  # a str path: a Path per file costs a parse of it
+                data = handle.read()
         except OSError as exc:
             raise IngestError(f"{h.rel}: cannot read the file ({exc.strerror})", code="dicom_unreadable") from exc
         blobs.append(data)
@@ -294,6 +295,9 @@ def _place_int16(dest: np.ndarray, stored: np.ndarray, slope: float, intercept: 
     if not stored.size:
         return True
     s, i = int(slope), int(intercept)
+    if stored.dtype == np.int16 and s == 1 and i == 0:  # the values are the stored ones: int16 holds them
+        dest[...] = stored.T
+        return True
     ends = (int(stored.min()) * s + i, int(stored.max()) * s + i)
     if min(ends) < _INT16.min or max(ends) > _INT16.max:
         return False

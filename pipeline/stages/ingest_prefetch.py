@@ -75,7 +75,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _helper(fd: int, root: Path, out: Path | None, memory_limit_mb: int | None, parent: int) -> None:
-    """The helper's work (never returns normally: the caller exits)."""
+    """The helper's work; the process exits after it (see :func:`start_prefetch`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the command's to handle; it stops the helper
     gc.disable()  # headers hold no cycles, and the helper lives for seconds at most
     records = _Records()
