@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 # ---- discovery -----------------------------------------------------------------------------
 
 
-def _inflate_limit(cfg: IngestConfig) -> int:
-    return inflate_limit(cfg.memory_limit_mb)
-
-
 def _too_large(series: DicomSeries, max_voxels: int) -> tuple[str, str] | None:
     """Refuse a series whose declared size (rows x columns x frames of every file) is past the maximum."""
     voxels = sum(h.rows * h.columns * h.n_frames for h in series.headers if h.pixels)
@@ -67,11 +63,10 @@ def _too_large(series: DicomSeries, max_voxels: int) -> tuple[str, str] | None:
 def _discover_series(root: Path, files: list[Path], *, config: IngestConfig,
                      prefetch: HeaderPrefetch | None = None) -> tuple[DicomScan, dict[Path, tuple[str, str]]]:
     """The series of ``files``, and the files set apart because reading their header failed."""
-    limits, limit = _isolation(config), _inflate_limit(config)
-    prefetched = None if prefetch is None else prefetch.take(root, memory_limit_mb=limits.memory_limit_mb,
-                                                             inflate_limit_bytes=limit)
-    headers, broken = read_headers(root, files, workers=config.workers, limits=limits, inflate_limit=limit,
-                                   prefetched=prefetched)
+    limits = _isolation(config)
+    prefetched = None if prefetch is None else prefetch.take(root, memory_limit_mb=limits.memory_limit_mb)
+    headers, broken = read_headers(root, files, workers=config.workers, limits=limits,
+                                   inflate_limit=inflate_limit(config.memory_limit_mb), prefetched=prefetched)
     if broken:  # (hashing every Path costs more than reading a header's worth of bytes)
         headers = [h for path, h in zip(files, headers, strict=True) if path not in broken]
     scan = group_series(headers, split_4d=config.split_4d)

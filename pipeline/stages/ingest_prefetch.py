@@ -127,18 +127,18 @@ class HeaderPrefetch:
             os.close(self.fd)
             self.fd = -1
 
-    def take(self, root: Path, *, memory_limit_mb: int | None, inflate_limit_bytes: int) -> dict[str, Any]:
+    def take(self, root: Path, *, memory_limit_mb: int | None) -> dict[str, Any]:
         """What the helper read, by file path (``str``): each result as ``read_chunk`` returns it; empty when
-        the helper read another folder or under other limits than ``memory_limit_mb`` and
-        ``inflate_limit_bytes`` (those of the config), or read nothing. Stops the helper."""
+        the helper read another folder or under another memory limit than ``memory_limit_mb`` (the config's;
+        the inflate limit follows from it, :func:`pipeline.limits.inflate_limit`), or read nothing. Stops the
+        helper."""
         fd = self.fd
         self.fd = -1  # read below, closed here
         self.close()
         if fd < 0:
             return {}
         try:
-            if (str(root) != str(self.root) or memory_limit_mb != self.memory_limit_mb
-                    or inflate_limit_bytes != inflate_limit(self.memory_limit_mb)):
+            if str(root) != str(self.root) or memory_limit_mb != self.memory_limit_mb:
                 log.debug("header prefetch dropped: another folder or other limits than the config's")
                 return {}
             size = os.fstat(fd).st_size
@@ -157,13 +157,13 @@ def _replay(record: logging.LogRecord) -> None:
 def _chunks(data: bytes, *, replay: Callable[[logging.LogRecord], None]) -> dict[str, Any]:
     """The complete chunks in ``data``, by path (a last chunk cut short by the helper's stop is left out)."""
     found: dict[str, Any] = {}
-    offset = 0
+    view, offset = memoryview(data), 0
     while offset + _LENGTH.size <= len(data):
         (length,) = _LENGTH.unpack_from(data, offset)
         end = offset + _LENGTH.size + length
         if end > len(data):
             break
-        paths, read, records = pickle.loads(data[offset + _LENGTH.size:end])
+        paths, read, records = pickle.loads(view[offset + _LENGTH.size:end])
         found.update(zip(paths, read, strict=True))
         for record in records:
             replay(record)

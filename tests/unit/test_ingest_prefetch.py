@@ -50,7 +50,7 @@ def _finished(prefetch: HeaderPrefetch | None) -> HeaderPrefetch:
 
 
 def _take(prefetch: HeaderPrefetch, root: Path, *, memory_limit_mb: int | None = INGEST_MEMORY_LIMIT_MB) -> dict:
-    return prefetch.take(root, memory_limit_mb=memory_limit_mb, inflate_limit_bytes=inflate_limit(memory_limit_mb))
+    return prefetch.take(root, memory_limit_mb=memory_limit_mb)
 
 
 def test_prefetched_headers_are_those_ingest_reads(scan: tuple[Path, list[Path]]) -> None:
