@@ -108,6 +108,22 @@ def _harmless(thread: threading.Thread) -> bool:
 # ---- the worker side -----------------------------------------------------------------------
 
 
+def send_logs_to(queue: Any) -> None:
+    """In a child process: every log record goes to ``queue`` (anything with ``put_nowait``, through a
+    QueueHandler, which formats it and drops what cannot be pickled), none to the handlers inherited through
+    fork: the parent writes the logs, after :func:`replay`."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(logging.handlers.QueueHandler(queue))
+
+
+def replay(record: logging.LogRecord) -> None:
+    """A child's log record, handled here as if logged here: this process's handlers, and their filters (PHI
+    scrubbing), see it."""
+    logging.getLogger(record.name).handle(record)
+
+
 class _PipeQueue:
     """The queue a QueueHandler writes to: sends each (prepared) log record up the pipe."""
 
@@ -182,11 +198,8 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None, log_level: int, 
     # A crashing decoder is reported by the parent with the signal's name; a faulthandler
     # inherited from the parent (pytest enables one) would only dump the module list to stderr.
     faulthandler.disable()
-    root = logging.getLogger()
-    for handler in list(root.handlers):  # inherited through fork: the parent writes the logs
-        root.removeHandler(handler)
-    root.addHandler(logging.handlers.QueueHandler(_PipeQueue(conn)))  # type: ignore[arg-type]
-    root.setLevel(log_level)
+    send_logs_to(_PipeQueue(conn))
+    logging.getLogger().setLevel(log_level)
     limit_memory(memory_limit_mb)
     conn.send(("ready",))
     while True:
@@ -379,7 +392,7 @@ def _collect(pool: list[_Worker], limits: Isolation) -> Iterator[tuple[int, Repl
                     if message[0] == "ready":
                         worker.ready = True
                     elif message[0] == "log":
-                        logging.getLogger(message[1].name).handle(message[1])
+                        replay(message[1])
                     else:
                         _, index, reply = message
                         worker.job, worker.deadline = None, float("inf")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import logging.handlers
 import os
 import pickle
 import signal
@@ -37,12 +36,10 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pipeline.isolation import StartMethod, limit_memory, replay, send_logs_to, start_method
 from pipeline.limits import INGEST_MEMORY_LIMIT_MB, inflate_limit
-
-if TYPE_CHECKING:
-    from pipeline.isolation import StartMethod
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +48,7 @@ _LENGTH = struct.Struct("<Q")
 
 
 class _Records(list[logging.LogRecord]):
-    """The queue of a QueueHandler (which formats each record and drops what cannot be pickled)."""
+    """Where the helper's log records wait for their chunk (:func:`pipeline.isolation.send_logs_to`)."""
 
     def put_nowait(self, record: logging.LogRecord) -> None:
         self.append(record)
@@ -78,15 +75,11 @@ def _helper(fd: int, root: Path, out: Path | None, memory_limit_mb: int | None, 
     """The helper's work; the process exits after it (see :func:`start_prefetch`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the command's to handle; it stops the helper
     gc.disable()  # headers hold no cycles, and the helper lives for seconds at most
-    records = _Records()
-    root_logger = logging.getLogger()
-    for handler in list(root_logger.handlers):  # inherited: the command writes the logs, after replaying them
-        root_logger.removeHandler(handler)
-    root_logger.addHandler(logging.handlers.QueueHandler(records))  # type: ignore[arg-type]
-    from pipeline.isolation import limit_memory  # imported by the command already (start_prefetch)
     from pipeline.stages.ingest_headers import read_chunk
     from pipeline.stages.ingest_listing import scan_listing
 
+    records = _Records()
+    send_logs_to(records)  # the command writes them, after replaying them
     limit_memory(memory_limit_mb)
     files = [str(path) for path in scan_listing(root, exclude=None if out is None else out.resolve()).files]
     limit = inflate_limit(memory_limit_mb)
@@ -145,13 +138,9 @@ class HeaderPrefetch:
             data = os.pread(fd, size, 0) if size else b""
         finally:
             os.close(fd)
-        found = _chunks(data, replay=_replay)
+        found = _chunks(data, replay=replay)
         log.debug("header prefetch: %d file(s) read while the command started", len(found))
         return found
-
-
-def _replay(record: logging.LogRecord) -> None:
-    logging.getLogger(record.name).handle(record)
 
 
 def _chunks(data: bytes, *, replay: Callable[[logging.LogRecord], None]) -> dict[str, Any]:
@@ -178,8 +167,6 @@ def start_prefetch(scan_dir: Path, *, out: Path | None, memory_limit_mb: int | N
     one (ingest says why), or where ingest's workers would not fork either (no ``fork``, other threads
     running, torch loaded: :func:`pipeline.isolation.start_method`; ``method`` "fork" overrides that, as it
     does for ingest's workers). Call it before the heavy imports: that is the time it uses."""
-    from pipeline.isolation import start_method
-
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if not hasattr(os, "fork") or cpus < 2 or start_method(method) != "fork" or not scan_dir.is_dir():
         return None
