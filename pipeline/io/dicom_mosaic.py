@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from pipeline.io.dicom_tags import Tags
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from pipeline.io.dicom_header import FrameInfo
 
 _MR_HEADER_CREATOR, _CSA_CREATOR = 0x00190010, 0x00290010
@@ -105,25 +106,29 @@ def mosaic_frames(tags: Tags, frame: FrameInfo, *, rel: str) -> tuple[FrameInfo,
     if frame.geometry_error or base.position is None or base.orientation is None or base.pixel_spacing is None:
         return (frame,)  # the geometry error (or missing tag) is reported when the series is decoded
     try:
-        normal = np.array([float(v) for v in normal_items])
+        normal = [float(v) for v in normal_items]
     except ValueError:
         return failed(f"SliceNormalVector {normal_items} is not numeric")
-    row, col = np.asarray(base.orientation[:3]), np.asarray(base.orientation[3:])
-    if abs(float(np.linalg.norm(normal)) - 1) > _NORMAL_TOL or abs(float(normal @ row)) > _NORMAL_TOL or abs(
-            float(normal @ col)) > _NORMAL_TOL:
-        return failed(f"SliceNormalVector {normal.tolist()} is not a unit normal of the image plane")
+    row, col = base.orientation[:3], base.orientation[3:]
+    if abs(math.sqrt(_dot(normal, normal)) - 1) > _NORMAL_TOL or abs(_dot(normal, row)) > _NORMAL_TOL or abs(
+            _dot(normal, col)) > _NORMAL_TOL:
+        return failed(f"SliceNormalVector {normal} is not a unit normal of the image plane")
     step = base.spacing_between_slices or base.slice_thickness
     if count > 1 and (step is None or step <= 0):
         return failed("needs SpacingBetweenSlices or SliceThickness to place its slices")
     row_spacing, col_spacing = base.pixel_spacing
-    corner = np.asarray(base.position) + row * col_spacing * (base.columns - tile_cols) / 2 + col * row_spacing * (
-        base.rows - tile_rows) / 2
+    corner = [p + r * col_spacing * (base.columns - tile_cols) / 2 + c * row_spacing * (base.rows - tile_rows) / 2
+              for p, r, c in zip(base.position, row, col, strict=True)]
     frames = []
     for k in range(count):
-        position = corner + normal * (step or 0.0) * k
-        geometry = replace(base, rows=tile_rows, columns=tile_cols, position=tuple(float(v) for v in position))
+        position = tuple(float(p + n * (step or 0.0) * k) for p, n in zip(corner, normal, strict=True))
+        geometry = replace(base, rows=tile_rows, columns=tile_cols, position=position)
         frames.append(replace(frame, index=k, geometry=geometry))
     return tuple(frames)
+
+
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return float(sum(x * y for x, y in zip(a, b, strict=True)))
 
 
 def untile(pixels: np.ndarray, *, count: int, tile_rows: int, tile_cols: int) -> np.ndarray:
