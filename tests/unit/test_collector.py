@@ -5,11 +5,13 @@ from __future__ import annotations
 import gc
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from pipeline.batch import run_batch
 from pipeline.collector import collector_paused, long_lived
+from pipeline.errors import StageError
 from pipeline.isolation import Isolation, run_isolated
 
 
@@ -91,3 +93,36 @@ def test_worker_outcomes_come_back_without_their_items() -> None:
                               isolation=Isolation(start_method="fork")))
     assert [o.result for o in outcomes] == [100_000] * 3
     assert all(o.item is item for o, item in zip(outcomes, items, strict=True))  # the parent's, not a copy
+
+
+def test_the_ingest_command_keeps_its_imports_and_config_out_of_collections(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`medpipe ingest` validates its config and imports its stage with the collector paused; what they leave
+    alive (the config, the stage's functions) is out of every collection while the stage runs, and back in
+    once the command ends."""
+    import pipeline.cli as cli
+    import pipeline.stages.ingest as stage
+
+    seen: dict[str, object] = {}
+    load_config = cli._config
+
+    def config(*args: object, **kwargs: object) -> object:
+        seen["paused while validating"] = not gc.isenabled()
+        return load_config(*args, **kwargs)  # type: ignore[arg-type]
+
+    def ingest(scan_dir: Path, out: Path, *, config: object, **_: object) -> dict:
+        seen["enabled while running"] = gc.isenabled()
+        walked = gc.get_objects()
+        seen["config walked"] = any(o is config for o in walked)
+        seen["stage walked"] = any(o is stage.discover for o in walked)
+        seen["config"] = config
+        raise StageError("stopped by the test")
+
+    monkeypatch.setattr(cli, "_config", config)
+    monkeypatch.setattr(stage, "ingest", ingest)
+    (tmp_path / "scan").mkdir()
+    assert cli.main(["ingest", str(tmp_path / "scan"), "--out", str(tmp_path / "out"), "--workers", "1"]) != 0
+    assert seen["paused while validating"] and seen["enabled while running"]
+    assert not seen["config walked"] and not seen["stage walked"]
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # as it was, once the command ended
+    assert any(o is seen["config"] for o in gc.get_objects())
