@@ -121,14 +121,14 @@ def mosaic_frames(tags: Tags, frame: FrameInfo, *, rel: str) -> tuple[FrameInfo,
               for p, r, c in zip(base.position, row, col, strict=True)]
     frames = []
     for k in range(count):
-        position = tuple(float(p + n * (step or 0.0) * k) for p, n in zip(corner, normal, strict=True))
+        position = tuple(p + n * (step or 0.0) * k for p, n in zip(corner, normal, strict=True))
         geometry = replace(base, rows=tile_rows, columns=tile_cols, position=position)
         frames.append(replace(frame, index=k, geometry=geometry))
     return tuple(frames)
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:
-    return float(sum(x * y for x, y in zip(a, b, strict=True)))
+    return sum(x * y for x, y in zip(a, b, strict=True))
 
 
 def untile(pixels: np.ndarray, *, count: int, tile_rows: int, tile_cols: int) -> np.ndarray:
